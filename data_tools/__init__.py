@@ -1,0 +1,1 @@
+"""Offline data tools: RedPajama jsonl -> Megatron token shards (no trainer needed)."""

@@ -1,0 +1,125 @@
+"""`megatron-ast`: thin command line over the library; bad input exits 2 with one line."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from megatron_ast.errors import UsageError
+
+
+def _cmd_assets(a: argparse.Namespace) -> None:
+    from megatron_ast.assets import ensure_assets
+
+    info = ensure_assets(verbose=not a.json)
+    print(json.dumps(info, indent=None if a.json else 2))
+
+
+def _cmd_preprocess(a: argparse.Namespace) -> None:
+    from data_tools.preprocess import preprocess
+
+    m = preprocess(a.input, a.output_dir, a.tokenizer, workers=a.workers, strict=a.strict,
+                   eod_token=a.eod_token, domain=a.domain)
+    if m:
+        print(f"{len(m['shards'])} shards, {m['documents']} documents, {m['tokens']} tokens -> {a.output_dir}/manifest.json")
+
+
+def _cmd_merge(a: argparse.Namespace) -> None:
+    from data_tools.shards import merge
+
+    m = merge(a.input, a.output, domain=a.domain)
+    print(f"{m['documents']} documents, {m['tokens']} tokens -> {a.output}.bin/.idx")
+
+
+def _cmd_inspect(a: argparse.Namespace) -> None:
+    from data_tools.shards import inspect
+
+    print(json.dumps(inspect(a.path, a.doc, a.tokens, a.tokenizer), indent=2, ensure_ascii=False))
+
+
+def _cmd_eval_ppl(a: argparse.Namespace) -> None:
+    from megatron_ast.eval.perplexity import perplexity, token_windows
+    from megatron_ast.modeling import load_causal_lm, check_model_dir
+
+    check_model_dir(a.model)
+    windows = token_windows(a.data, a.tokenizer or a.model, a.seq_len, a.max_windows)
+    result = perplexity(load_causal_lm(a.model), windows, batch_size=a.batch_size)
+    print(json.dumps({"model": a.model, "seq_len": a.seq_len, "perplexity": result}, indent=2))
+
+
+def _cmd_quickstart(a: argparse.Namespace) -> None:
+    from megatron_ast.quickstart import run
+
+    run(a.out, max_windows=a.max_windows)
+
+
+def _positive(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-ast", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("assets", help="fetch and convert the reference model and corpus (cached)")
+    s.add_argument("--json", action="store_true", help="print only the paths, as one JSON object")
+    s.set_defaults(fn=_cmd_assets)
+
+    s = sub.add_parser("preprocess", help="RedPajama jsonl(.gz/.zst) -> Megatron .bin/.idx token shards")
+    s.add_argument("--input", nargs="+", required=True, help="jsonl files or directories of them")
+    s.add_argument("--output-dir", required=True)
+    s.add_argument("--tokenizer", required=True, help="HF tokenizer dir or SentencePiece .model")
+    s.add_argument("--workers", type=_positive, default=1, help="processes on this node")
+    s.add_argument("--strict", action="store_true", help="a bad line is an error instead of being skipped")
+    s.add_argument("--eod-token", help="end-of-document token (default: the tokenizer's eos)")
+    s.add_argument("--domain", help="domain of every input (default: each file's parent dir name)")
+    s.set_defaults(fn=_cmd_preprocess)
+
+    s = sub.add_parser("merge", help="concatenate token shards into one")
+    s.add_argument("--input", nargs="+", required=True, help="shard prefixes or shard dirs")
+    s.add_argument("--output", required=True, help="output shard prefix (DIR/NAME)")
+    s.add_argument("--domain", help="domain of the merged shard (needed when inputs span domains)")
+    s.set_defaults(fn=_cmd_merge)
+
+    s = sub.add_parser("inspect", help="counts of token shards; decode the first tokens of a document")
+    s.add_argument("path", help="shard prefix or shard dir")
+    s.add_argument("--doc", type=int, default=0)
+    s.add_argument("--tokens", type=_positive, default=32)
+    s.add_argument("--tokenizer", help="decode with this tokenizer")
+    s.set_defaults(fn=_cmd_inspect)
+
+    ev = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command", required=True)
+    s = ev.add_parser("ppl", help="perplexity over non-overlapping windows")
+    s.add_argument("--model", required=True, help="local HF model dir")
+    s.add_argument("--data", nargs="+", required=True, help="token-shard dirs and/or jsonl/text files")
+    s.add_argument("--tokenizer", help="default: the model dir")
+    s.add_argument("--seq-len", type=_positive, default=512)
+    s.add_argument("--max-windows", type=_positive, help="per domain, evenly spaced (default: all)")
+    s.add_argument("--batch-size", type=_positive, default=4)
+    s.set_defaults(fn=_cmd_eval_ppl)
+
+    s = sub.add_parser("quickstart", help="the main job end to end on the reference model and corpus")
+    s.add_argument("--out", default="runs/quickstart")
+    s.add_argument("--max-windows", type=_positive, default=64, help="eval windows per domain")
+    s.set_defaults(fn=_cmd_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    args = parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except UsageError as e:
+        print(f"megatron-ast: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Token shards (Megatron IndexedDataset format), tokenizers, manifests and the blended sampler."""

@@ -1,0 +1,94 @@
+"""The manifest of a token-shard directory: which tokenizer, and per shard its source and checksums.
+
+Each shard `<dir>/<name>.bin/.idx` has a sidecar `<name>.meta.json`, written
+only after both files are complete: the sidecar is the shard's "done" mark,
+so a killed run never mistakes a partial shard for a finished one.
+`manifest.json` is the union of the sidecars, rebuilt after every run.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from megatron_ast.data.indexed import bin_path, idx_path
+from megatron_ast.data.tokenizer import TokenizerIdentity
+from megatron_ast.errors import UsageError
+from megatron_ast.fsutil import atomic_write_json
+
+MANIFEST = "manifest.json"
+FORMAT = "megatron-ast-token-shards/1"
+META_SUFFIX = ".meta.json"
+
+
+def meta_path(prefix: Path) -> Path:
+    return Path(f"{prefix}{META_SUFFIX}")
+
+
+def read_meta(prefix: Path) -> dict | None:
+    """The sidecar of a complete shard, or None when the shard is missing or incomplete."""
+    mp = meta_path(prefix)
+    if not (mp.is_file() and bin_path(prefix).is_file() and idx_path(prefix).is_file()):
+        return None
+    try:
+        meta = json.loads(mp.read_text())
+    except json.JSONDecodeError:
+        return None
+    if bin_path(prefix).stat().st_size != meta.get("bin_bytes"):
+        return None
+    return meta
+
+
+def _sidecars(directory: Path) -> dict[str, dict]:
+    out = {}
+    for mp in sorted(Path(directory).glob(f"*{META_SUFFIX}")):
+        name = mp.name[: -len(META_SUFFIX)]
+        meta = read_meta(Path(directory) / name)
+        if meta is not None:
+            out[name] = meta
+    return out
+
+
+def check_tokenizer(directory: Path, identity: TokenizerIdentity) -> None:
+    """Refuse to add shards of one tokenizer to a directory holding another's."""
+    directory = Path(directory)
+    found = []
+    if (directory / MANIFEST).is_file():
+        found.append((directory / MANIFEST, json.loads((directory / MANIFEST).read_text())["tokenizer"]))
+    found += [(meta_path(directory / n), m["tokenizer"]) for n, m in _sidecars(directory).items()]
+    for where, tok in found:
+        if not identity.same_vocab(tok):
+            raise UsageError(
+                f"{directory} holds shards of tokenizer {tok.get('name')!r} ({where.name}), not "
+                f"{identity.name!r}: use another --output-dir or the matching --tokenizer"
+            )
+
+
+def write_manifest(directory: Path) -> dict:
+    """Rebuild `manifest.json` from the complete shards' sidecars."""
+    shards = _sidecars(directory)
+    if not shards:
+        raise UsageError(f"{directory} holds no complete token shards")
+    first = next(iter(shards.values()))
+    manifest = {
+        "format": FORMAT,
+        "tokenizer": first["tokenizer"],
+        "dtype": first["dtype"],
+        "documents": sum(m["documents"] for m in shards.values()),
+        "tokens": sum(m["tokens"] for m in shards.values()),
+        "shards": {n: {k: v for k, v in m.items() if k not in ("tokenizer", "dtype")} for n, m in shards.items()},
+    }
+    atomic_write_json(Path(directory) / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise UsageError(f"{directory} has no {MANIFEST}: it is not a token-shard directory (run `megatron-ast preprocess`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path} is not valid JSON ({e}): re-run `megatron-ast preprocess` on that directory") from e
+    if manifest.get("format") != FORMAT:
+        raise UsageError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest

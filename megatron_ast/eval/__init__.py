@@ -1,0 +1,1 @@
+"""Evaluation: perplexity on token shards or text."""

@@ -1,0 +1,78 @@
+"""The main job on the embedded default: real model, real text, every stage that has landed.
+
+Stages so far: fetch/convert the reference assets, tokenize the reference corpus
+into token shards, report the dense model's validation perplexity. Each stage's
+figures and output paths go to `<out>/report.json`, rewritten after each stage.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from megatron_ast import assets
+from megatron_ast.fsutil import atomic_write_json
+
+SEQ_LEN = 512
+
+
+class Report:
+    def __init__(self, out: Path, n_stages: int):
+        self.path, self.n, self.i = out / "report.json", n_stages, 0
+        self.data = {"out": str(out), "complete": False, "stages": {}}
+
+    def stage(self, name: str, what: str):
+        self.i += 1
+        print(f"[{self.i}/{self.n}] {name}: {what}", flush=True)
+        return _Stage(self, name)
+
+
+class _Stage:
+    def __init__(self, report: Report, name: str):
+        self.report, self.name = report, name
+
+    def __enter__(self) -> dict:
+        self.t0, self.fig = time.perf_counter(), {}
+        return self.fig
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.fig["seconds"] = round(time.perf_counter() - self.t0, 1)
+            self.report.data["stages"][self.name] = self.fig
+            atomic_write_json(self.report.path, self.report.data)
+            print(f"      done in {self.fig['seconds']} s", flush=True)
+
+
+def run(out: str | Path = "runs/quickstart", max_windows: int = 64, workers: int | None = None) -> Path:
+    from data_tools.preprocess import preprocess
+    from megatron_ast.eval.perplexity import perplexity, token_windows
+    from megatron_ast.modeling import load_causal_lm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    workers = workers or max(1, min(2, os.cpu_count() or 1))
+    report = Report(out, 3)
+
+    with report.stage("assets", "reference model (SmolLM2-135M) and corpus (Shakespeare + CPython stdlib)") as fig:
+        fig.update(assets.ensure_assets())
+
+    with report.stage("preprocess", f"tokenize the corpus into Megatron token shards ({workers} workers)") as fig:
+        a = report.data["stages"]["assets"]
+        for split in assets.SPLITS:
+            shard_dir = out / "shards" / split
+            m = preprocess([a["corpus"][d][split] for d in assets.DOMAINS], shard_dir, a["tokenizer"], workers=workers)
+            fig[split] = {"dir": str(shard_dir), "documents": m["documents"], "tokens": m["tokens"]}
+            print(f"      {split}: {m['documents']} documents, {m['tokens']:,} tokens -> {shard_dir}", flush=True)
+
+    with report.stage("eval_dense", f"dense validation perplexity ({max_windows} windows of {SEQ_LEN} per domain)") as fig:
+        a = report.data["stages"]["assets"]
+        windows = token_windows([str(out / "shards" / "validation")], a["tokenizer"], SEQ_LEN, max_windows)
+        fig.update({"model": a["model"], "seq_len": SEQ_LEN,
+                    "perplexity": perplexity(load_causal_lm(a["model"]), windows, desc="dense ppl")})
+        for dom, r in fig["perplexity"].items():
+            print(f"      {dom}: ppl {r['ppl']:.2f} over {r['tokens']:,} tokens", flush=True)
+
+    report.data["complete"] = True
+    atomic_write_json(report.path, report.data)
+    print(f"report: {report.path}", flush=True)
+    return report.path

@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-ast",
+    version="0.1.0",
+    description="Dense LLM -> 2:4 semi-structured sparse LLM: AST training on DeepSpeed ZeRO-3, one-shot pruners, token-shard tools",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_ast", "megatron_ast.*", "data_tools", "data_tools.*"]),
+    install_requires=[
+        "torch>=2.2",  # not pinned: clusters bring their own CUDA build
+        "numpy",
+        "transformers>=4.56",
+        "tokenizers>=0.20",
+        "sentencepiece",
+        "safetensors",
+        "gguf",
+        "accelerate",
+        "zstandard",
+        "tqdm",
+        "pyyaml",
+    ],
+    extras_require={
+        "mpi": ["mpi4py>=4"],
+        "eval": ["lm-eval"],
+        "dev": ["pytest", "megatron-core", "mpi4py>=4", "mpich", "psutil"],
+    },
+    entry_points={"console_scripts": ["megatron-ast=megatron_ast.cli:main"]},
+)
