@@ -5,8 +5,8 @@ workers; a line belongs to the range holding its first byte.
 """
 from __future__ import annotations
 
-import gzip
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -59,37 +59,35 @@ def _plain_chunks(path: Path, start: int, end: int | None) -> Iterator[bytes]:
             yield block
 
 
-def _gz_chunks(path: Path) -> Iterator[bytes]:
-    with gzip.open(path, "rb") as f:
-        while True:
-            try:
-                block = f.read(_BLOCK)
-            except (EOFError, gzip.BadGzipFile, OSError) as e:
-                raise Truncated(str(e)) from e
-            if not block:
-                return
-            yield block
-
-
-def _zst_chunks(path: Path) -> Iterator[bytes]:
-    import zstandard
-
-    dobj = zstandard.ZstdDecompressor().decompressobj()
+def _decompressed_chunks(path: Path, new_decompressor, errors: tuple) -> Iterator[bytes]:
+    """Stream-decompress `path` (concatenated members/frames allowed), yielding data as it
+    comes, so a truncated file still gives every complete line before the cut."""
+    dobj = new_decompressor()
     with open(path, "rb") as f:
         while block := f.read(_BLOCK):
             while block:
                 try:
                     out = dobj.decompress(block)
-                except zstandard.ZstdError as e:
-                    raise Truncated(str(e)) from e
+                except errors as e:
+                    raise Truncated(f"corrupt compressed stream: {e}") from e
                 if out:
                     yield out
                 block = b""
-                if dobj.eof and dobj.unused_data:  # concatenated frames
+                if dobj.eof and dobj.unused_data:  # next member/frame
                     block = dobj.unused_data
-                    dobj = zstandard.ZstdDecompressor().decompressobj()
+                    dobj = new_decompressor()
     if not dobj.eof:
-        raise Truncated("zstd stream ended before its end-of-frame marker")
+        raise Truncated("compressed stream ended before its end marker")
+
+
+def _gz_chunks(path: Path) -> Iterator[bytes]:
+    return _decompressed_chunks(path, lambda: zlib.decompressobj(wbits=31), (zlib.error,))
+
+
+def _zst_chunks(path: Path) -> Iterator[bytes]:
+    import zstandard
+
+    return _decompressed_chunks(path, lambda: zstandard.ZstdDecompressor().decompressobj(), (zstandard.ZstdError,))
 
 
 def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:

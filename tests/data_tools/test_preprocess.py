@@ -1,0 +1,163 @@
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zstandard
+
+from data_tools import preprocess as pp
+from megatron_ast.cli import main
+from megatron_ast.data.indexed import IndexedShard
+from megatron_ast.data.manifest import read_manifest
+from megatron_ast.data.tokenizer import Tokenizer
+from megatron_ast.fsutil import sha256_file
+from tests.conftest import stdlib_texts, write_jsonl
+
+BAD = {3: b'{"text": "unterminated', 7: b'{"meta": {}}', 11: b'{"text": "\xff bad utf8"}', 15: b'{"text": ""}'}
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    texts = stdlib_texts(30)
+    write_jsonl(tmp_path / "in" / "book" / "plays.jsonl", texts[:12])
+    write_jsonl(tmp_path / "in" / "github" / "code.jsonl", texts[12:], extra_lines=BAD)
+    return tmp_path / "in", texts
+
+
+def _expected(tok_dir, texts):
+    tok = Tokenizer.load(tok_dir)
+    return [np.array(ids + [tok.identity.eod_id]) for ids in tok.encode_batch(texts)]
+
+
+def test_tokens_equal_direct_tokenization_and_bad_lines_are_reported(corpus, hf_tokenizer_dir, tmp_path, capsys):
+    root, texts = corpus
+    m = pp.preprocess([str(root)], tmp_path / "out", hf_tokenizer_dir)
+    assert sorted(m["shards"]) == ["book__plays", "github__code"]
+    gh = m["shards"]["github__code"]
+    assert gh["domain"] == "github" and gh["documents"] == 18
+    assert gh["skipped"] == {"malformed_json": 1, "missing_text": 1, "invalid_utf8": 1, "empty_document": 1}
+    src = root / "github" / "code.jsonl"
+    # lines counted in the file, bad lines included: inserted at 3, 7, 11, 15 in turn -> lines 4, 9, 14, 19
+    assert gh["skipped_examples"][0] == f"{src}:4: malformed json"
+    assert f"{src}:14: invalid utf8" in gh["skipped_examples"]
+    assert "skipped" in capsys.readouterr().err
+    shard = IndexedShard(tmp_path / "out" / "github__code")
+    for i, ref in enumerate(_expected(hf_tokenizer_dir, texts[12:])):
+        np.testing.assert_array_equal(shard.document(i), ref)
+    assert gh["sha256"] == sha256_file(tmp_path / "out" / "github__code.bin")
+    assert m["tokenizer"]["name"] == hf_tokenizer_dir.name and m["dtype"] == "uint16"
+
+
+def test_workers_split_one_file_and_give_identical_bytes(tmp_path, hf_tokenizer_dir, monkeypatch):
+    texts = stdlib_texts(80)
+    src = write_jsonl(tmp_path / "in" / "github" / "big.jsonl", texts)
+    monkeypatch.setattr(pp, "UNIT_BYTES", 64 << 10)  # many byte ranges from a ~1 MB file
+    assert len(pp.plan_units(pp.find_sources([str(src)]), 2)) > 4
+    pp.preprocess([str(src)], tmp_path / "one", hf_tokenizer_dir, workers=1)
+    pp.preprocess([str(src)], tmp_path / "two", hf_tokenizer_dir, workers=2)
+    for ext in (".bin", ".idx"):
+        a, b = tmp_path / "one" / f"github__big{ext}", tmp_path / "two" / f"github__big{ext}"
+        assert a.read_bytes() == b.read_bytes()
+
+
+def test_sentencepiece_tokenizer(corpus, sp_model, tmp_path):
+    root, texts = corpus
+    m = pp.preprocess([str(root / "book")], tmp_path / "out", sp_model)
+    shard = IndexedShard(tmp_path / "out" / "book__plays")
+    np.testing.assert_array_equal(shard.document(3), _expected(sp_model, texts[3:4])[0])
+    assert m["tokenizer"]["kind"] == "sentencepiece"
+
+
+def test_gz_zst_and_truncated_inputs(tmp_path, hf_tokenizer_dir):
+    texts = stdlib_texts(20)
+    plain = write_jsonl(tmp_path / "p" / "x.jsonl", texts).read_bytes()
+    d = tmp_path / "in" / "github"
+    d.mkdir(parents=True)
+    (d / "a.jsonl.gz").write_bytes(gzip.compress(plain))
+    (d / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(plain))
+    cut = gzip.compress(plain)
+    (d / "c.jsonl.gz").write_bytes(cut[: len(cut) * 2 // 3])
+    m = pp.preprocess([str(d)], tmp_path / "out", hf_tokenizer_dir)
+    assert m["shards"]["github__a"]["tokens"] == m["shards"]["github__b"]["tokens"] > 0
+    c = m["shards"]["github__c"]
+    assert c["skipped"] == {"truncated": 1} and 0 < c["documents"] < len(texts)
+    with pytest.raises(Exception, match="truncated"):
+        pp.preprocess([str(d / "c.jsonl.gz")], tmp_path / "strict", hf_tokenizer_dir, strict=True)
+
+
+def test_resume_skips_complete_shards_and_ignores_partial_ones(corpus, hf_tokenizer_dir, tmp_path):
+    root, _ = corpus
+    out = tmp_path / "out"
+    pp.preprocess([str(root)], out, hf_tokenizer_dir)
+    done = out / "book__plays.bin"
+    stamp = done.stat().st_mtime_ns
+    # simulate a run killed while writing the other shard: temp files and no sidecar
+    (out / "github__code.meta.json").unlink()
+    (out / "github__code.bin").rename(out / ".github__code.bin.tmp-999")
+    pp.preprocess([str(root)], out, hf_tokenizer_dir)
+    assert done.stat().st_mtime_ns == stamp
+    assert IndexedShard(out / "github__code").num_documents == 18
+    assert read_manifest(out)["documents"] == 30
+
+
+def test_strict_bad_line_exits_2_and_writes_nothing(corpus, hf_tokenizer_dir, tmp_path, capsys):
+    root, _ = corpus
+    out = tmp_path / "out"
+    rc = main(["preprocess", "--input", str(root / "github"), "--output-dir", str(out),
+               "--tokenizer", str(hf_tokenizer_dir), "--strict"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "code.jsonl:4: malformed json" in err[0] and "--strict" in err[0]
+    assert [p.name for p in out.iterdir()] == []
+
+
+@pytest.mark.parametrize("case", ["missing_input", "bad_tokenizer", "other_tokenizer", "not_jsonl", "empty_dir"])
+def test_bad_input_is_one_line_exit_2(case, corpus, hf_tokenizer_dir, sp_model, tmp_path, capsys):
+    root, _ = corpus
+    out, tok, inputs = tmp_path / "out", str(hf_tokenizer_dir), [str(root)]
+    if case == "missing_input":
+        inputs = [str(tmp_path / "nope.jsonl")]
+    elif case == "bad_tokenizer":
+        tok = str(tmp_path)
+    elif case == "other_tokenizer":
+        pp.preprocess([str(root / "book")], out, sp_model)
+    elif case == "not_jsonl":
+        (tmp_path / "x.csv").write_text("a,b")
+        inputs = [str(tmp_path / "x.csv")]
+    elif case == "empty_dir":
+        (tmp_path / "empty").mkdir()
+        inputs = [str(tmp_path / "empty")]
+    before = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    rc = main(["preprocess", "--input", *inputs, "--output-dir", str(out), "--tokenizer", tok])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("megatron-ast: error: ")
+    assert (sorted(p.name for p in out.iterdir()) if out.exists() else []) == before
+
+
+def test_ranks_take_disjoint_balanced_files():
+    srcs = [pp.Source(None, f"d__{i}", "d", size) for i, size in enumerate([100, 90, 50, 40, 10, 5])]
+    parts = pp.assign_to_ranks(srcs, 2)
+    names = [s.name for p in parts for s in p]
+    assert sorted(names) == sorted(s.name for s in srcs) and len(set(names)) == len(names)
+    loads = [sum(s.size for s in p) for p in parts]
+    assert abs(loads[0] - loads[1]) <= 10
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_mpi_two_ranks_match_one_process(corpus, hf_tokenizer_dir, tmp_path):
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    if mpiexec is None:
+        pytest.skip("no mpiexec: pip install mpich (in the dev extra)")
+    root, _ = corpus
+    pp.preprocess([str(root)], tmp_path / "single", hf_tokenizer_dir)
+    cmd = [mpiexec, "-n", "2", sys.executable, "-m", "megatron_ast.cli", "preprocess", "--input", str(root),
+           "--output-dir", str(tmp_path / "mpi"), "--tokenizer", str(hf_tokenizer_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "[rank 1]" in proc.stderr or "tokenize[1]" in proc.stderr
+    a, b = read_manifest(tmp_path / "single"), read_manifest(tmp_path / "mpi")
+    assert {k: v["sha256"] for k, v in a["shards"].items()} == {k: v["sha256"] for k, v in b["shards"].items()}
