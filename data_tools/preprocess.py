@@ -27,7 +27,7 @@ from megatron_ast.data.tokenizer import Tokenizer
 from megatron_ast.errors import UsageError
 from megatron_ast.fsutil import atomic_write_json
 
-UNIT_BYTES = 4 << 20  # a work unit is at most this much of a plain file
+UNIT_BYTES = 2 << 20  # a work unit is at most this much of a plain file
 BATCH_CHARS = 1 << 20  # texts per native encode call
 MAX_EXAMPLES = 20  # bad lines listed by location per shard
 
@@ -112,8 +112,11 @@ _TOKENIZER: Tokenizer | None = None
 _SOURCES: list[Source] = []
 
 
-def _init_worker(tokenizer_path: str, eod_token: str | None, sources: list[Source]) -> None:
+def _init_worker(tokenizer_path: str, eod_token: str | None, sources: list[Source], pooled: bool) -> None:
     global _TOKENIZER, _SOURCES
+    if pooled:  # one thread per worker process: the pool already fills the cores
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        os.environ["RAYON_NUM_THREADS"] = "1"
     _TOKENIZER = Tokenizer.load(tokenizer_path, eod_token)
     _SOURCES = sources
 
@@ -166,7 +169,7 @@ class _Open:
 def _tokenize(sources, units, tokenizer, tokenizer_path, eod_token, out_dir, workers, strict, rank) -> list[str]:
     """Run the units in order and write the shards; returns the one-line reports of bad lines."""
     dtype = token_dtype(tokenizer.identity.vocab_size)
-    initargs = (tokenizer_path, eod_token, sources)
+    initargs = (tokenizer_path, eod_token, sources, workers > 1)
     if workers > 1:
         pool = mp.get_context("fork").Pool(workers, _init_worker, initargs)
         results = pool.imap(_run_unit, units)

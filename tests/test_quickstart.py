@@ -1,0 +1,21 @@
+import json
+
+import pytest
+
+from megatron_ast.cli import main
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_main_job_end_to_end_writes_report(reference_assets, tmp_path, capsys):
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--out", str(out), "--max-windows", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report.json'}" in printed and "[3/3] eval_dense" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"] is True
+    st = report["stages"]
+    assert st["preprocess"]["train"]["tokens"] > 4_000_000 and st["preprocess"]["validation"]["documents"] > 40
+    ppl = st["eval_dense"]["perplexity"]
+    assert set(ppl) == {"book", "github", "all"} and ppl["book"]["windows"] == 2
+    assert 5 < ppl["book"]["ppl"] < 100 and 1 < ppl["github"]["ppl"] < 50
