@@ -1,0 +1,17 @@
+"""Checks used by tests, export and the trainer: is a weight really N:M, how sparse is it."""
+from __future__ import annotations
+
+import torch
+
+
+def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
+    """Number of groups of `m` consecutive inputs holding more than `n` non-zeros (0 = valid N:M)."""
+    out_f, in_f = weight.shape
+    if in_f % m:
+        raise ValueError(f"in_features {in_f} is not a multiple of M={m}")
+    nonzero = (weight != 0).reshape(out_f, in_f // m, m).sum(-1)
+    return int((nonzero > n).sum())
+
+
+def sparsity_of(weight: torch.Tensor) -> float:
+    return float((weight == 0).sum()) / weight.numel()
