@@ -14,59 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from megatron_ast.data.blend import BlendSpec, default_blend
-from megatron_ast.data.indexed import IndexedShard
-from megatron_ast.data.manifest import read_manifest
+from megatron_ast.data.streams import load_domains
 from megatron_ast.data.tokenizer import TokenizerIdentity
 from megatron_ast.errors import UsageError
-
-
-class DomainStream:
-    """The tokens of several shards, concatenated, read as windows of `seq_len`."""
-
-    def __init__(self, shards: list[IndexedShard], seq_len: int):
-        self.shards = shards
-        self.seq_len = seq_len
-        self.offsets = np.cumsum([0] + [s.num_tokens for s in shards])
-        self.num_tokens = int(self.offsets[-1])
-        self.num_windows = self.num_tokens // seq_len
-
-    def window(self, k: int) -> np.ndarray:
-        start, end = k * self.seq_len, (k + 1) * self.seq_len
-        out = []
-        i = int(np.searchsorted(self.offsets, start, side="right") - 1)
-        while start < end:
-            lo = start - self.offsets[i]
-            take = min(end - start, self.shards[i].num_tokens - lo)
-            out.append(self.shards[i].tokens[lo : lo + take])
-            start += take
-            i += 1
-        return np.concatenate(out).astype(np.int64)
-
-
-def load_domains(
-    shard_dirs: list[str | Path], seq_len: int, tokenizer: TokenizerIdentity | None = None
-) -> dict[str, DomainStream]:
-    """Group the shards of one or more shard dirs by domain; check they match the model's tokenizer."""
-    by_domain: dict[str, list[IndexedShard]] = {}
-    seen_tok = None
-    for d in shard_dirs:
-        manifest = read_manifest(d)
-        tok = manifest["tokenizer"]
-        if tokenizer is not None and not tokenizer.same_vocab(tok):
-            raise UsageError(
-                f"shards in {d} were made with tokenizer {tok['name']!r}, not the model's {tokenizer.name!r}: "
-                "re-run `megatron-ast preprocess --tokenizer MODEL_DIR`"
-            )
-        if seen_tok is not None and seen_tok["vocab_sha256"] != tok["vocab_sha256"]:
-            raise UsageError(f"shard dirs {list(map(str, shard_dirs))} were made with different tokenizers")
-        seen_tok = tok
-        for name, meta in sorted(manifest["shards"].items()):
-            by_domain.setdefault(meta["domain"], []).append(IndexedShard(Path(d) / name))
-    streams = {dom: DomainStream(sh, seq_len) for dom, sh in sorted(by_domain.items())}
-    for dom, s in streams.items():
-        if s.num_windows == 0:
-            raise UsageError(f"domain {dom!r} has {s.num_tokens} tokens, fewer than one sequence of {seq_len}")
-    return streams
 
 
 class BlendedSampler:

@@ -13,53 +13,28 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from megatron_ast.data import jsonl
-from megatron_ast.data.sampler import load_domains
+from megatron_ast.data.streams import token_streams
 from megatron_ast.data.tokenizer import Tokenizer
 from megatron_ast.errors import UsageError
 
 
 def pick_windows(tokens_or_stream, seq_len: int, max_windows: int | None) -> np.ndarray:
-    """Evenly spaced window indices over the stream (all of them when max_windows is None)."""
+    """Evenly spaced window indices over a stream or a token count (all of them when max_windows is None)."""
     n = tokens_or_stream // seq_len if isinstance(tokens_or_stream, int) else tokens_or_stream.num_windows
     if max_windows is None or max_windows >= n:
         return np.arange(n)
     return np.unique(np.linspace(0, n - 1, max_windows).round().astype(np.int64))
 
 
-def _text_documents(path: Path) -> tuple[str, list[str]]:
-    """(domain, documents) of a jsonl or plain text file; the domain is its parent dir's name."""
-    if jsonl.is_jsonl(path):
-        docs = [t for raw in jsonl.raw_lines(path) if (t := jsonl.parse_line(raw)[0])]
-    else:
-        docs = [path.read_text(encoding="utf-8")]
-    return path.parent.name, docs
-
-
 def token_windows(data: list[str], tokenizer_dir: str | Path, seq_len: int, max_windows: int | None) -> dict[str, np.ndarray]:
-    """domain -> int64 (n, seq_len) windows, from shard dirs (with a manifest) and/or jsonl/text files."""
-    tok = Tokenizer.load(tokenizer_dir)
-    shard_dirs = [d for d in data if Path(d, "manifest.json").is_file()]
-    out: dict[str, list[np.ndarray]] = {}
-    for dom, stream in load_domains(shard_dirs, seq_len, tok.identity).items() if shard_dirs else []:
-        out.setdefault(dom, []).extend(stream.window(int(k)) for k in pick_windows(stream, seq_len, max_windows))
-    texts: dict[str, list[str]] = {}
-    for d in data:
-        p = Path(d)
-        if d in shard_dirs:
-            continue
-        if not p.is_file():
-            raise UsageError(f"eval data {p} is neither a token-shard dir (with manifest.json) nor a text/jsonl file")
-        dom, docs = _text_documents(p)
-        texts.setdefault(dom, []).extend(docs)
-    for dom, docs in texts.items():
-        ids = [t + [tok.identity.eod_id] for t in tok.encode_batch(docs)]
-        flat = np.fromiter((i for t in ids for i in t), np.int64)
-        idx = pick_windows(len(flat), seq_len, max_windows)
+    """domain -> int64 (n, seq_len) evenly spaced windows, from shard dirs and/or jsonl/text files."""
+    out = {}
+    for dom, stream in token_streams(data, Tokenizer.load(tokenizer_dir), seq_len).items():
+        idx = pick_windows(stream, seq_len, max_windows)
         if len(idx) == 0:
-            raise UsageError(f"eval data of domain {dom!r} has {len(flat)} tokens, fewer than --seq-len {seq_len}")
-        out.setdefault(dom, []).extend(flat[k * seq_len : (k + 1) * seq_len] for k in idx)
-    return {dom: np.stack(w) for dom, w in out.items()}
+            raise UsageError(f"eval data of domain {dom!r} has {stream.num_tokens} tokens, fewer than --seq-len {seq_len}")
+        out[dom] = np.stack([stream.window(int(k)) for k in idx]).astype(np.int64)
+    return out
 
 
 def perplexity(model, windows: dict[str, np.ndarray], batch_size: int = 4, desc: str = "ppl") -> dict:

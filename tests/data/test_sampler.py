@@ -5,7 +5,8 @@ import pytest
 
 from data_tools.preprocess import preprocess
 from megatron_ast.data.blend import BlendSpec, default_blend
-from megatron_ast.data.sampler import BlendedSampler, load_domains
+from megatron_ast.data.sampler import BlendedSampler
+from megatron_ast.data.streams import load_domains
 from megatron_ast.data.tokenizer import Tokenizer
 from megatron_ast.errors import UsageError
 from tests.conftest import stdlib_texts, write_jsonl
