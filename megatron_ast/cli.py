@@ -48,6 +48,17 @@ def _cmd_eval_ppl(a: argparse.Namespace) -> None:
     print(json.dumps({"model": a.model, "seq_len": a.seq_len, "perplexity": result}, indent=2))
 
 
+def _cmd_prune(a: argparse.Namespace) -> None:
+    from megatron_ast.pruning.api import prune_to_dir
+    from megatron_ast.pruning.pipeline import PruneConfig, SparseLLMConfig
+    from megatron_ast.sparsity import SparsityPattern
+
+    cfg = PruneConfig(a.method, SparsityPattern.parse(a.pattern, a.sparsity), a.blocksize, a.damp, a.device,
+                      SparseLLMConfig(a.sparsellm_rounds, a.sparsellm_alpha, a.sparsellm_beta, a.sparsellm_gamma))
+    r = prune_to_dir(a.model, a.out, cfg, a.calib, a.nsamples, a.seqlen, a.seed, a.tokenizer)
+    print(json.dumps({k: v for k, v in r.items() if k != "layers"}, indent=2))
+
+
 def _cmd_quickstart(a: argparse.Namespace) -> None:
     from megatron_ast.quickstart import run
 
@@ -101,6 +112,26 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-windows", type=_positive, help="per domain, evenly spaced (default: all)")
     s.add_argument("--batch-size", type=_positive, default=4)
     s.set_defaults(fn=_cmd_eval_ppl)
+
+    s = sub.add_parser("prune", help="one-shot pruning to N:M or unstructured sparsity")
+    s.add_argument("--model", required=True, help="local HF model dir")
+    s.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "sparsellm"])
+    s.add_argument("--pattern", default="2:4", help="N:M (2:4, 4:8, ...) or 'unstructured'")
+    s.add_argument("--sparsity", type=float, help="fraction of zeros for --pattern unstructured (default 0.5)")
+    s.add_argument("--calib", nargs="+", help="token-shard dirs and/or jsonl/text files")
+    s.add_argument("--nsamples", type=_positive, default=128)
+    s.add_argument("--seqlen", type=_positive, default=2048)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="output model dir (must not exist)")
+    s.add_argument("--tokenizer", help="default: the model dir")
+    s.add_argument("--device", default="cpu", help="where each layer is pruned: cpu, cuda, cuda:1 ...")
+    s.add_argument("--blocksize", type=_positive, default=128, help="SparseGPT column block")
+    s.add_argument("--damp", type=float, default=0.01, help="Hessian damping, relative to mean(diag H)")
+    s.add_argument("--sparsellm-rounds", type=_positive, default=4)
+    s.add_argument("--sparsellm-alpha", type=float, default=5.0)
+    s.add_argument("--sparsellm-beta", type=float, default=5.0)
+    s.add_argument("--sparsellm-gamma", type=float, default=5.0)
+    s.set_defaults(fn=_cmd_prune)
 
     s = sub.add_parser("quickstart", help="the main job end to end on the reference model and corpus")
     s.add_argument("--out", default="runs/quickstart")

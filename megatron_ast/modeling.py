@@ -20,7 +20,9 @@ def check_model_dir(path: str | Path) -> Path:
 def load_causal_lm(path: str | Path, dtype=None, trust_remote_code: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()  # our own progress bars say what is going on
     p = check_model_dir(path)
     return AutoModelForCausalLM.from_pretrained(
         p, dtype=dtype or torch.float32, local_files_only=True, trust_remote_code=trust_remote_code

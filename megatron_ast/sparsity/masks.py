@@ -31,9 +31,12 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def unstructured_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep the top (1 - sparsity) fraction of each row."""
-    in_f = score.shape[-1]
-    k = in_f - int(round(sparsity * in_f))
+    """Keep the top (1 - sparsity) fraction of each row (round(sparsity * in) pruned per row)."""
+    return keep_top(score, score.shape[-1] - int(round(sparsity * score.shape[-1])))
+
+
+def keep_top(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the `k` highest scores of each row."""
     keep = score.topk(k, dim=-1, sorted=False).indices
     return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, keep, True)
 

@@ -1,0 +1,1 @@
+"""One-shot pruning of Hugging Face causal LMs: magnitude, Wanda, SparseGPT, SparseLLM."""

@@ -1,0 +1,73 @@
+"""`prune`: model dir in, pruned model dir out (safetensors + masks + sparsity_report.json)."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from megatron_ast.errors import UsageError
+from megatron_ast.fsutil import atomic_dir
+from megatron_ast.modeling import check_model_dir, load_causal_lm
+from megatron_ast.pruning.calibration import calibration_samples
+from megatron_ast.pruning.pipeline import PruneConfig, prune_model, validate_shapes
+from megatron_ast.pruning.architectures import architecture_of
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+MASKS_FILE = "masks.safetensors"
+REPORT_FILE = "sparsity_report.json"
+
+
+def prune_to_dir(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    cfg: PruneConfig,
+    calib: list[str] | None = None,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    tokenizer: str | Path | None = None,
+) -> dict:
+    """Prune `model_dir` and write the result to `out_dir` (created atomically; must not exist)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise UsageError(f"{out_dir} already exists: pass a new --out")
+    check_model_dir(model_dir)
+    t0 = time.perf_counter()
+    samples = None
+    if cfg.method != "magnitude":  # cheap checks first: no model load before the data is known good
+        if not calib:
+            raise UsageError(f"--method {cfg.method} needs calibration data: pass --calib SHARD_DIRS_OR_FILES")
+        samples = calibration_samples(calib, tokenizer or model_dir, nsamples, seqlen, seed)
+    model = load_causal_lm(model_dir)
+    architecture_of(model)
+    validate_shapes(model, cfg.pattern)
+    masks, rows = prune_model(model, cfg, samples)
+    report = {
+        "method": cfg.method, "pattern": str(cfg.pattern), "sparsity_target": cfg.pattern.sparsity,
+        "source_model": str(model_dir),
+        "calibration": None if samples is None else {"data": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+        "linears": len(rows),
+        "all_valid": all(r["pattern_valid"] for r in rows),
+        "sparsity": sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in rows)
+        / sum(r["shape"][0] * r["shape"][1] for r in rows),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "layers": rows,
+    }
+    errors = [r["reconstruction_error"] for r in rows if r["reconstruction_error"] is not None]
+    report["mean_reconstruction_error"] = sum(errors) / len(errors) if errors else None
+    from safetensors.torch import save_file
+
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        for name in TOKENIZER_FILES:
+            if (Path(model_dir) / name).is_file():
+                shutil.copy2(Path(model_dir) / name, tmp / name)
+        save_file({k: v.contiguous() for k, v in masks.items()}, str(tmp / MASKS_FILE),
+                  metadata={"pattern": str(cfg.pattern), "method": cfg.method})
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"pruned {len(rows)} Linears to {cfg.pattern} with {cfg.method}: sparsity {report['sparsity']:.4f}, "
+          f"all valid: {report['all_valid']} -> {out_dir}", file=sys.stderr)
+    return report

@@ -1,0 +1,181 @@
+"""Sequential, layer-by-layer one-shot pruning of a Hugging Face causal LM.
+
+The calibration batch runs through the embeddings once, stopping at the first
+decoder layer; then each layer in turn is moved to the device, its Linears'
+input moments are collected (dense pass), its Linears are pruned, and the
+calibration activations are pushed through the *pruned* layer to become the
+next layer's inputs. Only one decoder layer and the activations are on the
+device at a time.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from megatron_ast.errors import UsageError
+from megatron_ast.pruning.architectures import (architecture_of, prunable_linears, set_weight_out_in,
+                                                weight_out_in)
+from megatron_ast.pruning.hessian import InputHessians, reconstruction_error
+from megatron_ast.pruning.sparsegpt import sparsegpt
+from megatron_ast.sparsity import SparsityPattern, mask_from_score, magnitude_score, nm_violations, wanda_score
+from megatron_ast.sparsity.validate import sparsity_of
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "sparsellm")
+
+
+@dataclass
+class SparseLLMConfig:
+    rounds: int = 4
+    alpha: float = 5.0
+    beta: float = 5.0
+    gamma: float = 5.0
+    s_steps: int = 10  # gradient steps on s per round (s has no closed form)
+
+
+@dataclass
+class PruneConfig:
+    method: str
+    pattern: SparsityPattern
+    blocksize: int = 128
+    damp: float = 0.01
+    device: str = "cpu"
+    sparsellm: SparseLLMConfig = field(default_factory=SparseLLMConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UsageError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+
+
+class _Captured(Exception):
+    pass
+
+
+def _capture_inputs(model: nn.Module, first_layer: nn.Module, calib: torch.Tensor, device: str):
+    """Hidden states entering the first decoder layer for every sample, plus the layer's other arguments."""
+    hidden, extra = [], {}
+
+    def hook(module, args, kwargs):
+        hidden.append(args[0].detach())
+        extra.setdefault("args", args[1:])
+        extra.setdefault("kwargs", kwargs)
+        raise _Captured
+
+    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for row in calib:
+            try:
+                model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(hidden), extra["args"], extra["kwargs"]
+
+
+def _layer_forward(layer: nn.Module, x: torch.Tensor, args, kwargs) -> torch.Tensor:
+    out = layer(x.unsqueeze(0), *args, **kwargs)
+    return (out[0] if isinstance(out, tuple) else out)[0]
+
+
+def _outside_layers_to(model: nn.Module, layers_path: str, device: str) -> None:
+    """Move everything but the decoder layers (embeddings, rotary tables, final norm) to `device`."""
+    parent_path, _, attr = layers_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    layers = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList())
+    try:
+        model.to(device)
+    finally:
+        setattr(parent, attr, layers)
+
+
+def validate_shapes(model: nn.Module, pattern: SparsityPattern) -> None:
+    arch = architecture_of(model)
+    for i, layer in enumerate(arch.layers(model)):
+        for name, mod in prunable_linears(layer).items():
+            pattern.check_shape(weight_out_in(mod).shape[1], f"{arch.layers_path}.{i}.{name}")
+
+
+def _prune_linear(method: str, w: torch.Tensor, h: torch.Tensor | None, cfg: PruneConfig):
+    if method == "magnitude":
+        keep = mask_from_score(magnitude_score(w), cfg.pattern)
+        return w * keep, keep
+    if method == "wanda":
+        keep = mask_from_score(wanda_score(w, torch.diag(h)), cfg.pattern)
+        return w * keep, keep
+    return sparsegpt(w, h, cfg.pattern, cfg.blocksize, cfg.damp)
+
+
+def prune_model(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | None) -> tuple[dict, list[dict]]:
+    """Prune every decoder Linear of `model` in place; returns (masks by parameter name, per-Linear report)."""
+    arch = architecture_of(model)
+    validate_shapes(model, cfg.pattern)
+    layers = arch.layers(model)
+    model.eval()
+    masks, report = {}, []
+    needs_data = cfg.method != "magnitude"
+    if needs_data and calib is None:
+        raise UsageError(f"--method {cfg.method} needs calibration data: pass --calib")
+    with torch.no_grad():
+        if needs_data:
+            _outside_layers_to(model, arch.layers_path, cfg.device)
+            inps, args, kwargs = _capture_inputs(model, layers[0], calib, cfg.device)
+            _outside_layers_to(model, arch.layers_path, "cpu")
+        for i, layer in enumerate(tqdm(layers, desc=f"prune {cfg.method} {cfg.pattern}", file=sys.stderr, disable=None)):
+            layer.to(cfg.device)
+            linears = prunable_linears(layer)
+            hessians = None
+            ffn_io = None
+            if needs_data:
+                hessians = InputHessians(layer, linears)
+                if cfg.method == "sparsellm":
+                    from megatron_ast.pruning.sparsellm import FfnRecorder
+
+                    ffn_io = FfnRecorder(layer, arch.ffn)
+                for x in inps:
+                    _layer_forward(layer, x, args, kwargs)
+                hessians.remove()
+                if ffn_io is not None:
+                    ffn_io.remove()
+            done = set()
+            if ffn_io is not None:
+                from megatron_ast.pruning.sparsellm import sparsellm_ffn
+
+                rows, info = sparsellm_ffn(layer, arch.ffn, ffn_io, hessians, cfg)
+                if info["fallback_to_sparsegpt"]:
+                    print(f"sparsellm: layer {i} did not beat SparseGPT on its FFN output "
+                          f"({info['ffn_error_sparsellm']:.4g} vs {info['ffn_error_sparsegpt']:.4g}); "
+                          "kept the SparseGPT weights", file=sys.stderr)
+                for name, (dense, new, keep, h) in rows.items():
+                    done.add(name)
+                    masks[f"{arch.layers_path}.{i}.{name}.weight"] = keep.cpu()
+                    report.append({**_row(f"{arch.layers_path}.{i}.{name}", dense, new, keep, h, cfg), "sparsellm": info})
+            for name, mod in linears.items():
+                if name in done:
+                    continue
+                dense = weight_out_in(mod).detach().float().clone()  # the layer is updated in place
+                h = hessians.hessian(name) if hessians is not None else None
+                new, keep = _prune_linear("sparsegpt" if cfg.method == "sparsellm" else cfg.method, dense, h, cfg)
+                set_weight_out_in(mod, new)
+                masks[f"{arch.layers_path}.{i}.{name}.weight"] = keep.cpu()
+                report.append(_row(f"{arch.layers_path}.{i}.{name}", dense, new, keep, h, cfg))
+            if needs_data:
+                inps = torch.stack([_layer_forward(layer, x, args, kwargs) for x in inps])
+            layer.to("cpu")
+    return masks, report
+
+
+def _row(name: str, dense: torch.Tensor, new: torch.Tensor, keep: torch.Tensor, h, cfg: PruneConfig) -> dict:
+    p = cfg.pattern
+    return {
+        "name": name,
+        "shape": list(dense.shape),
+        "sparsity": sparsity_of(new),
+        "pattern_valid": (nm_violations(new, p.n, p.m) == 0) if p.structured
+        else bool(((new != 0).sum(1) <= keep.shape[1] - round(p.sparsity * keep.shape[1])).all()),
+        "reconstruction_error": reconstruction_error(dense, new, h) if h is not None else None,
+    }

@@ -1,0 +1,160 @@
+"""SparseLLM (Ling et al. 2024): FFN-global pruning through auxiliary activations.
+
+For a gated FFN y = W_down(silu(W_gate x) * W_up x) (Llama) the Linears are
+coupled through s ~ W_gate X, z ~ W_up X and p ~ silu(s) * z, minimising
+
+    alpha(||z - W_up X||^2 + ||s - W_gate X||^2) + gamma ||p - silu(s) z||^2 + beta ||Y - W_down p||^2
+
+by alternating closed-form activation updates with least-squares refits of each
+W, re-pruned by SparseGPT. For OPT (y = fc2(relu(fc1 x + b1)) + b2) the same
+with p ~ relu(z) and z's update taking the better of the two ReLU branches.
+
+Numerics (the public code inverts in half precision and blows up on small
+models): every solve is a regularised Cholesky solve in float64, nothing is
+inverted explicitly, and the result is checked against the SparseGPT result it
+started from on the layer's calibration data: if it is not better (or not
+finite), that layer keeps SparseGPT's weights and the report says so.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_ast.errors import UsageError
+from megatron_ast.pruning.architectures import Ffn, set_weight_out_in, weight_out_in
+from megatron_ast.pruning.sparsegpt import sparsegpt
+
+
+class FfnRecorder:
+    """Records the FFN's input X and dense output Y (tokens x features) during the dense pass."""
+
+    def __init__(self, layer: nn.Module, ffn: Ffn):
+        if ffn.kind not in ("gated", "relu"):
+            raise UsageError("sparsellm supports gated (Llama-family) and ReLU (OPT) FFNs; use --method sparsegpt here")
+        self.xs: list[torch.Tensor] = []
+        self.ys: list[torch.Tensor] = []
+        up, down = layer.get_submodule(ffn.up), layer.get_submodule(ffn.down)
+        self._hooks = [
+            up.register_forward_pre_hook(lambda m, a: self.xs.append(a[0].detach().reshape(-1, a[0].shape[-1]))),
+            down.register_forward_hook(lambda m, a, o: self.ys.append(o.detach().reshape(-1, o.shape[-1]))),
+        ]
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+def _solve_psd(a: torch.Tensor, b: torch.Tensor, damp: float) -> torch.Tensor:
+    """Solve (A + damp * mean(diag A) * I) X = B in float64 by Cholesky; A symmetric PSD."""
+    a = a.double()
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    scale = torch.diag(a).mean().clamp_min(1e-12)
+    for attempt in range(6):
+        chol, info = torch.linalg.cholesky_ex(a + damp * (10**attempt) * scale * eye)
+        if info == 0:
+            return torch.cholesky_solve(b.double(), chol)
+    raise RuntimeError("least-squares system is not positive definite")
+
+
+def _refit(inputs: torch.Tensor, target: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares W (out, in) with inputs @ W^T ~ target, re-pruned by SparseGPT; returns (pruned, keep)."""
+    gram = inputs.t().double() @ inputs.double()
+    w_ls = _solve_psd(gram, inputs.t().double() @ target.double(), cfg.damp).t().float()
+    return sparsegpt(w_ls, (gram / inputs.shape[0]).float(), cfg.pattern, cfg.blocksize, cfg.damp)
+
+
+def _ffn_out(kind: str, x, w_up, w_down, w_gate, b_up, b_down):
+    a = x @ w_up.t() + (b_up if b_up is not None else 0)
+    hidden = F.silu(x @ w_gate.t()) * a if kind == "gated" else F.relu(a)
+    return hidden @ w_down.t() + (b_down if b_down is not None else 0)
+
+
+def _alternate(x, y_t, z, s, w, keep, b_up, gated: bool, cfg) -> None:
+    """`rounds` of: activation updates (p; z; s) given the pruned weights, then refit + re-prune of each W (in `w`, `keep`)."""
+    sc = cfg.sparsellm
+    alpha, beta, gamma = sc.alpha, sc.beta, sc.gamma
+    for _ in range(sc.rounds):
+        # (b) p: (beta Wd^T Wd + gamma I) p = beta Wd^T y + gamma act(s, z), for all tokens at once
+        act = F.silu(s) * z if gated else F.relu(z)
+        wd = w["down"].double()
+        lhs = beta * wd.t() @ wd + gamma * torch.eye(wd.shape[1], dtype=torch.float64, device=wd.device)
+        p = torch.cholesky_solve((beta * y_t.double() @ wd + gamma * act.double()).t(), torch.linalg.cholesky(lhs)).t().float()
+        a_up = x @ w["up"].t() + (b_up if b_up is not None else 0)
+        if gated:
+            # (c) z, element-wise closed form given s and p
+            sig = F.silu(s)
+            z = (alpha * a_up + gamma * sig * p) / (alpha + gamma * sig**2)
+            # (d) s: Gauss-Newton steps on alpha||s - Wg X||^2 + gamma||p - silu(s) z||^2
+            a_gate = x @ w["gate"].t()
+            for _ in range(sc.s_steps):
+                sg = torch.sigmoid(s)
+                dsilu = sg * (1 + s * (1 - sg))
+                resid = F.silu(s) * z - p
+                grad = alpha * (s - a_gate) + gamma * resid * z * dsilu
+                s = s - grad / (alpha + gamma * (z * dsilu) ** 2)
+        else:
+            # (c) ReLU: the better of z <= 0 (relu = 0) and z >= 0 (relu = z), element-wise
+            neg = torch.clamp(a_up, max=0.0)
+            pos = torch.clamp((alpha * a_up + gamma * p) / (alpha + gamma), min=0.0)
+            cost = lambda c: alpha * (c - a_up) ** 2 + gamma * (p - F.relu(c)) ** 2  # noqa: E731
+            z = torch.where(cost(neg) <= cost(pos), neg, pos)
+        # (a) refit each W to its own target by least squares and re-prune with SparseGPT
+        w["down"], keep["down"] = _refit(p, y_t, cfg)
+        w["up"], keep["up"] = _refit(x, z - (b_up if b_up is not None else 0), cfg)
+        if gated:
+            w["gate"], keep["gate"] = _refit(x, s, cfg)
+
+
+def sparsellm_ffn(layer: nn.Module, ffn: Ffn, rec: FfnRecorder, hessians, cfg) -> tuple[dict, dict]:
+    """Prune the FFN of one layer in place.
+
+    Returns ({name: (dense W, pruned W, keep, H)}, {FFN output errors of SparseGPT and SparseLLM, fallback}).
+    """
+    x, y = torch.cat(rec.xs).float(), torch.cat(rec.ys).float()
+    up, down = layer.get_submodule(ffn.up), layer.get_submodule(ffn.down)
+    gate = layer.get_submodule(ffn.gate) if ffn.gate else None
+    b_up = up.bias.detach().float() if getattr(up, "bias", None) is not None else None
+    b_down = down.bias.detach().float() if getattr(down, "bias", None) is not None else None
+    dense = {"up": weight_out_in(up).detach().float().clone(), "down": weight_out_in(down).detach().float().clone()}
+    if gate is not None:
+        dense["gate"] = weight_out_in(gate).detach().float().clone()
+
+    # start: dense activations, SparseGPT-pruned weights (the fallback)
+    z = x @ dense["up"].t() + (b_up if b_up is not None else 0)
+    s = x @ dense["gate"].t() if gate is not None else None
+    p = F.silu(s) * z if gate is not None else F.relu(z)
+    h_x = hessians.hessian(ffn.up)
+    h_p = p.t() @ p / p.shape[0]
+    w, keep = {}, {}
+    w["up"], keep["up"] = sparsegpt(dense["up"], h_x, cfg.pattern, cfg.blocksize, cfg.damp)
+    w["down"], keep["down"] = sparsegpt(dense["down"], h_p, cfg.pattern, cfg.blocksize, cfg.damp)
+    if gate is not None:
+        w["gate"], keep["gate"] = sparsegpt(dense["gate"], h_x, cfg.pattern, cfg.blocksize, cfg.damp)
+
+    def error(ws):
+        out = _ffn_out(ffn.kind, x, ws["up"], ws["down"], ws.get("gate"), b_up, b_down)
+        return float(((out - y) ** 2).sum() / (y**2).sum().clamp_min(1e-30))
+
+    fallback = {k: v.clone() for k, v in w.items()}, {k: v.clone() for k, v in keep.items()}
+    err_sparsegpt = error(w)
+    y_t = y - (b_down if b_down is not None else 0)
+    err = float("nan")
+    try:
+        _alternate(x, y_t, z, s, w, keep, b_up, gate is not None, cfg)
+        err = error(w)
+    except RuntimeError as e:  # a failed factorisation is a divergence like any other
+        print(f"sparsellm: {e}", file=sys.stderr)
+    used_fallback = not (err == err and err < err_sparsegpt)  # NaN-safe
+    if used_fallback:
+        w, keep = fallback
+    names = {"up": ffn.up, "down": ffn.down, "gate": ffn.gate}
+    out = {}
+    for k in w:
+        module = layer.get_submodule(names[k])
+        set_weight_out_in(module, w[k])
+        out[names[k]] = (dense[k], w[k], keep[k], h_p if k == "down" else h_x)
+    info = {"ffn_error_sparsegpt": err_sparsegpt, "ffn_error_sparsellm": err, "fallback_to_sparsegpt": used_fallback}
+    return out, info

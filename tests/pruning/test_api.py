@@ -1,0 +1,75 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from megatron_ast.cli import main
+from megatron_ast.pruning.architectures import weight_out_in
+from megatron_ast.sparsity import nm_violations
+from tests.conftest import stdlib_texts, write_jsonl
+
+
+@pytest.fixture()
+def model_dir(tmp_path, tiny, hf_tokenizer_dir):
+    d = tmp_path / "dense"
+    tiny("llama").save_pretrained(d)
+    for f in hf_tokenizer_dir.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    return d
+
+
+@pytest.fixture()
+def calib_file(tmp_path):
+    return write_jsonl(tmp_path / "calib" / "github" / "c.jsonl", stdlib_texts(10))
+
+
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
+def test_prune_cli_writes_a_loadable_model_masks_and_report(model_dir, calib_file, tmp_path, method, capsys):
+    out = tmp_path / "pruned"
+    rc = main(["prune", "--model", str(model_dir), "--method", method, "--pattern", "2:4", "--calib", str(calib_file),
+               "--nsamples", "8", "--seqlen", "64", "--out", str(out)])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["all_valid"] is True
+    model = AutoModelForCausalLM.from_pretrained(out)
+    masks = load_file(str(out / "masks.safetensors"))
+    assert len(masks) == 14
+    for name, mask in masks.items():
+        w = weight_out_in(model.get_submodule(name.removesuffix(".weight")))
+        assert nm_violations(w, 2, 4) == 0 and bool(((w != 0) <= mask).all()) and mask.dtype == torch.bool
+    report = json.loads((out / "sparsity_report.json").read_text())
+    assert report["method"] == method and report["pattern"] == "2:4" and report["sparsity"] == pytest.approx(0.5)
+    assert {"name", "shape", "sparsity", "pattern_valid", "reconstruction_error"} <= set(report["layers"][0])
+    assert (out / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--pattern", "3:2"], "0 < N < M"),
+    (["--pattern", "0:4"], "0 < N < M"),
+    (["--pattern", "unstructured", "--sparsity", "1.5"], "between 0 and 1"),
+    (["--nsamples", "1000"], "fewer than --nsamples 1000"),
+    (["--method", "wanda", "--no-calib"], "needs calibration data"),
+])
+def test_bad_input_exits_2_and_leaves_no_output(model_dir, calib_file, tmp_path, capsys, args, match):
+    out = tmp_path / "pruned"
+    base = ["prune", "--model", str(model_dir), "--method", "sparsegpt", "--seqlen", "64", "--out", str(out)]
+    if "--no-calib" not in args:
+        base += ["--calib", str(calib_file)]
+    rc = main(base + [a for a in args if a != "--no-calib"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and match in err[0], err
+    assert not out.exists() and not list(tmp_path.glob(".pruned.tmp-*"))
+
+
+def test_model_dir_without_weights_or_unknown_architecture(tmp_path, model_dir, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text((model_dir / "config.json").read_text())
+    assert main(["prune", "--model", str(tmp_path / "empty"), "--method", "magnitude", "--out", str(tmp_path / "o")]) == 2
+    assert "no weights" in capsys.readouterr().err
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64)).save_pretrained(tmp_path / "neox")
+    assert main(["prune", "--model", str(tmp_path / "neox"), "--method", "magnitude", "--out", str(tmp_path / "o")]) == 2
+    assert "unsupported architecture 'gpt_neox'" in capsys.readouterr().err and not (tmp_path / "o").exists()

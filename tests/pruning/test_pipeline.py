@@ -1,0 +1,87 @@
+import copy
+
+import pytest
+import torch
+
+from megatron_ast.errors import UsageError
+from megatron_ast.pruning.architectures import prunable_linears, weight_out_in
+from megatron_ast.pruning.pipeline import PruneConfig, prune_model
+from megatron_ast.sparsity import SparsityPattern, mask_from_score, nm_violations, wanda_score
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "sparsellm"])
+def test_every_decoder_linear_is_exactly_the_pattern(tiny, calib, arch, method):
+    if arch == "gpt2" and method == "sparsellm":
+        with pytest.raises(UsageError, match="sparsellm supports"):
+            prune_model(tiny(arch), PruneConfig(method, SparsityPattern.parse("2:4")), calib)
+        return
+    model = tiny(arch)
+    emb_before = model.get_input_embeddings().weight.clone()
+    masks, rows = prune_model(model, PruneConfig(method, SparsityPattern.parse("2:4")), calib)
+    assert len(rows) == len(masks) == 2 * len(prunable_linears(model.get_decoder().layers[0]
+                                                                  if arch != "gpt2" else model.transformer.h[0]))
+    for name, mask in masks.items():
+        w = weight_out_in(model.get_submodule(name.removesuffix(".weight")))
+        assert nm_violations(w, 2, 4) == 0 and bool(((w != 0) <= mask).all())
+    assert all(r["pattern_valid"] for r in rows)
+    assert torch.equal(model.get_input_embeddings().weight, emb_before)  # embeddings are never pruned
+    if method != "magnitude":
+        assert all(0 < r["reconstruction_error"] < 1 for r in rows)
+
+
+def test_layer_inputs_come_from_the_already_pruned_layer(tiny, calib):
+    """Wanda's layer-1 mask must follow the activations of the *pruned* layer 0."""
+    model = tiny("llama")
+    dense = copy.deepcopy(model)
+    masks, _ = prune_model(model, PruneConfig("wanda", SparsityPattern.parse("2:4")), calib)
+    sq = torch.zeros(64)
+
+    def record(module, args):
+        sq.add_((args[0].reshape(-1, 64) ** 2).sum(0))
+
+    handle = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(record)
+    with torch.no_grad():
+        for row in calib:
+            model(input_ids=row[None])
+    handle.remove()
+    w_dense = dense.model.layers[1].self_attn.q_proj.weight
+    expected = mask_from_score(wanda_score(w_dense, sq), SparsityPattern.parse("2:4"))
+    assert torch.equal(masks["model.layers.1.self_attn.q_proj.weight"], expected)
+
+
+def test_sparsellm_beats_sparsegpt_on_the_ffn_output(tiny, calib):
+    for arch in ("llama", "opt"):
+        _, rows = prune_model(tiny(arch), PruneConfig("sparsellm", SparsityPattern.parse("unstructured", 0.7)), calib)
+        infos = [r["sparsellm"] for r in rows if "sparsellm" in r]
+        assert infos and all(i["ffn_error_sparsellm"] < i["ffn_error_sparsegpt"] and not i["fallback_to_sparsegpt"]
+                             for i in infos)
+
+
+def test_sparsellm_falls_back_when_it_cannot_improve(tiny, calib, monkeypatch):
+    import megatron_ast.pruning.sparsellm as sl
+
+    def poisoned(inputs, target, cfg):  # a diverging refit
+        pruned, keep = real(inputs, target, cfg)
+        return pruned * float("nan"), keep
+
+    real = sl._refit
+    monkeypatch.setattr(sl, "_refit", poisoned)
+    model = tiny("llama")
+    _, rows = prune_model(model, PruneConfig("sparsellm", SparsityPattern.parse("2:4")), calib)
+    infos = [r["sparsellm"] for r in rows if "sparsellm" in r]
+    assert all(i["fallback_to_sparsegpt"] for i in infos)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_unknown_architecture_and_bad_shapes(tiny, calib):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                            num_attention_heads=4, intermediate_size=64))
+    with pytest.raises(UsageError, match="unsupported architecture 'gpt_neox': supported are .*llama"):
+        prune_model(neox, PruneConfig("magnitude", SparsityPattern.parse("2:4")), None)
+    with pytest.raises(UsageError, match="model.layers.0.self_attn.q_proj: in_features 64 is not a multiple of M=3"):
+        prune_model(tiny("llama"), PruneConfig("magnitude", SparsityPattern.parse("2:3")), None)
+    with pytest.raises(UsageError, match="needs calibration data"):
+        prune_model(tiny("llama"), PruneConfig("wanda", SparsityPattern.parse("2:4")), None)
