@@ -135,7 +135,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("quickstart", help="the main job end to end on the reference model and corpus")
     s.add_argument("--out", default="runs/quickstart")
-    s.add_argument("--max-windows", type=_positive, default=64, help="eval windows per domain")
+    s.add_argument("--max-windows", type=_positive, default=32, help="eval windows per domain")
     s.set_defaults(fn=_cmd_quickstart)
     return p
 

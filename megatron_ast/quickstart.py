@@ -1,11 +1,14 @@
 """The main job on the embedded default: real model, real text, every stage that has landed.
 
 Stages so far: fetch/convert the reference assets, tokenize the reference corpus
-into token shards, report the dense model's validation perplexity. Each stage's
-figures and output paths go to `<out>/report.json`, rewritten after each stage.
+into token shards, report the dense model's validation perplexity, prune it to
+2:4 with SparseGPT (calibrated on the train shards) and report the pruned
+model's perplexity on the same windows. Each stage's figures and output paths
+go to `<out>/report.json`, rewritten after each stage.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -14,6 +17,7 @@ from megatron_ast import assets
 from megatron_ast.fsutil import atomic_write_json
 
 SEQ_LEN = 512
+CALIB_SAMPLES = 32
 
 
 class Report:
@@ -43,15 +47,18 @@ class _Stage:
             print(f"      done in {self.fig['seconds']} s", flush=True)
 
 
-def run(out: str | Path = "runs/quickstart", max_windows: int = 64, workers: int | None = None) -> Path:
+def run(out: str | Path = "runs/quickstart", max_windows: int = 32, workers: int | None = None) -> Path:
     from data_tools.preprocess import preprocess
     from megatron_ast.eval.perplexity import perplexity, token_windows
     from megatron_ast.modeling import load_causal_lm
+    from megatron_ast.pruning.api import REPORT_FILE, prune_to_dir
+    from megatron_ast.pruning.pipeline import PruneConfig
+    from megatron_ast.sparsity import SparsityPattern
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or max(1, min(2, os.cpu_count() or 1))
-    report = Report(out, 3)
+    report = Report(out, 5)
 
     with report.stage("assets", "reference model (SmolLM2-135M) and corpus (Shakespeare + CPython stdlib)") as fig:
         fig.update(assets.ensure_assets())
@@ -64,13 +71,31 @@ def run(out: str | Path = "runs/quickstart", max_windows: int = 64, workers: int
             fig[split] = {"dir": str(shard_dir), "documents": m["documents"], "tokens": m["tokens"]}
             print(f"      {split}: {m['documents']} documents, {m['tokens']:,} tokens -> {shard_dir}", flush=True)
 
-    with report.stage("eval_dense", f"dense validation perplexity ({max_windows} windows of {SEQ_LEN} per domain)") as fig:
-        a = report.data["stages"]["assets"]
-        windows = token_windows([str(out / "shards" / "validation")], a["tokenizer"], SEQ_LEN, max_windows)
-        fig.update({"model": a["model"], "seq_len": SEQ_LEN,
-                    "perplexity": perplexity(load_causal_lm(a["model"]), windows, desc="dense ppl")})
+    a = report.data["stages"]["assets"]
+    windows = token_windows([str(out / "shards" / "validation")], a["tokenizer"], SEQ_LEN, max_windows)
+
+    def evaluate(fig: dict, model_dir: str, label: str) -> None:
+        fig.update({"model": model_dir, "seq_len": SEQ_LEN,
+                    "perplexity": perplexity(load_causal_lm(model_dir), windows, desc=f"{label} ppl")})
         for dom, r in fig["perplexity"].items():
             print(f"      {dom}: ppl {r['ppl']:.2f} over {r['tokens']:,} tokens", flush=True)
+
+    with report.stage("eval_dense", f"dense validation perplexity ({max_windows} windows of {SEQ_LEN} per domain)") as fig:
+        evaluate(fig, a["model"], "dense")
+
+    pruned = out / "pruned-sparsegpt-2of4"
+    with report.stage("prune", f"SparseGPT 2:4, {CALIB_SAMPLES} calibration sequences of {SEQ_LEN} -> {pruned}") as fig:
+        if not (pruned / REPORT_FILE).is_file():  # a finished stage is not redone when the job is run again
+            prune_to_dir(a["model"], pruned, PruneConfig("sparsegpt", SparsityPattern.parse("2:4")),
+                         [str(out / "shards" / "train")], CALIB_SAMPLES, SEQ_LEN)
+        r = json.loads((pruned / REPORT_FILE).read_text())
+        fig.update({"model_dir": str(pruned), "method": r["method"], "pattern": r["pattern"], "sparsity": r["sparsity"],
+                    "all_valid": r["all_valid"], "mean_reconstruction_error": r["mean_reconstruction_error"],
+                    "prune_seconds": r["seconds"]})
+        print(f"      {r['linears']} Linears, sparsity {r['sparsity']:.3f}, all 2:4: {r['all_valid']}", flush=True)
+
+    with report.stage("eval_pruned", "2:4 model's validation perplexity on the same windows") as fig:
+        evaluate(fig, str(pruned), "pruned")
 
     report.data["complete"] = True
     atomic_write_json(report.path, report.data)

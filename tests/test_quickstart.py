@@ -11,7 +11,7 @@ def test_main_job_end_to_end_writes_report(reference_assets, tmp_path, capsys):
     out = tmp_path / "qs"
     assert main(["quickstart", "--out", str(out), "--max-windows", "2"]) == 0
     printed = capsys.readouterr().out
-    assert f"report: {out / 'report.json'}" in printed and "[3/3] eval_dense" in printed
+    assert f"report: {out / 'report.json'}" in printed and "[5/5] eval_pruned" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] is True
     st = report["stages"]
@@ -19,3 +19,7 @@ def test_main_job_end_to_end_writes_report(reference_assets, tmp_path, capsys):
     ppl = st["eval_dense"]["perplexity"]
     assert set(ppl) == {"book", "github", "all"} and ppl["book"]["windows"] == 2
     assert 5 < ppl["book"]["ppl"] < 100 and 1 < ppl["github"]["ppl"] < 50
+    assert st["prune"]["all_valid"] is True and st["prune"]["sparsity"] == pytest.approx(0.5)
+    sparse = st["eval_pruned"]["perplexity"]
+    assert sparse["book"]["ppl"] > ppl["book"]["ppl"]  # 2:4 without training costs quality ...
+    assert sparse["book"]["ppl"] < 10 * ppl["book"]["ppl"]  # ... but SparseGPT keeps the model usable

@@ -10,10 +10,11 @@ W, re-pruned by SparseGPT. For OPT (y = fc2(relu(fc1 x + b1)) + b2) the same
 with p ~ relu(z) and z's update taking the better of the two ReLU branches.
 
 Numerics (the public code inverts in half precision and blows up on small
-models): every solve is a regularised Cholesky solve in float64, nothing is
-inverted explicitly, and the result is checked against the SparseGPT result it
-started from on the layer's calibration data: if it is not better (or not
-finite), that layer keeps SparseGPT's weights and the report says so.
+models): every system is regularised and factored by Cholesky in float64 (the
+token-long products and right-hand sides stay float32), nothing is inverted
+explicitly, and the result is checked against the SparseGPT result it started
+from on the layer's calibration data: if it is not better (or not finite, or a
+factorisation fails), that layer keeps SparseGPT's weights and the report says so.
 """
 from __future__ import annotations
 
@@ -60,10 +61,13 @@ def _solve_psd(a: torch.Tensor, b: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def _refit(inputs: torch.Tensor, target: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares W (out, in) with inputs @ W^T ~ target, re-pruned by SparseGPT; returns (pruned, keep)."""
-    gram = inputs.t().double() @ inputs.double()
-    w_ls = _solve_psd(gram, inputs.t().double() @ target.double(), cfg.damp).t().float()
-    return sparsegpt(w_ls, (gram / inputs.shape[0]).float(), cfg.pattern, cfg.blocksize, cfg.damp)
+    """Least-squares W (out, in) with inputs @ W^T ~ target, re-pruned by SparseGPT; returns (pruned, keep).
+
+    The token-long products run in float32; the small normal equations are solved in float64.
+    """
+    gram = inputs.t() @ inputs
+    w_ls = _solve_psd(gram, inputs.t() @ target, cfg.damp).t().float()
+    return sparsegpt(w_ls, gram / inputs.shape[0], cfg.pattern, cfg.blocksize, cfg.damp)
 
 
 def _ffn_out(kind: str, x, w_up, w_down, w_gate, b_up, b_down):
@@ -79,9 +83,11 @@ def _alternate(x, y_t, z, s, w, keep, b_up, gated: bool, cfg) -> None:
     for _ in range(sc.rounds):
         # (b) p: (beta Wd^T Wd + gamma I) p = beta Wd^T y + gamma act(s, z), for all tokens at once
         act = F.silu(s) * z if gated else F.relu(z)
-        wd = w["down"].double()
-        lhs = beta * wd.t() @ wd + gamma * torch.eye(wd.shape[1], dtype=torch.float64, device=wd.device)
-        p = torch.cholesky_solve((beta * y_t.double() @ wd + gamma * act.double()).t(), torch.linalg.cholesky(lhs)).t().float()
+        # gamma I keeps the system well conditioned: factor in float64, solve the token-long right side in float32
+        wd = w["down"]
+        lhs = beta * wd.t().double() @ wd.double() + gamma * torch.eye(wd.shape[1], dtype=torch.float64, device=wd.device)
+        chol = torch.linalg.cholesky(lhs).float()
+        p = torch.cholesky_solve((beta * y_t @ wd + gamma * act).t(), chol).t()
         a_up = x @ w["up"].t() + (b_up if b_up is not None else 0)
         if gated:
             # (c) z, element-wise closed form given s and p
