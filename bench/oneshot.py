@@ -30,8 +30,11 @@ def _prune(model: str, out: str, method: str, pattern: str, train: str, nsamples
     from megatron_ast.pruning.pipeline import PruneConfig
     from megatron_ast.sparsity import SparsityPattern
 
-    name, _, sp = pattern.partition(":")
-    cfg = PruneConfig(method, SparsityPattern.parse(name, float(sp) if sp else None), device=device)
+    if pattern.startswith("unstructured:"):
+        parsed = SparsityPattern.parse("unstructured", float(pattern.split(":")[1]))
+    else:
+        parsed = SparsityPattern.parse(pattern)
+    cfg = PruneConfig(method, parsed, device=device)
     t0 = time.perf_counter()
     r = prune_to_dir(model, out, cfg, [train], nsamples, seqlen)
     return {"wall_s": round(time.perf_counter() - t0, 1), "mean_reconstruction_error": r["mean_reconstruction_error"],

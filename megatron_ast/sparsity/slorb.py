@@ -1,0 +1,67 @@
+"""SLoRB (Sparse Low-Rank Boosting): a rank-d/k branch that gives back what the mask took away.
+
+For a Linear W (N x d) with mask M and group size k:  y = (W*M) x + S (P x), where
+P (d/k x d) sums each group of k consecutive inputs and S (N x d/k) starts from the
+pruned weights: S[i, g] = mean (or sum) over the group of (W * (1-M))[i, g*k:(g+1)*k].
+With P frozen, P x is a reshape-and-sum (P is never materialised). As a LoRA
+adapter: A = P (d/k x d), B = S (N x d/k). Extra parameters: N * d / k (+1/k).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from megatron_ast.errors import UsageError
+
+INITS = ("mean", "sum", "xavier")
+
+
+@dataclass(frozen=True)
+class SLoRBConfig:
+    group: int = 16
+    init: str = "mean"
+    trainable_projection: bool = False
+
+    def __post_init__(self) -> None:
+        if self.group < 1:
+            raise UsageError(f"slorb group size must be >= 1, got {self.group}")
+        if self.init not in INITS:
+            raise UsageError(f"slorb init {self.init!r} is not one of {', '.join(INITS)}")
+
+
+def group_projection(in_features: int, group: int) -> torch.Tensor:
+    """P with P[g, g*k:(g+1)*k] = 1."""
+    p = torch.zeros(in_features // group, in_features)
+    for g in range(in_features // group):
+        p[g, g * group : (g + 1) * group] = 1.0
+    return p
+
+
+class SLoRB(nn.Module):
+    def __init__(self, weight: torch.Tensor, mask: torch.Tensor, cfg: SLoRBConfig):
+        super().__init__()
+        out_f, in_f = weight.shape
+        if in_f % cfg.group:
+            raise UsageError(f"in_features {in_f} is not a multiple of the SLoRB group size {cfg.group}")
+        self.group = cfg.group
+        pruned = (weight.detach().float() * (1 - mask.float())).reshape(out_f, in_f // cfg.group, cfg.group)
+        if cfg.init == "xavier":
+            s = nn.init.xavier_uniform_(torch.empty(out_f, in_f // cfg.group))
+        else:
+            s = pruned.mean(-1) if cfg.init == "mean" else pruned.sum(-1)
+        self.S = nn.Parameter(s.to(weight.dtype))
+        self.P = nn.Parameter(group_projection(in_f, cfg.group).to(weight.dtype)) if cfg.trainable_projection else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.P is None:
+            px = x.reshape(*x.shape[:-1], -1, self.group).sum(-1)
+        else:
+            px = x @ self.P.t()
+        return px @ self.S.t()
+
+    def lora(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the equivalent LoRA adapter: y_extra = B (A x)."""
+        a = self.P.detach() if self.P is not None else group_projection(self.S.shape[1] * self.group, self.group)
+        return a.to(self.S.dtype), self.S.detach()

@@ -1,0 +1,45 @@
+"""`sparsify_(model, masks)`: turn chosen Linears into masked (2:4) Linears with an STE forward.
+
+The mask is registered as a frozen parameter of the Linear itself, so under
+DeepSpeed ZeRO-3 it is partitioned, gathered and released exactly like the
+weight it masks (each rank stores only its slice).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_ast.sparsity.slorb import SLoRB, SLoRBConfig
+from megatron_ast.sparsity.ste import ste_masked
+
+
+class SparseLinear(nn.Linear):
+    """nn.Linear computing (W * M) x + b (+ SLoRB); gradients reach the dense W unmasked."""
+
+    mask: nn.Parameter
+    slorb: SLoRB | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, ste_masked(self.weight, self.mask), self.bias)
+        if self.slorb is not None:
+            y = y + self.slorb(x)
+        return y
+
+
+def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor], slorb: SLoRBConfig | None = None) -> nn.Module:
+    """In place: every Linear named in `masks` (by its weight's name) becomes a SparseLinear."""
+    for name, mask in masks.items():
+        module = model.get_submodule(name.removesuffix(".weight"))
+        if type(module) is not nn.Linear:
+            raise TypeError(f"{name} belongs to a {type(module).__name__}, not an nn.Linear")
+        if mask.shape != module.weight.shape:
+            raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, the weight {tuple(module.weight.shape)}")
+        module.__class__ = SparseLinear
+        module.mask = nn.Parameter(mask.to(module.weight.dtype).to(module.weight.device), requires_grad=False)
+        module.slorb = SLoRB(module.weight, mask, slorb) if slorb is not None else None
+    return model
+
+
+def sparse_linears(model: nn.Module) -> dict[str, SparseLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}

@@ -1,0 +1,1 @@
+"""AST training: distillation loss, the SR-STE optimizer step, engines and the loop."""

@@ -1,0 +1,76 @@
+"""Where the decay happens: AST's AdamW with the annealed SR-STE decay inside the optimizer step.
+
+For a masked weight W with mask M (1 = kept) at step t:
+    lambda_t = lambda * min(1, t / T_inc)
+    m <- b1 m + (1 - b1) g                    (first moment: the loss gradient only)
+    u <- m + lambda_t * W * (1 - M)          (decay pulls only the pruned weights to zero)
+    v <- b2 v + (1 - b2) u^2                  (second moment: of the update)
+    W <- W - lr * ( u / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd * W )
+This is DESIGN.md §4 taken literally: for masked tensors the second moment
+tracks the update u (not the raw gradient). Tensors without a pruned indicator
+(embeddings, norms, SLoRB) get plain AdamW. The optimizer works on
+whatever tensors it is given: model parameters in a single process, or the
+flat fp32 master partitions DeepSpeed ZeRO-3 hands a client optimizer, each
+with a flat indicator (1 - M) aligned to it (`set_pruned`).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def srste_lambda(step: int, lam: float, t_inc: int) -> float:
+    """lambda_t = lambda * min(1, t / T_inc): the decay ramps up, so masks settle late in training."""
+    return lam * min(1.0, step / t_inc) if t_inc > 0 else lam
+
+
+class SRSTEAdamW(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 2e-4, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1,
+                 srste_lambda: float = 6e-5, srste_t_inc: int = 10_000):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        srste_lambda=srste_lambda, srste_t_inc=srste_t_inc)
+        super().__init__(params, defaults)
+        self._pruned: dict[int, torch.Tensor] = {}
+
+    def set_pruned(self, tensor: torch.Tensor, pruned: torch.Tensor | None) -> None:
+        """Declare (1 - M) for `tensor` (same shape), or None for no decay."""
+        if pruned is None:
+            self._pruned.pop(id(tensor), None)
+        else:
+            if pruned.shape != tensor.shape:
+                raise ValueError(f"pruned indicator {tuple(pruned.shape)} does not match tensor {tuple(tensor.shape)}")
+            self._pruned[id(tensor)] = pruned.to(device=tensor.device, dtype=tensor.dtype)
+
+    def current_lambda(self) -> float:
+        g = self.param_groups[0]
+        step = max((int(s["step"]) for s in self.state.values() if "step" in s), default=0)
+        return srste_lambda(step, g["srste_lambda"], g["srste_t_inc"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                pruned = self._pruned.get(id(p))
+                if pruned is not None:
+                    lam = srste_lambda(t, group["srste_lambda"], group["srste_t_inc"])
+                    u = m + lam * p * pruned
+                    v.mul_(b2).addcmul_(u, u, value=1 - b2)
+                else:  # plain AdamW
+                    u = m
+                    v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.addcdiv_(u, denom, value=-group["lr"] / (1 - b1**t))
+        return loss

@@ -1,0 +1,78 @@
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from megatron_ast.errors import UsageError
+from megatron_ast.sparsity import SparsityPattern, magnitude_score, mask_from_score
+from megatron_ast.sparsity.slorb import SLoRB, SLoRBConfig, group_projection
+from megatron_ast.sparsity.sparse_linear import SparseLinear, sparse_linears, sparsify_
+from megatron_ast.sparsity.ste import ste_masked
+
+
+def test_ste_forward_is_masked_backward_is_straight_through():
+    w = torch.randn(6, 8, requires_grad=True)
+    m = mask_from_score(w.detach().abs(), SparsityPattern.parse("2:4"))
+    x = torch.randn(5, 8)
+    y = x @ ste_masked(w, m).t()
+    assert torch.equal(y, x @ (w.detach() * m).t())
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.allclose(w.grad, g.t() @ x)  # the dense gradient, pruned entries included
+    assert (w.grad[~m] != 0).all()
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+def _masks(model):
+    p = SparsityPattern.parse("2:4")
+    return {f"{n}.weight": mask_from_score(mod.weight.detach().abs(), p)
+            for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and ".layers." in n}
+
+
+def test_sparsify_equals_pruning_the_weights():
+    model, ref = _tiny(), _tiny()
+    masks = _masks(model)
+    sparsify_(model, masks)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            ref.get_submodule(name.removesuffix(".weight")).weight.mul_(mask)
+    x = torch.randint(0, 300, (2, 16))
+    assert torch.allclose(model(x).logits, ref(x).logits, atol=1e-6)
+    assert len(sparse_linears(model)) == 14 and all(not m.mask.requires_grad for m in sparse_linears(model).values())
+    # the dense weights are untouched and all receive gradients
+    model(x).logits.sum().backward()
+    lin = model.model.layers[0].mlp.up_proj
+    assert isinstance(lin, SparseLinear) and (lin.weight.grad[lin.mask == 0] != 0).any()
+
+
+def test_slorb_init_forward_lora_and_size():
+    torch.manual_seed(0)
+    w = torch.randn(12, 32)
+    m = mask_from_score(w.abs(), SparsityPattern.parse("2:4"))
+    x = torch.randn(3, 32)
+    for init, reduce in (("mean", torch.mean), ("sum", torch.sum)):
+        sl = SLoRB(w, m, SLoRBConfig(group=8, init=init))
+        assert torch.allclose(sl.S, reduce((w * ~m).reshape(12, 4, 8), dim=-1))
+        P = group_projection(32, 8)
+        assert torch.allclose(sl(x), x @ P.t() @ sl.S.t(), atol=1e-6)
+        a, b = sl.lora()
+        assert torch.allclose(x @ a.t() @ b.t(), sl(x), atol=1e-6)
+        assert sum(p.numel() for p in sl.parameters()) == 12 * 32 // 8
+    trainable = SLoRB(w, m, SLoRBConfig(group=8, trainable_projection=True))
+    assert torch.allclose(trainable(x), SLoRB(w, m, SLoRBConfig(group=8))(x), atol=1e-6)
+    assert trainable.P.requires_grad and trainable.P.shape == (4, 32)
+    # on inputs that share a component within each group, SLoRB gives back part of what the mask removed
+    xc = torch.randn(3, 4).repeat_interleave(8, dim=1) + 0.1 * torch.randn(3, 32)
+    lost = xc @ (w * ~m).t()
+    assert ((lost - SLoRB(w, m, SLoRBConfig(group=8))(xc)) ** 2).sum() < 0.1 * (lost**2).sum()
+
+
+def test_slorb_bad_config():
+    with pytest.raises(UsageError, match="not one of"):
+        SLoRBConfig(init="zeros")
+    with pytest.raises(UsageError, match="multiple of the SLoRB group size 7"):
+        SLoRB(torch.randn(4, 16), torch.ones(4, 16, dtype=torch.bool), SLoRBConfig(group=7))
