@@ -18,6 +18,7 @@ setup(
         "zstandard",
         "tqdm",
         "pyyaml",
+        "deepspeed>=0.16",
     ],
     extras_require={
         "mpi": ["mpi4py>=4"],

@@ -30,15 +30,19 @@ class SparseLinear(nn.Linear):
 def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor], slorb: SLoRBConfig | None = None) -> nn.Module:
     """In place: every Linear named in `masks` (by its weight's name) becomes a SparseLinear."""
     for name, mask in masks.items():
-        module = model.get_submodule(name.removesuffix(".weight"))
-        if type(module) is not nn.Linear:
-            raise TypeError(f"{name} belongs to a {type(module).__name__}, not an nn.Linear")
-        if mask.shape != module.weight.shape:
-            raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, the weight {tuple(module.weight.shape)}")
-        module.__class__ = SparseLinear
-        module.mask = nn.Parameter(mask.to(module.weight.dtype).to(module.weight.device), requires_grad=False)
-        module.slorb = SLoRB(module.weight, mask, slorb) if slorb is not None else None
+        sparsify_module_(model.get_submodule(name.removesuffix(".weight")), mask, slorb, name)
     return model
+
+
+def sparsify_module_(module: nn.Module, mask: torch.Tensor, slorb: SLoRBConfig | None = None, name: str = "") -> None:
+    """Make one nn.Linear a SparseLinear. Its full weight must be present (under ZeRO-3: gathered)."""
+    if type(module) is not nn.Linear:
+        raise TypeError(f"{name} belongs to a {type(module).__name__}, not an nn.Linear")
+    if mask.shape != module.weight.shape:
+        raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, the weight {tuple(module.weight.shape)}")
+    module.__class__ = SparseLinear
+    module.mask = nn.Parameter(mask.to(module.weight.dtype).to(module.weight.device), requires_grad=False)
+    module.slorb = SLoRB(module.weight, mask, slorb) if slorb is not None else None
 
 
 def sparse_linears(model: nn.Module) -> dict[str, SparseLinear]:

@@ -7,11 +7,12 @@ For a masked weight W with mask M (1 = kept) at step t:
     v <- b2 v + (1 - b2) u^2                  (second moment: of the update)
     W <- W - lr * ( u / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd * W )
 This is DESIGN.md §4 taken literally: for masked tensors the second moment
-tracks the update u (not the raw gradient). Tensors without a pruned indicator
-(embeddings, norms, SLoRB) get plain AdamW. The optimizer works on
-whatever tensors it is given: model parameters in a single process, or the
-flat fp32 master partitions DeepSpeed ZeRO-3 hands a client optimizer, each
-with a flat indicator (1 - M) aligned to it (`set_pruned`).
+tracks the update u (not the raw gradient). Elements that are not masked weights
+(embeddings, norms, SLoRB) get plain AdamW. The optimizer works on whatever
+tensors it is given: model parameters in a single process, or the flat fp32
+master partitions DeepSpeed ZeRO-3 hands a client optimizer, which mix masked
+and unmasked elements; `set_pruned` gives each tensor an aligned indicator:
+1 = pruned masked weight, 0 = kept masked weight, -1 = not a masked weight.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class SRSTEAdamW(torch.optim.Optimizer):
         self._pruned: dict[int, torch.Tensor] = {}
 
     def set_pruned(self, tensor: torch.Tensor, pruned: torch.Tensor | None) -> None:
-        """Declare (1 - M) for `tensor` (same shape), or None for no decay."""
+        """Declare the indicator of `tensor` (same shape): 1 - M on masked weights, -1 elsewhere; None = plain AdamW."""
         if pruned is None:
             self._pruned.pop(id(tensor), None)
         else:
@@ -65,8 +66,8 @@ class SRSTEAdamW(torch.optim.Optimizer):
                 pruned = self._pruned.get(id(p))
                 if pruned is not None:
                     lam = srste_lambda(t, group["srste_lambda"], group["srste_t_inc"])
-                    u = m + lam * p * pruned
-                    v.mul_(b2).addcmul_(u, u, value=1 - b2)
+                    u = m + lam * p * pruned.clamp(min=0)
+                    v.mul_(b2).add_(torch.where(pruned >= 0, u * u, p.grad * p.grad), alpha=1 - b2)
                 else:  # plain AdamW
                     u = m
                     v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)

@@ -56,6 +56,25 @@ def test_matches_the_written_out_rule_and_decays_only_pruned_weights():
     assert ((p.detach().abs() < z.detach().abs()) == pruned.bool()).all()  # pulled toward zero
 
 
+def test_a_flat_tensor_mixing_masked_and_plain_elements():
+    """What ZeRO-3 hands the optimizer: masked weights (indicator 0/1) beside others (-1) in one flat tensor."""
+    torch.manual_seed(1)
+    w0 = torch.randn(12, dtype=torch.float64)
+    ind = torch.tensor([1, 0, 1, 0, 1, 1, 0, 0, -1, -1, -1, -1], dtype=torch.float64)
+    grads = [torch.randn(12, dtype=torch.float64) * 0.01 for _ in range(5)]
+    flat = torch.nn.Parameter(w0.clone())
+    opt = SRSTEAdamW([flat], lr=1e-2, weight_decay=0.1, srste_lambda=0.5, srste_t_inc=2)
+    opt.set_pruned(flat, ind)
+    masked, plain = torch.nn.Parameter(w0[:8].clone()), torch.nn.Parameter(w0[8:].clone())
+    a = SRSTEAdamW([masked], lr=1e-2, weight_decay=0.1, srste_lambda=0.5, srste_t_inc=2)
+    a.set_pruned(masked, ind[:8])
+    b = torch.optim.AdamW([plain], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    for g in grads:
+        flat.grad, masked.grad, plain.grad = g.clone(), g[:8].clone(), g[8:].clone()
+        opt.step(), a.step(), b.step()
+    assert torch.allclose(flat[:8], masked, atol=1e-12) and torch.allclose(flat[8:], plain, atol=1e-12)
+
+
 def test_lambda_schedule_ramps_then_holds():
     assert srste_lambda(0, 1e-4, 100) == 0.0
     assert srste_lambda(50, 1e-4, 100) == pytest.approx(5e-5)

@@ -1,0 +1,69 @@
+"""Student and teacher as DeepSpeed ZeRO-3 engines, built from Hugging Face model dirs.
+
+Both models are constructed partitioned (transformers' ZeRO-3 path builds them
+inside `deepspeed.zero.Init`), so no rank ever holds a whole model. The student's
+decoder Linears become SparseLinears one at a time, each weight gathered only
+while its mask (and SLoRB) is made; the masks are converted to ZeRO-3
+parameters by `deepspeed.initialize`. The teacher is a second engine with no
+optimizer, frozen and in eval mode, fed the same micro-batch (as DeepSpeed-Chat
+runs its reference model beside the actor).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_ast.errors import UsageError
+from megatron_ast.modeling import check_model_dir
+from megatron_ast.sparsity.masks import nm_mask
+from megatron_ast.sparsity.slorb import SLoRBConfig
+from megatron_ast.sparsity.sparse_linear import sparsify_module_
+
+
+def load_zero3(model_dir: str | Path, ds_config: dict, dtype: torch.dtype):
+    """A partitioned HF causal LM (each rank holds 1/world of every parameter)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    check_model_dir(model_dir)
+    keep_alive = HfDeepSpeedConfig(ds_config)  # tells transformers to build under zero.Init  # noqa: F841
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+
+
+def decoder_linears(model) -> dict:
+    from megatron_ast.pruning.architectures import architecture_of
+
+    arch = architecture_of(model)
+    out = {}
+    for i, layer in enumerate(arch.layers(model)):
+        for name, mod in layer.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                out[f"{arch.layers_path}.{i}.{name}"] = mod
+    return out
+
+
+def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None, slorb: SLoRBConfig | None = None) -> int:
+    """Make every decoder Linear sparse: masks from `masks_file` (a one-shot pruned dir's) or by magnitude."""
+    import deepspeed
+
+    stored = None
+    if masks_file is not None:
+        from safetensors import safe_open
+
+        stored = safe_open(str(masks_file), framework="pt")
+    linears = decoder_linears(model)
+    for name, mod in linears.items():
+        with deepspeed.zero.GatheredParameters([mod.weight]):
+            if mod.weight.shape[1] % m:
+                raise UsageError(f"{name}: in_features {mod.weight.shape[1]} is not a multiple of M={m}")
+            if stored is not None:
+                if f"{name}.weight" not in stored.keys():
+                    raise UsageError(f"{masks_file} has no mask for {name}: was it pruned from this model?")
+                mask = stored.get_tensor(f"{name}.weight").bool()
+            else:
+                mask = nm_mask(mod.weight.detach().float().abs(), n, m)
+            sparsify_module_(mod, mask, slorb, name)
+    return len(linears)

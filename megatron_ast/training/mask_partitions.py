@@ -1,0 +1,147 @@
+"""Masks beside the ZeRO-3 partitions they mask: the sparse hooks of the optimizer step.
+
+Each SparseLinear's mask is a frozen ZeRO-3 parameter shaped like its weight, so
+rank r stores elements [r*ps, r*ps + ps) of both, ps being the partition size.
+DeepSpeed hands the client optimizer one flat fp32 partition per sub-group (the
+concatenation of its parameters' partitions); this module builds the matching
+flat (1 - M) indicator for the SR-STE decay (training/sr_ste.py), and after the
+optimizer step recomputes the masks from those fp32 master partitions.
+
+A partition boundary can cut an N:M group (ps need not be a multiple of M):
+every rank all-gathers the M-1 boundary elements of its neighbours, so each
+group cut by a boundary is completed on both sides and both ranks compute the
+same decision for it; nothing else crosses ranks but the flip counts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_ast.sparsity.masks import nm_mask
+from megatron_ast.sparsity.sparse_linear import SparseLinear
+
+
+@dataclass
+class _Masked:
+    name: str
+    module: SparseLinear
+    group: int  # sub-group index
+    offset: int  # offset of this weight's partition inside the sub-group's flat fp32 partition
+    start: int  # global flat index of this rank's first element
+    valid: int  # elements of this rank's partition that are real (the rest is padding)
+    in_features: int
+
+
+class PartitionedMasks:
+    def __init__(self, engine, n: int = 2, m: int = 4, score: str = "magnitude"):
+        self.engine, self.n, self.m, self.score = engine, n, m, score
+        self.zero = engine.optimizer
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        owner = {id(mod.weight): (name, mod) for name, mod in engine.module.named_modules() if isinstance(mod, SparseLinear)}
+        self.items: list[_Masked] = []
+        for g, params in enumerate(self.zero.fp16_groups):
+            offset = 0
+            for p in params:
+                ps = p.partition_numel()
+                if id(p) in owner:
+                    name, mod = owner[id(p)]
+                    if ps < m:
+                        raise ValueError(f"{name}: ZeRO partition of {ps} elements is smaller than one group of {m}")
+                    start = self.rank * ps
+                    self.items.append(_Masked(name, mod, g, offset, start, max(0, min(ps, p.ds_numel - start)),
+                                              p.ds_shape[1]))
+                offset += ps
+        self.input_sq = {}  # Wanda: running sum of x_j^2 per masked Linear
+        if score == "wanda":
+            for it in self.items:
+                self.input_sq[it.name] = torch.zeros(it.in_features)
+                it.module.register_forward_pre_hook(self._record_inputs(it.name))
+        self.initial = {it.name: self._local_mask(it).clone() for it in self.items}
+        self.refresh_indicators()
+
+    # --- views --------------------------------------------------------------------------------
+    def _local_mask(self, it: _Masked) -> torch.Tensor:
+        return it.module.mask.ds_tensor.data[: it.valid]
+
+    def _fp32(self, it: _Masked) -> torch.Tensor:
+        flat = self.zero.fp32_partitioned_groups_flat[it.group]
+        return flat.data[it.offset : it.offset + it.valid]
+
+    def refresh_indicators(self) -> None:
+        """Give the optimizer the flat indicator of every sub-group: 1 - M on masked weights, -1 elsewhere."""
+        for g, flat in enumerate(self.zero.fp32_partitioned_groups_flat):
+            ind = torch.full_like(flat, -1.0)
+            for it in self.items:
+                if it.group == g:
+                    ind[it.offset : it.offset + it.valid] = 1 - self._local_mask(it).to(ind.dtype)
+            self.zero.optimizer.set_pruned(flat, ind)
+
+    def _record_inputs(self, name: str):
+        def hook(module, args):
+            if module.training:
+                x = args[0].detach()
+                self.input_sq[name] += (x.reshape(-1, x.shape[-1]).float() ** 2).sum(0).cpu()
+        return hook
+
+    # --- recompute ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def recompute(self) -> dict:
+        """New masks from the updated fp32 master partitions; returns flip rates (all ranks agree)."""
+        k = self.m - 1
+        frags = []
+        for it in self.items:  # my first and last k real elements, for the neighbours' cut groups
+            w = self._fp32(it)
+            head, tail = torch.zeros(k), torch.zeros(k)
+            if it.valid >= k:
+                head, tail = w[:k].float(), w[it.valid - k :].float()
+            frags.append(torch.cat([head, tail]))
+        mine = torch.stack(frags) if frags else torch.zeros(0, 2 * k)
+        gathered = [torch.zeros_like(mine) for _ in range(self.world)]
+        dist.all_gather(gathered, mine)
+        if self.score == "wanda":
+            for name in self.input_sq:
+                dist.all_reduce(self.input_sq[name])
+        changed_prev = changed_init = total = 0
+        for i, it in enumerate(self.items):
+            if it.valid == 0:
+                continue
+            s, e = it.start, it.start + it.valid
+            a, b = s % self.m, (-e) % self.m
+            parts = []
+            if a:
+                parts.append(gathered[self.rank - 1][i, 2 * k - a :])  # tail of the previous rank
+            parts.append(self._fp32(it).float())
+            if b:
+                parts.append(gathered[self.rank + 1][i, :b])  # head of the next rank
+            window = torch.cat(parts)
+            score = window.abs()
+            if self.score == "wanda":
+                cols = torch.arange(s - a, e + b) % it.in_features
+                score = score * self.input_sq[it.name].sqrt()[cols]
+            new = nm_mask(score.view(1, -1), self.n, self.m).view(-1)[a : a + it.valid]
+            old = self._local_mask(it)
+            changed_prev += int((new != old.bool()).sum())
+            changed_init += int((new != self.initial[it.name].bool()).sum())
+            total += it.valid
+            old.copy_(new.to(old.dtype))
+        counts = torch.tensor([changed_prev, changed_init, total], dtype=torch.float64)
+        dist.all_reduce(counts)
+        # small ("persistent") parameters stay gathered between steps: drop their stale full copies
+        # (our new values are already in the partitions) and gather them again
+        persistent = [it.module.mask for it in self.items if getattr(it.module.mask, "ds_persist", False)]
+        if persistent:
+            persistent[0].partition(param_list=persistent, has_been_updated=False)
+            persistent[0].all_gather(param_list=persistent)
+        self.refresh_indicators()
+        if self.score == "wanda":
+            for v in self.input_sq.values():
+                v.zero_()
+        return {"flip_rate_prev": float(counts[0] / counts[2]), "flip_rate_init": float(counts[1] / counts[2])}
+
+    def state_dict(self) -> dict:
+        """This rank's slices of the current and initial masks (for checkpoints)."""
+        return {it.name: {"current": self._local_mask(it).bool().clone(), "initial": self.initial[it.name].bool().clone()}
+                for it in self.items}
