@@ -59,6 +59,17 @@ def _cmd_prune(a: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in r.items() if k != "layers"}, indent=2))
 
 
+def _cmd_train(a: argparse.Namespace) -> None:
+    from megatron_ast.training.config import load_config
+
+    cfg = load_config(a.config)  # validated before any rank starts DeepSpeed
+    from megatron_ast.training.trainer import Trainer
+
+    summary = Trainer(cfg).fit()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
+
+
 def _cmd_quickstart(a: argparse.Namespace) -> None:
     from megatron_ast.quickstart import run
 
@@ -132,6 +143,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--sparsellm-beta", type=float, default=5.0)
     s.add_argument("--sparsellm-gamma", type=float, default=5.0)
     s.set_defaults(fn=_cmd_prune)
+
+    s = sub.add_parser("train", help="AST (or the naive baseline) on ZeRO-3; start under deepspeed/torchrun/srun")
+    s.add_argument("--config", required=True, help="run.yaml (see launch/run_ast.yaml)")
+    s.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launchers
+    s.set_defaults(fn=_cmd_train)
 
     s = sub.add_parser("quickstart", help="the main job end to end on the reference model and corpus")
     s.add_argument("--out", default="runs/quickstart")

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from megatron_ast.errors import UsageError
+
 
 def tmp_name(path: Path) -> Path:
     """Temporary sibling of `path` that is unique to this process."""
@@ -56,3 +58,19 @@ def sha256_file(path: Path, block: int = 1 << 22) -> str:
         while chunk := f.read(block):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_config_file(path: str | Path, what: str, fix: str = "") -> Any:
+    """Parse a JSON or (by suffix) YAML file; a missing or malformed one is a UsageError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{what} {p} does not exist")
+    as_yaml = p.suffix in (".yaml", ".yml")
+    try:
+        if as_yaml:
+            import yaml
+
+            return yaml.safe_load(p.read_text())
+        return json.loads(p.read_text())
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
+        raise UsageError(f"{what} {p} is not valid {'YAML' if as_yaml else 'JSON'} ({e}){fix}") from e

@@ -2,9 +2,11 @@
 
 Stages so far: fetch/convert the reference assets, tokenize the reference corpus
 into token shards, report the dense model's validation perplexity, prune it to
-2:4 with SparseGPT (calibrated on the train shards) and report the pruned
-model's perplexity on the same windows. Each stage's figures and output paths
-go to `<out>/report.json`, rewritten after each stage.
+2:4 with SparseGPT (calibrated on the train shards), report the pruned
+model's perplexity on the same windows, then continue training the 2:4
+student with AST (distilled from the dense teacher, 2 ranks, DeepSpeed ZeRO-3
+on CPU) and report perplexity before and after. Each stage's figures and
+output paths go to `<out>/report.json`, rewritten after each stage.
 """
 from __future__ import annotations
 
@@ -18,6 +20,44 @@ from megatron_ast.fsutil import atomic_write_json
 
 SEQ_LEN = 512
 CALIB_SAMPLES = 32
+AST_STEPS, AST_SEQ, AST_RANKS = 12, 256, 2
+CPU_DS_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "zero3_cpu.json"  # the checkout's (pip install -e .)
+
+
+def _train_ast(out: Path, dense: str, pruned: Path) -> dict:
+    """A short AST run under the deepspeed launcher, as a user would start it."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    run = out / "ast"
+    run.mkdir(exist_ok=True)
+    ds = json.loads(CPU_DS_CONFIG.read_text())
+    (run / "ds_config.json").write_text(json.dumps(ds, indent=2))
+    cfg = {"model": dense, "init": str(pruned), "deepspeed": str(run / "ds_config.json"), "output_dir": str(run),
+           "data": {"train": [str(out / "shards" / "train")], "validation": [str(out / "shards" / "validation")],
+                    "seq_len": AST_SEQ, "seed": 1234},
+           "steps": AST_STEPS, "mask_interval": 4, "lr": {"peak": 1e-4, "min": 1e-5, "warmup": 2},
+           "srste": {"lam": 6e-5, "t_inc": AST_STEPS // 2}, "slorb": {"group": 16},
+           "eval": {"every": 0, "windows": 8}}
+    (run / "run.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    cli = shutil.which("megatron-ast", path=str(Path(sys.executable).parent)) or "megatron-ast"
+    cmd = [launcher, "--num_gpus", str(AST_RANKS), "--master_port", str(port), cli, "train", "--config", str(run / "run.yaml")]
+    print(f"      $ {' '.join(cmd)}", flush=True)
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    with open(run / "train.log", "w") as logf:
+        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"AST training failed (exit {proc.returncode}); see {run / 'train.log'}")
+    summary = json.loads((run / "summary.json").read_text())
+    return {**summary, "run_dir": str(run), "config": str(run / "run.yaml"), "log": str(run / "log.jsonl")}
 
 
 class Report:
@@ -58,7 +98,7 @@ def run(out: str | Path = "runs/quickstart", max_windows: int = 32, workers: int
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or max(1, min(2, os.cpu_count() or 1))
-    report = Report(out, 5)
+    report = Report(out, 6)
 
     with report.stage("assets", "reference model (SmolLM2-135M) and corpus (Shakespeare + CPython stdlib)") as fig:
         fig.update(assets.ensure_assets())
@@ -96,6 +136,12 @@ def run(out: str | Path = "runs/quickstart", max_windows: int = 32, workers: int
 
     with report.stage("eval_pruned", "2:4 model's validation perplexity on the same windows") as fig:
         evaluate(fig, str(pruned), "pruned")
+
+    with report.stage("train_ast", f"AST from the SparseGPT 2:4 init, {AST_STEPS} steps, 2 ranks, ZeRO-3 on CPU") as fig:
+        fig.update(_train_ast(out, a["model"], pruned))
+        b, f = fig["ppl_before"]["all"]["ppl"], fig["ppl_after"]["all"]["ppl"]
+        print(f"      {fig['tokens']:,} tokens in {fig['seconds']} s; validation ppl (seq {AST_SEQ}) {b:.2f} -> {f:.2f}",
+              flush=True)
 
     report.data["complete"] = True
     atomic_write_json(report.path, report.data)

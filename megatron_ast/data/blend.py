@@ -1,11 +1,11 @@
 """Blend specs: domain -> weight, from a small JSON/YAML file or RedPajama's default mix."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_ast.errors import UsageError
+from megatron_ast.fsutil import read_config_file
 
 # LLaMA's RedPajama-v1 mix, keyed by RedPajama-1T's directory names.
 REDPAJAMA_WEIGHTS = {
@@ -22,17 +22,7 @@ class BlendSpec:
     def load(path: str | Path) -> "BlendSpec":
         """`{"weights": {"book": 1, "github": 2}}` (or the mapping alone), as .json or .yaml."""
         p = Path(path)
-        if not p.is_file():
-            raise UsageError(f"blend spec {p} does not exist")
-        try:
-            if p.suffix in (".yaml", ".yml"):
-                import yaml
-
-                raw = yaml.safe_load(p.read_text())
-            else:
-                raw = json.loads(p.read_text())
-        except Exception as e:
-            raise UsageError(f"blend spec {p} is not valid JSON/YAML ({e})") from e
+        raw = read_config_file(p, "blend spec")
         weights = raw.get("weights", raw) if isinstance(raw, dict) else None
         if not isinstance(weights, dict) or not weights:
             raise UsageError(f"blend spec {p} must map domain names to weights, e.g. {{\"weights\": {{\"book\": 1}}}}")

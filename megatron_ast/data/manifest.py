@@ -13,7 +13,7 @@ from pathlib import Path
 from megatron_ast.data.indexed import bin_path, idx_path
 from megatron_ast.data.tokenizer import TokenizerIdentity
 from megatron_ast.errors import UsageError
-from megatron_ast.fsutil import atomic_write_json
+from megatron_ast.fsutil import atomic_write_json, read_config_file
 
 MANIFEST = "manifest.json"
 FORMAT = "megatron-ast-token-shards/1"
@@ -85,10 +85,7 @@ def read_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise UsageError(f"{directory} has no {MANIFEST}: it is not a token-shard directory (run `megatron-ast preprocess`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path} is not valid JSON ({e}): re-run `megatron-ast preprocess` on that directory") from e
+    manifest = read_config_file(path, "manifest", ": re-run `megatron-ast preprocess` on that directory")
     if manifest.get("format") != FORMAT:
         raise UsageError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest

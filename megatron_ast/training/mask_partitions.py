@@ -73,10 +73,10 @@ class PartitionedMasks:
     def refresh_indicators(self) -> None:
         """Give the optimizer the flat indicator of every sub-group: 1 - M on masked weights, -1 elsewhere."""
         for g, flat in enumerate(self.zero.fp32_partitioned_groups_flat):
-            ind = torch.full_like(flat, -1.0)
-            for it in self.items:
-                if it.group == g:
-                    ind[it.offset : it.offset + it.valid] = 1 - self._local_mask(it).to(ind.dtype)
+            mine = [it for it in self.items if it.group == g]
+            ind = torch.full_like(flat, -1.0) if mine else None  # None: plain AdamW, no per-element select
+            for it in mine:
+                ind[it.offset : it.offset + it.valid] = 1 - self._local_mask(it).to(ind.dtype)
             self.zero.optimizer.set_pruned(flat, ind)
 
     def _record_inputs(self, name: str):
@@ -104,7 +104,7 @@ class PartitionedMasks:
         if self.score == "wanda":
             for name in self.input_sq:
                 dist.all_reduce(self.input_sq[name])
-        changed_prev = changed_init = total = 0
+        changed_prev = changed_init = total = kept = 0
         for i, it in enumerate(self.items):
             if it.valid == 0:
                 continue
@@ -126,9 +126,11 @@ class PartitionedMasks:
             changed_prev += int((new != old.bool()).sum())
             changed_init += int((new != self.initial[it.name].bool()).sum())
             total += it.valid
+            kept += int(new.sum())
             old.copy_(new.to(old.dtype))
-        counts = torch.tensor([changed_prev, changed_init, total], dtype=torch.float64)
+        counts = torch.tensor([changed_prev, changed_init, total, kept], dtype=torch.float64)
         dist.all_reduce(counts)
+        counts[2] = counts[2].clamp_min(1)
         # small ("persistent") parameters stay gathered between steps: drop their stale full copies
         # (our new values are already in the partitions) and gather them again
         persistent = [it.module.mask for it in self.items if getattr(it.module.mask, "ds_persist", False)]
@@ -139,7 +141,8 @@ class PartitionedMasks:
         if self.score == "wanda":
             for v in self.input_sq.values():
                 v.zero_()
-        return {"flip_rate_prev": float(counts[0] / counts[2]), "flip_rate_init": float(counts[1] / counts[2])}
+        return {"flip_rate_prev": float(counts[0] / counts[2]), "flip_rate_init": float(counts[1] / counts[2]),
+                "sparsity": 1.0 - float(counts[3] / counts[2])}
 
     def state_dict(self) -> dict:
         """This rank's slices of the current and initial masks (for checkpoints)."""

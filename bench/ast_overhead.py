@@ -1,0 +1,109 @@
+"""AST step overhead: the full AST step vs plain dense distillation, same setup, one run, 2 ranks.
+
+Both phases run in the same processes on SmolLM2-135M (ZeRO-3 student and teacher,
+CPU/gloo or GPU/NCCL, whatever DeepSpeed finds): first `method: dense` (distillation,
+no masks, plain AdamW), then `method: ast` (2:4 masks with STE, SR-STE decay in the
+optimizer step, mask recompute every --mask-interval steps, distillation). Prints the
+mean step time of each and the overhead ratio, and peak RSS per rank; writes
+bench/results/ast_overhead-<host>.json.
+
+    python bench/ast_overhead.py [--steps 10 --seq-len 128 --ranks 2]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def _launch(args) -> None:
+    from megatron_ast.assets import ensure_assets
+    from data_tools.preprocess import preprocess
+
+    a = ensure_assets()
+    work = Path(args.work)
+    preprocess([a["corpus"][d]["train"] for d in ("book", "github")], work / "shards", a["tokenizer"], workers=2)
+    (work / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                                              "gradient_clipping": 1.0, "zero_optimization": {"stage": 3},
+                                              "steps_per_print": 10**9}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "BENCH_MODEL": a["model"]}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.ranks}", f"--master_port={port}",
+           __file__, "--worker", "--steps", str(args.steps), "--seq-len", str(args.seq_len),
+           "--mask-interval", str(args.mask_interval), "--work", str(work)]
+    subprocess.run(cmd, check=True, env=env)
+
+
+def _worker(args) -> None:
+    import torch
+
+    from megatron_ast.training.config import DataConfig, EvalConfig, LRConfig, TrainConfig
+    from megatron_ast.training.trainer import Trainer
+
+    work = Path(args.work)
+    phases = {}
+    for method in ("dense", "ast"):
+        cfg = TrainConfig(model=os.environ["BENCH_MODEL"], deepspeed=str(work / "ds.json"), output_dir=str(work / method),
+                          data=DataConfig(train=[str(work / "shards")], seq_len=args.seq_len), method=method,
+                          steps=args.steps + 1, mask_interval=args.mask_interval, lr=LRConfig(1e-4, 1e-5, 0),
+                          eval=EvalConfig(0, 0)).validate()
+        trainer = Trainer(cfg)
+        trainer.train_step()  # warm-up
+        times = []
+        for _ in range(args.steps):
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+            trainer.train_step()
+            torch.distributed.barrier()
+            times.append(time.perf_counter() - t0)
+        rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20])
+        all_rss = [torch.zeros(1) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(all_rss, rss)
+        phases[method] = {"mean_step_s": statistics.mean(times), "steps": times,
+                          "peak_rss_gib_per_rank_so_far": [round(float(r), 2) for r in all_rss]}
+        del trainer
+        gc.collect()
+    if torch.distributed.get_rank() == 0:
+        from machine import machine_info
+
+        ratio = phases["ast"]["mean_step_s"] / phases["dense"]["mean_step_s"]
+        for m, p in phases.items():
+            print(f"{m:6s} mean step {p['mean_step_s']:.3f} s over {args.steps} steps   "
+                  f"peak RSS per rank (so far) {p['peak_rss_gib_per_rank_so_far']} GiB")
+        print(f"AST overhead vs dense distillation: {100 * (ratio - 1):+.1f}% (ratio {ratio:.3f})")
+        out = HERE / "results" / f"ast_overhead-{platform.node() or 'host'}.json"
+        out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "seq_len": args.seq_len, "micro_batch": 1,
+                                   "ranks": torch.distributed.get_world_size(), "mask_interval": args.mask_interval,
+                                   "phases": phases, "ratio": ratio, "machine": machine_info(),
+                                   "date": time.strftime("%Y-%m-%d")}, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--mask-interval", type=int, default=5)
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--work", default="runs/bench_ast_overhead")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    _worker(args) if args.worker else _launch(args)
+
+
+if __name__ == "__main__":
+    main()

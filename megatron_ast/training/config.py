@@ -1,0 +1,157 @@
+"""`run.yaml` for `megatron-ast train`: a dataclass tree validated on load.
+
+Batch sizes, clipping, precision and ZeRO settings stay in the user's own
+DeepSpeed JSON (`deepspeed:`); this file holds what DeepSpeed does not know:
+the model, data, masks, SR-STE, distillation, SLoRB and the schedule.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megatron_ast.errors import UsageError
+from megatron_ast.fsutil import read_config_file
+from megatron_ast.sparsity.pattern import SparsityPattern
+from megatron_ast.sparsity.slorb import SLoRBConfig
+from megatron_ast.training.distillation import DistillConfig
+
+
+@dataclass
+class DataConfig:
+    train: list[str]
+    validation: list[str] = field(default_factory=list)
+    seq_len: int = 1024
+    seed: int = 1234
+    blend: str | None = None  # blend spec file; default: RedPajama's weights
+
+
+@dataclass
+class LRConfig:
+    peak: float = 2e-4
+    min: float = 2e-5
+    warmup: int = 2000
+
+
+@dataclass
+class OptimConfig:
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+
+@dataclass
+class SRSTEConfig:
+    lam: float = 6e-5
+    t_inc: int = 10_000
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps; 0 = only before and after training
+    windows: int = 16  # per domain, of seq_len tokens
+
+
+@dataclass
+class TrainConfig:
+    model: str  # the dense model dir: teacher, and the student's weights unless init is a pruned dir
+    deepspeed: str  # the user's DeepSpeed JSON
+    data: DataConfig
+    output_dir: str = "runs/ast"
+    method: str = "ast"  # ast | naive (fixed mask, no distillation, no decay) | dense (distillation, no masks)
+    init: str = "magnitude"  # magnitude | a one-shot pruned model dir (weights + masks.safetensors)
+    pattern: str = "2:4"
+    steps: int = 1000
+    mask_interval: int = 10
+    mask_score: str = "magnitude"  # magnitude | wanda (running input norms)
+    lr: LRConfig = field(default_factory=LRConfig)
+    optimizer: OptimConfig = field(default_factory=OptimConfig)
+    srste: SRSTEConfig = field(default_factory=SRSTEConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    slorb: SLoRBConfig | None = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log_every: int = 1
+    save_every: int = 0  # steps; 0 = only at the end
+
+    def validate(self) -> "TrainConfig":
+        if self.method not in ("ast", "naive", "dense"):
+            raise UsageError(f"method {self.method!r}: choose ast, naive or dense")
+        if self.mask_score not in ("magnitude", "wanda"):
+            raise UsageError(f"mask_score {self.mask_score!r}: choose magnitude or wanda")
+        if not self.pattern_obj.structured:
+            raise UsageError("AST trains N:M patterns (e.g. 2:4); use `megatron-ast prune` for unstructured sparsity")
+        for name in ("steps", "mask_interval", "log_every"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.data.seq_len < 2:
+            raise UsageError(f"data.seq_len must be at least 2, got {self.data.seq_len}")
+        if not self.data.train:
+            raise UsageError("data.train needs at least one token-shard dir")
+        if not (0 <= self.lr.min <= self.lr.peak) or self.lr.warmup < 0:
+            raise UsageError(f"lr needs 0 <= min <= peak and warmup >= 0, got {self.lr}")
+        if self.srste.lam < 0 or self.srste.t_inc < 0:
+            raise UsageError("srste.lam and srste.t_inc must be >= 0")
+        if self.init != "magnitude" and not (Path(self.init) / "masks.safetensors").is_file():
+            raise UsageError(f"init {self.init!r} is neither 'magnitude' nor a pruned model dir with masks.safetensors")
+        return self
+
+    @property
+    def pattern_obj(self) -> SparsityPattern:
+        return SparsityPattern.parse(self.pattern)
+
+
+def _build(cls, raw: Any, where: str):
+    """Instantiate a (nested) dataclass from a mapping, rejecting unknown keys by name."""
+    if not dataclasses.is_dataclass(cls):
+        return raw
+    if not isinstance(raw, dict):
+        raise UsageError(f"{where} must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise UsageError(f"unknown key(s) {unknown} in {where}; known: {sorted(fields)}")
+    kwargs = {}
+    hints = {"data": DataConfig, "lr": LRConfig, "optimizer": OptimConfig, "srste": SRSTEConfig,
+             "distill": DistillConfig, "slorb": SLoRBConfig, "eval": EvalConfig}
+    for k, v in raw.items():
+        kwargs[k] = _build(hints[k], v, f"{where}.{k}") if k in hints and v is not None else v
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise UsageError(f"{where}: {e}") from e
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    cfg = _build(TrainConfig, read_config_file(path, "config"), Path(path).name)
+    if isinstance(cfg.optimizer.betas, list):
+        cfg.optimizer.betas = tuple(cfg.optimizer.betas)
+    return cfg.validate()
+
+
+def load_ds_config(path: str | Path, world_size: int) -> dict:
+    """The user's DeepSpeed JSON, checked for what would clash with AST."""
+    p = Path(path)
+    ds = read_config_file(p, "DeepSpeed config")
+    if ds.get("zero_optimization", {}).get("stage") != 3:
+        raise UsageError(f"{p}: AST runs student and teacher under ZeRO-3; set zero_optimization.stage to 3")
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise UsageError(f"{p} has a '{section}' section: AST uses its own SR-STE AdamW and cosine schedule; "
+                             "remove it and set lr/optimizer in run.yaml")
+    if any(v == "auto" for v in (ds.get("train_batch_size"), ds.get("train_micro_batch_size_per_gpu"),
+                                 ds.get("gradient_accumulation_steps"))):
+        raise UsageError(f"{p} uses 'auto' batch sizes (a Hugging Face Trainer convention): give numbers")
+    mb, gas, tb = ds.get("train_micro_batch_size_per_gpu"), ds.get("gradient_accumulation_steps", 1), ds.get("train_batch_size")
+    if mb is None and tb is None:
+        raise UsageError(f"{p}: set train_micro_batch_size_per_gpu (and gradient_accumulation_steps)")
+    if mb is None:
+        if tb % (gas * world_size):
+            raise UsageError(f"{p}: train_batch_size {tb} is not divisible by gradient_accumulation_steps {gas} x world {world_size}")
+        mb = tb // (gas * world_size)
+    if tb is not None and tb != mb * gas * world_size:
+        raise UsageError(f"{p}: train_batch_size {tb} != micro batch {mb} x gradient_accumulation_steps {gas} x "
+                         f"world size {world_size} = {mb * gas * world_size}; fix one of them")
+    ds.update({"train_micro_batch_size_per_gpu": mb, "gradient_accumulation_steps": gas,
+               "train_batch_size": mb * gas * world_size, "zero_allow_untested_optimizer": True})
+    return ds

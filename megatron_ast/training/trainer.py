@@ -1,0 +1,214 @@
+"""`megatron-ast train`: AST with a ZeRO-3 student and teacher; baselines `naive` (fixed mask, task loss
+only) and `dense` (the same distillation without masks: the reference for AST's overhead).
+
+One optimizer step (nanoGPT-style, the whole thing):
+    for each micro-batch of this rank:
+        student forward (W*M, STE), teacher forward (frozen) on the same tokens
+        loss = w_task CE + w_kl T^2 KL + w_sq SquareHead      (training/distillation.py)
+        engine.backward(loss); engine.step()                   (SR-STE decay inside: training/sr_ste.py)
+    every mask_interval steps: masks from the fp32 master partitions   (training/mask_partitions.py)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_ast.data.blend import BlendSpec
+from megatron_ast.data.sampler import BlendedSampler
+from megatron_ast.data.tokenizer import Tokenizer
+from megatron_ast.eval.perplexity import token_windows
+from megatron_ast.training.config import TrainConfig, load_ds_config
+from megatron_ast.training.distillation import DistillConfig, distillation_loss
+from megatron_ast.training.engines import load_zero3, sparsify_zero3_
+from megatron_ast.training.mask_partitions import PartitionedMasks
+from megatron_ast.training.schedule import lr_at
+from megatron_ast.training.sr_ste import SRSTEAdamW
+
+
+def _tensorboard(path: Path):
+    """A TensorBoard writer when the tensorboard package is installed (log.jsonl is always written)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
+
+
+def _rank0_print(*args) -> None:
+    if torch.distributed.get_rank() == 0:
+        print(*args, file=sys.stderr, flush=True)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        import deepspeed
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+        self.cfg, self.rank, self.world = cfg, torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.ds = load_ds_config(cfg.deepspeed, self.world)
+        self.micro, self.gas = self.ds["train_micro_batch_size_per_gpu"], self.ds["gradient_accumulation_steps"]
+        bf16 = self.ds.get("bf16", {}).get("enabled", False)
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        self.out = Path(cfg.output_dir)
+        tok_dir = cfg.init if cfg.init != "magnitude" else cfg.model
+        self.tokenizer = Tokenizer.load(tok_dir)
+        blend = BlendSpec.load(cfg.data.blend) if cfg.data.blend else None
+        self.sampler = BlendedSampler(cfg.data.train, cfg.data.seq_len, cfg.data.seed, blend, self.tokenizer.identity)
+        self.windows = (token_windows(cfg.data.validation, tok_dir, cfg.data.seq_len, cfg.eval.windows)
+                        if cfg.data.validation else {})
+        pattern = cfg.pattern_obj
+        self.distill = cfg.distill if cfg.method != "naive" else DistillConfig(1.0, 0.0, 0.0, cfg.distill.temperature)
+
+        _rank0_print(f"[train] student: {cfg.init if cfg.init != 'magnitude' else cfg.model} "
+                     f"({'magnitude masks' if cfg.init == 'magnitude' else 'one-shot masks'}), ZeRO-3 on {self.world} ranks")
+        student = load_zero3(cfg.init if cfg.init != "magnitude" else cfg.model, self.ds, dtype)
+        masks_file = None if cfg.init == "magnitude" else Path(cfg.init) / "masks.safetensors"
+        self.n_sparse = 0 if cfg.method == "dense" else sparsify_zero3_(student, pattern.n, pattern.m, masks_file, cfg.slorb)
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        o = cfg.optimizer
+        lam = cfg.srste.lam if cfg.method == "ast" else 0.0
+        opt = SRSTEAdamW(trainable, lr=cfg.lr.peak, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                         srste_lambda=lam, srste_t_inc=cfg.srste.t_inc)
+        self.srste = opt  # DeepSpeed wraps it; the wrapper hands it the flat fp32 partitions
+        self.student, self.optimizer, _, _ = deepspeed.initialize(model=student, optimizer=opt, config=self.ds)
+        self.masks = PartitionedMasks(self.student, pattern.n, pattern.m, cfg.mask_score)
+        self.slorb_params = sum(int(getattr(p, "ds_numel", p.numel())) for n, p in student.named_parameters()
+                                if ".slorb." in n)
+        self.teacher = None
+        if self.distill.w_kl > 0 or self.distill.w_sq > 0:
+            _rank0_print(f"[train] teacher: {cfg.model} (frozen, ZeRO-3, no optimizer)")
+            teacher = load_zero3(cfg.model, self.ds, dtype)
+            teacher.requires_grad_(False)
+            self.teacher, *_ = deepspeed.initialize(model=teacher, config=self.ds)
+            self.teacher.eval()
+            self._teacher_sum = self._teacher_checksum()
+        self.step = 0
+        self.tokens = 0
+
+    # --- one optimizer step ---------------------------------------------------------------------
+    def train_step(self) -> dict:
+        cfg, d = self.cfg, self.distill
+        lr = lr_at(self.step + 1, cfg.steps, cfg.lr.peak, cfg.lr.min, cfg.lr.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = torch.from_numpy(self.sampler.next_batch(self.micro * self.gas * self.world))
+        parts_sum: dict[str, float] = {}
+        t0 = time.perf_counter()
+        self.student.train()
+        for i in range(self.gas):
+            rows = (i * self.world + self.rank) * self.micro
+            x = batch[rows : rows + self.micro].to(self.student.device)
+            hidden = d.w_sq > 0
+            out = self.student(input_ids=x, output_hidden_states=hidden)
+            t_out = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    t_out = self.teacher(input_ids=x, output_hidden_states=hidden)
+            parts = distillation_loss(out.logits, x, d, t_out.logits if t_out is not None else None,
+                                      out.hidden_states[1:] if hidden else (), t_out.hidden_states[1:] if hidden else ())
+            self.student.backward(parts["loss"])
+            self.student.step()
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / self.gas
+        self.step += 1
+        self.tokens += batch.numel()
+        rec = {"step": self.step, "lr": lr, "lambda": self.srste.current_lambda(),
+               **{f"loss_{k}" if k != "loss" else "loss": v for k, v in parts_sum.items()},
+               "tokens": self.tokens, "tokens_per_s": batch.numel() / (time.perf_counter() - t0),
+               "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        if torch.cuda.is_available():
+            rec["max_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if cfg.method == "ast" and self.step % cfg.mask_interval == 0:
+            rec.update(self.masks.recompute())
+        return rec
+
+    def _teacher_checksum(self) -> str:
+        """sha256 of this rank's teacher partitions: a frozen teacher must stay bit-identical."""
+        h = hashlib.sha256()
+        for p in self.teacher.module.parameters():
+            h.update(p.ds_tensor.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    # --- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation perplexity of the sparse student, windows split across ranks (all ranks run forwards)."""
+        self.student.eval()
+        result, tot_nll, tot_n = {}, 0.0, 0
+        for dom, w in self.windows.items():
+            stats = torch.zeros(2, dtype=torch.float64)
+            n_local = math.ceil(len(w) / self.world)
+            for k in range(n_local):  # same number of forwards on every rank (ZeRO-3 gathers are collective)
+                idx = self.rank * n_local + k
+                x = torch.from_numpy(w[min(idx, len(w) - 1)][None]).to(self.student.device)
+                logits = self.student(input_ids=x).logits[:, :-1].float()
+                nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                                        reduction="sum")
+                if idx < len(w):
+                    stats += torch.tensor([nll.item(), x[:, 1:].numel()], dtype=torch.float64)
+            torch.distributed.all_reduce(stats)
+            result[dom] = {"ppl": math.exp(stats[0] / stats[1]), "tokens": int(stats[1])}
+            tot_nll, tot_n = tot_nll + float(stats[0]), tot_n + int(stats[1])
+        if tot_n:
+            result["all"] = {"ppl": math.exp(tot_nll / tot_n), "tokens": tot_n}
+        return result
+
+    # --- the loop -------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        log = open(self.out / "log.jsonl", "a") if self.rank == 0 else None
+        tb = _tensorboard(self.out / "tensorboard") if self.rank == 0 else None
+        summary = {"method": cfg.method, "sparse_linears": self.n_sparse, "slorb_params": self.slorb_params,
+                   "world_size": self.world, "micro_batch": self.micro, "grad_accum": self.gas}
+        summary["ppl_before"] = self.evaluate() if self.windows else None
+        bar = tqdm(total=cfg.steps, desc=f"{cfg.method} {cfg.pattern}", disable=self.rank != 0 or None, file=sys.stderr)
+        t0 = time.perf_counter()
+        while self.step < cfg.steps:
+            rec = self.train_step()
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.windows:
+                rec["val"] = self.evaluate()
+            if log is not None and self.step % cfg.log_every == 0:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                if tb is not None:
+                    for k, v in rec.items():
+                        if isinstance(v, (int, float)) and k != "step":
+                            tb.add_scalar(k, v, self.step)
+            bar.update(1)
+            bar.set_postfix_str(f"loss {rec['loss']:.3f} lr {rec['lr']:.2e}", refresh=False)
+        bar.close()
+        summary["ppl_after"] = self.evaluate() if self.windows else None
+        if self.teacher is not None:
+            same = torch.tensor([float(self._teacher_checksum() == self._teacher_sum)])
+            torch.distributed.all_reduce(same, op=torch.distributed.ReduceOp.MIN)
+            summary["teacher_unchanged"] = bool(same.item())
+        summary.update({"steps": self.step, "tokens": self.tokens, "seconds": round(time.perf_counter() - t0, 1),
+                        "final_loss": rec["loss"], "checkpoint": str(self.save())})
+        if self.rank == 0:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            log.close()
+        return summary
+
+    def save(self) -> Path:
+        """DeepSpeed's sharded checkpoint plus our client state (full resume lands with the checkpoint issue)."""
+        ckpt = self.out / "checkpoints"
+        tag = f"step{self.step}"
+        state = {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict(),
+                 "config": json.loads(json.dumps(self.cfg, default=lambda o: o.__dict__)),
+                 "masks": self.masks.state_dict(), "rng_numpy": np.random.get_state()[1].tolist()}
+        self.student.save_checkpoint(str(ckpt), tag=tag, client_state=state)
+        return ckpt / tag

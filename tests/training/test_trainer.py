@@ -1,0 +1,108 @@
+"""`megatron-ast train` end to end: 2 ranks, ZeRO-3 student and teacher, CPU, gloo, real text."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from data_tools.preprocess import preprocess
+from megatron_ast.cli import main
+from tests.conftest import stdlib_texts, write_jsonl
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, hf_tokenizer_dir):
+    d = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(d / "dense")
+    for f in hf_tokenizer_dir.iterdir():
+        (d / "dense" / f.name).write_bytes(f.read_bytes())
+    texts = stdlib_texts(60)
+    write_jsonl(d / "corpus" / "github" / "train.jsonl", texts[:50])
+    write_jsonl(d / "corpus" / "book" / "train.jsonl", texts[50:55])
+    write_jsonl(d / "val" / "github" / "validation.jsonl", texts[55:])
+    preprocess([str(d / "corpus")], d / "shards", d / "dense")
+    preprocess([str(d / "val")], d / "val_shards", d / "dense")
+    (d / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+                                           "gradient_clipping": 1.0, "zero_optimization": {"stage": 3},
+                                           "steps_per_print": 10**9}))
+    return d
+
+
+def _config(d: Path, **over) -> Path:
+    cfg = {"model": str(d / "dense"), "deepspeed": str(d / "ds.json"), "output_dir": str(d / "out"),
+           "data": {"train": [str(d / "shards")], "validation": [str(d / "val_shards")], "seq_len": 64,
+                    "blend": None},
+           "steps": 16, "mask_interval": 4, "lr": {"peak": 3e-3, "min": 3e-4, "warmup": 2},
+           "srste": {"lam": 2e-4, "t_inc": 8}, "eval": {"every": 0, "windows": 4}, "slorb": {"group": 16}}
+    cfg.update(over)
+    path = d / f"run-{len(over)}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_two_rank_ast_run_learns_keeps_2of4_and_saves(run_dir):
+    cfg = _config(run_dir)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "megatron_ast.cli", "train", "--config", str(cfg)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = run_dir / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 16 and summary["tokens"] == 16 * 2 * 2 * 2 * 64 and summary["sparse_linears"] == 14
+    first, last = sum(r["loss"] for r in log[:4]) / 4, sum(r["loss"] for r in log[-4:]) / 4
+    assert last < first  # it learns on real text
+    assert {"loss_task", "loss_kl", "lr", "lambda", "tokens_per_s", "max_rss_gib"} <= set(log[0])
+    assert log[0]["lambda"] == pytest.approx(2e-4 / 8) and log[-1]["lambda"] == pytest.approx(2e-4)
+    assert "flip_rate_prev" in log[3] and "flip_rate_init" in log[3] and log[3]["sparsity"] == 0.5
+    assert summary["slorb_params"] == 2 * (64 * 64 // 16 * 2 + 32 * 64 // 16 * 2 + 128 * 64 // 16 * 2 + 64 * 128 // 16)
+    assert summary["ppl_after"]["github"]["ppl"] < summary["ppl_before"]["github"]["ppl"]
+    assert Path(summary["checkpoint"]).is_dir()
+    assert summary["teacher_unchanged"] is True
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"method": "sgd"}, "choose ast, naive or dense"),
+    ({"pattern": "unstructured"}, "N:M patterns"),
+    ({"steps": 0}, "steps must be at least 1"),
+    ({"bogus": 1}, "unknown key"),
+    ({"init": "/nonexistent"}, "neither 'magnitude' nor a pruned model dir"),
+])
+def test_bad_configs_fail_at_load(run_dir, change, match, capsys):
+    assert main(["train", "--config", str(_config(run_dir, **change))]) == 2
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ds,match", [
+    ({"train_batch_size": 7, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+      "zero_optimization": {"stage": 3}}, "train_batch_size 7 != micro batch 2"),
+    ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}, "set zero_optimization.stage to 3"),
+    ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}},
+     "has a 'optimizer' section"),
+])
+def test_inconsistent_deepspeed_configs(tmp_path, ds, match):
+    from megatron_ast.errors import UsageError
+    from megatron_ast.training.config import load_ds_config
+
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps(ds))
+    with pytest.raises(UsageError, match=match):
+        load_ds_config(p, world_size=1)
