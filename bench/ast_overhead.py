@@ -8,6 +8,7 @@ mean step time of each and the overhead ratio, and peak RSS per rank; writes
 bench/results/ast_overhead-<host>.json.
 
     python bench/ast_overhead.py [--steps 10 --seq-len 128 --ranks 2]
+    python bench/ast_overhead.py --model DIR --shards DIR --ds-config ds_configs/zero3_bf16.json --ranks 1  # GPU
 """
 from __future__ import annotations
 
@@ -29,22 +30,26 @@ sys.path.insert(0, str(HERE))
 
 
 def _launch(args) -> None:
-    from megatron_ast.assets import ensure_assets
-    from data_tools.preprocess import preprocess
-
-    a = ensure_assets()
     work = Path(args.work)
-    preprocess([a["corpus"][d]["train"] for d in ("book", "github")], work / "shards", a["tokenizer"], workers=2)
-    (work / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-                                              "gradient_clipping": 1.0, "zero_optimization": {"stage": 3},
-                                              "steps_per_print": 10**9}))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.model is None:  # the reference assets, tokenized here
+        from data_tools.preprocess import preprocess
+        from megatron_ast.assets import ensure_assets
+
+        a = ensure_assets()
+        args.model, args.shards = a["model"], str(work / "shards")
+        preprocess([a["corpus"][d]["train"] for d in ("book", "github")], args.shards, a["tokenizer"], workers=2)
+    ds = json.loads(Path(args.ds_config).read_text()) if args.ds_config else {
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": 3}, "steps_per_print": 10**9}
+    (work / "ds.json").write_text(json.dumps(ds))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "BENCH_MODEL": a["model"]}
+    env = {**os.environ, "BENCH_MODEL": args.model, "BENCH_SHARDS": args.shards}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.ranks}", f"--master_port={port}",
            __file__, "--worker", "--steps", str(args.steps), "--seq-len", str(args.seq_len),
-           "--mask-interval", str(args.mask_interval), "--work", str(work)]
+           "--mask-interval", str(args.mask_interval), "--work", str(work)] + (["--out", args.out] if args.out else [])
     subprocess.run(cmd, check=True, env=env)
 
 
@@ -58,7 +63,7 @@ def _worker(args) -> None:
     phases = {}
     for method in ("dense", "ast"):
         cfg = TrainConfig(model=os.environ["BENCH_MODEL"], deepspeed=str(work / "ds.json"), output_dir=str(work / method),
-                          data=DataConfig(train=[str(work / "shards")], seq_len=args.seq_len), method=method,
+                          data=DataConfig(train=[os.environ["BENCH_SHARDS"]], seq_len=args.seq_len), method=method,
                           steps=args.steps + 1, mask_interval=args.mask_interval, lr=LRConfig(1e-4, 1e-5, 0),
                           eval=EvalConfig(0, 0)).validate()
         trainer = Trainer(cfg)
@@ -70,11 +75,14 @@ def _worker(args) -> None:
             trainer.train_step()
             torch.distributed.barrier()
             times.append(time.perf_counter() - t0)
-        rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20])
-        all_rss = [torch.zeros(1) for _ in range(torch.distributed.get_world_size())]
+        dev = trainer.student.device
+        rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20], device=dev)
+        all_rss = [torch.zeros(1, device=dev) for _ in range(torch.distributed.get_world_size())]
         torch.distributed.all_gather(all_rss, rss)
         phases[method] = {"mean_step_s": statistics.mean(times), "steps": times,
                           "peak_rss_gib_per_rank_so_far": [round(float(r), 2) for r in all_rss]}
+        if torch.cuda.is_available():
+            phases[method]["max_gpu_mem_gib_so_far"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         del trainer
         gc.collect()
     if torch.distributed.get_rank() == 0:
@@ -85,8 +93,9 @@ def _worker(args) -> None:
             print(f"{m:6s} mean step {p['mean_step_s']:.3f} s over {args.steps} steps   "
                   f"peak RSS per rank (so far) {p['peak_rss_gib_per_rank_so_far']} GiB")
         print(f"AST overhead vs dense distillation: {100 * (ratio - 1):+.1f}% (ratio {ratio:.3f})")
-        out = HERE / "results" / f"ast_overhead-{platform.node() or 'host'}.json"
-        out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "seq_len": args.seq_len, "micro_batch": 1,
+        out = Path(args.out) if args.out else HERE / "results" / f"ast_overhead-{platform.node() or 'host'}.json"
+        ds = json.loads((work / "ds.json").read_text())
+        out.write_text(json.dumps({"model": os.environ["BENCH_MODEL"], "seq_len": args.seq_len, "deepspeed": ds,
                                    "ranks": torch.distributed.get_world_size(), "mask_interval": args.mask_interval,
                                    "phases": phases, "ratio": ratio, "machine": machine_info(),
                                    "date": time.strftime("%Y-%m-%d")}, indent=2) + "\n")
@@ -100,6 +109,10 @@ def main() -> None:
     ap.add_argument("--mask-interval", type=int, default=5)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--work", default="runs/bench_ast_overhead")
+    ap.add_argument("--model", help="HF model dir (default: the reference SmolLM2-135M)")
+    ap.add_argument("--shards", help="token-shard dir made with the model's tokenizer (with --model)")
+    ap.add_argument("--ds-config", help="DeepSpeed JSON (default: ZeRO-3 fp32, micro batch 1)")
+    ap.add_argument("--out", help="results JSON (default bench/results/ast_overhead-<host>.json)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     _worker(args) if args.worker else _launch(args)

@@ -85,6 +85,8 @@ def _positive(v: str) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-ast", description=__doc__)
+    # the deepspeed launcher puts --local_rank=N before the subcommand; torchrun/srun set LOCAL_RANK instead
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("assets", help="fetch and convert the reference model and corpus (cached)")
@@ -146,7 +148,6 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="AST (or the naive baseline) on ZeRO-3; start under deepspeed/torchrun/srun")
     s.add_argument("--config", required=True, help="run.yaml (see launch/run_ast.yaml)")
-    s.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launchers
     s.set_defaults(fn=_cmd_train)
 
     s = sub.add_parser("quickstart", help="the main job end to end on the reference model and corpus")

@@ -72,7 +72,7 @@ class TrainConfig:
     slorb: SLoRBConfig | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
     log_every: int = 1
-    save_every: int = 0  # steps; 0 = only at the end
+    activation_checkpointing: bool = False  # recompute decoder layers in the backward: memory for time
 
     def validate(self) -> "TrainConfig":
         if self.method not in ("ast", "naive", "dense"):

@@ -40,6 +40,7 @@ class PartitionedMasks:
         self.engine, self.n, self.m, self.score = engine, n, m, score
         self.zero = engine.optimizer
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = self.zero.fp32_partitioned_groups_flat[0].device  # collectives run where NCCL/gloo wants them
         owner = {id(mod.weight): (name, mod) for name, mod in engine.module.named_modules() if isinstance(mod, SparseLinear)}
         self.items: list[_Masked] = []
         for g, params in enumerate(self.zero.fp16_groups):
@@ -94,16 +95,18 @@ class PartitionedMasks:
         frags = []
         for it in self.items:  # my first and last k real elements, for the neighbours' cut groups
             w = self._fp32(it)
-            head, tail = torch.zeros(k), torch.zeros(k)
+            head, tail = torch.zeros(k, device=self.device), torch.zeros(k, device=self.device)
             if it.valid >= k:
                 head, tail = w[:k].float(), w[it.valid - k :].float()
-            frags.append(torch.cat([head, tail]))
-        mine = torch.stack(frags) if frags else torch.zeros(0, 2 * k)
+            frags.append(torch.cat([head.to(self.device), tail.to(self.device)]))
+        mine = torch.stack(frags) if frags else torch.zeros(0, 2 * k, device=self.device)
         gathered = [torch.zeros_like(mine) for _ in range(self.world)]
         dist.all_gather(gathered, mine)
         if self.score == "wanda":
             for name in self.input_sq:
-                dist.all_reduce(self.input_sq[name])
+                sq = self.input_sq[name].to(self.device)
+                dist.all_reduce(sq)
+                self.input_sq[name] = sq.cpu()
         changed_prev = changed_init = total = kept = 0
         for i, it in enumerate(self.items):
             if it.valid == 0:
@@ -120,7 +123,7 @@ class PartitionedMasks:
             score = window.abs()
             if self.score == "wanda":
                 cols = torch.arange(s - a, e + b) % it.in_features
-                score = score * self.input_sq[it.name].sqrt()[cols]
+                score = score * self.input_sq[it.name].sqrt()[cols].to(score.device)
             new = nm_mask(score.view(1, -1), self.n, self.m).view(-1)[a : a + it.valid]
             old = self._local_mask(it)
             changed_prev += int((new != old.bool()).sum())
@@ -128,7 +131,7 @@ class PartitionedMasks:
             total += it.valid
             kept += int(new.sum())
             old.copy_(new.to(old.dtype))
-        counts = torch.tensor([changed_prev, changed_init, total, kept], dtype=torch.float64)
+        counts = torch.tensor([changed_prev, changed_init, total, kept], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts)
         counts[2] = counts[2].clamp_min(1)
         # small ("persistent") parameters stay gathered between steps: drop their stale full copies

@@ -74,6 +74,8 @@ class Trainer:
         student = load_zero3(cfg.init if cfg.init != "magnitude" else cfg.model, self.ds, dtype)
         masks_file = None if cfg.init == "magnitude" else Path(cfg.init) / "masks.safetensors"
         self.n_sparse = 0 if cfg.method == "dense" else sparsify_zero3_(student, pattern.n, pattern.m, masks_file, cfg.slorb)
+        if cfg.activation_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         trainable = [p for p in student.parameters() if p.requires_grad]
         o = cfg.optimizer
         lam = cfg.srste.lam if cfg.method == "ast" else 0.0
@@ -119,7 +121,7 @@ class Trainer:
             self.student.backward(parts["loss"])
             self.student.step()
             for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / self.gas
+                parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / self.gas
         self.step += 1
         self.tokens += batch.numel()
         rec = {"step": self.step, "lr": lr, "lambda": self.srste.current_lambda(),
@@ -146,7 +148,7 @@ class Trainer:
         self.student.eval()
         result, tot_nll, tot_n = {}, 0.0, 0
         for dom, w in self.windows.items():
-            stats = torch.zeros(2, dtype=torch.float64)
+            stats = torch.zeros(2, dtype=torch.float64, device=self.student.device)
             n_local = math.ceil(len(w) / self.world)
             for k in range(n_local):  # same number of forwards on every rank (ZeRO-3 gathers are collective)
                 idx = self.rank * n_local + k
@@ -155,10 +157,11 @@ class Trainer:
                 nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                                         reduction="sum")
                 if idx < len(w):
-                    stats += torch.tensor([nll.item(), x[:, 1:].numel()], dtype=torch.float64)
+                    stats += torch.tensor([nll.item(), x[:, 1:].numel()], dtype=torch.float64, device=stats.device)
             torch.distributed.all_reduce(stats)
-            result[dom] = {"ppl": math.exp(stats[0] / stats[1]), "tokens": int(stats[1])}
-            tot_nll, tot_n = tot_nll + float(stats[0]), tot_n + int(stats[1])
+            nll_sum, count = float(stats[0]), int(stats[1])
+            result[dom] = {"ppl": math.exp(nll_sum / count), "tokens": count}
+            tot_nll, tot_n = tot_nll + nll_sum, tot_n + count
         if tot_n:
             result["all"] = {"ppl": math.exp(tot_nll / tot_n), "tokens": tot_n}
         return result
@@ -193,7 +196,7 @@ class Trainer:
         bar.close()
         summary["ppl_after"] = self.evaluate() if self.windows else None
         if self.teacher is not None:
-            same = torch.tensor([float(self._teacher_checksum() == self._teacher_sum)])
+            same = torch.tensor([float(self._teacher_checksum() == self._teacher_sum)], device=self.student.device)
             torch.distributed.all_reduce(same, op=torch.distributed.ReduceOp.MIN)
             summary["teacher_unchanged"] = bool(same.item())
         summary.update({"steps": self.step, "tokens": self.tokens, "seconds": round(time.perf_counter() - t0, 1),

@@ -49,7 +49,8 @@ def _config(d: Path, **over) -> Path:
            "data": {"train": [str(d / "shards")], "validation": [str(d / "val_shards")], "seq_len": 64,
                     "blend": None},
            "steps": 16, "mask_interval": 4, "lr": {"peak": 3e-3, "min": 3e-4, "warmup": 2},
-           "srste": {"lam": 2e-4, "t_inc": 8}, "eval": {"every": 0, "windows": 4}, "slorb": {"group": 16}}
+           "srste": {"lam": 2e-4, "t_inc": 8}, "eval": {"every": 8, "windows": 4}, "slorb": {"group": 16},
+           "activation_checkpointing": True}
     cfg.update(over)
     path = d / f"run-{len(over)}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -76,6 +77,7 @@ def test_two_rank_ast_run_learns_keeps_2of4_and_saves(run_dir):
     assert summary["slorb_params"] == 2 * (64 * 64 // 16 * 2 + 32 * 64 // 16 * 2 + 128 * 64 // 16 * 2 + 64 * 128 // 16)
     assert summary["ppl_after"]["github"]["ppl"] < summary["ppl_before"]["github"]["ppl"]
     assert Path(summary["checkpoint"]).is_dir()
+    assert "val" in log[7] and "val" not in log[6]  # eval every 8 steps
     assert summary["teacher_unchanged"] is True
 
 
