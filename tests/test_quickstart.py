@@ -11,7 +11,7 @@ def test_main_job_end_to_end_writes_report(reference_assets, tmp_path, capsys):
     out = tmp_path / "qs"
     assert main(["quickstart", "--out", str(out), "--max-windows", "2"]) == 0
     printed = capsys.readouterr().out
-    assert f"report: {out / 'report.json'}" in printed and "[5/5] eval_pruned" in printed
+    assert f"report: {out / 'report.json'}" in printed and "[6/6] train_ast" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] is True
     st = report["stages"]
@@ -23,3 +23,8 @@ def test_main_job_end_to_end_writes_report(reference_assets, tmp_path, capsys):
     sparse = st["eval_pruned"]["perplexity"]
     assert sparse["book"]["ppl"] > ppl["book"]["ppl"]  # 2:4 without training costs quality ...
     assert sparse["book"]["ppl"] < 10 * ppl["book"]["ppl"]  # ... but SparseGPT keeps the model usable
+    ast = st["train_ast"]
+    assert ast["method"] == "ast" and ast["world_size"] == 2 and ast["sparse_linears"] == 210
+    assert ast["steps"] == 12 and ast["tokens"] == 12 * 4 * 256 and ast["teacher_unchanged"] is True
+    assert ast["ppl_after"]["all"]["ppl"] < 2 * ast["ppl_before"]["all"]["ppl"]
+    assert (out / "ast" / "checkpoints" / "latest").is_file()
