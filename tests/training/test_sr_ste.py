@@ -22,38 +22,33 @@ def _reference(w, grads, pruned, lr, b1, b2, eps, wd, lam, t_inc):
     return torch.tensor(w)
 
 
+def _trained(w0, grads, pruned=None, optimizer=SRSTEAdamW, **kw) -> torch.Tensor:
+    """w0 after one optimizer step per gradient."""
+    p = torch.nn.Parameter(w0.clone())
+    opt = optimizer([p], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, **kw)
+    if pruned is not None:
+        opt.set_pruned(p, pruned)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    return p.detach()
+
+
 def test_matches_the_written_out_rule_and_decays_only_pruned_weights():
     torch.manual_seed(0)
     w0 = torch.randn(16, dtype=torch.float64)
     pruned = (torch.arange(16) % 2).double()
     grads = [torch.randn(16, dtype=torch.float64) * 0.01 for _ in range(7)]
-    p = torch.nn.Parameter(w0.clone())
-    opt = SRSTEAdamW([p], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, srste_lambda=0.5, srste_t_inc=4)
-    opt.set_pruned(p, pruned)
-    for g in grads:
-        p.grad = g.clone()
-        opt.step()
+    p = _trained(w0, grads, pruned, srste_lambda=0.5, srste_t_inc=4)
     ref = _reference(w0, grads, pruned, 1e-2, 0.9, 0.95, 1e-8, 0.1, 0.5, 4).double()
-    assert torch.allclose(p.detach(), ref, atol=1e-12)
+    assert torch.allclose(p, ref, atol=1e-12)
     # without an indicator it is exactly torch's AdamW
-    q = torch.nn.Parameter(w0.clone())
-    r = torch.nn.Parameter(w0.clone())
-    a = SRSTEAdamW([q], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
-    b = torch.optim.AdamW([r], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    for g in grads:
-        q.grad, r.grad = g.clone(), g.clone()
-        a.step(), b.step()
-    assert torch.allclose(q, r, atol=1e-12)
+    assert torch.allclose(_trained(w0, grads), _trained(w0, grads, optimizer=torch.optim.AdamW), atol=1e-12)
     # the decay moves exactly the pruned entries: compare with the same rule at lambda = 0
-    z = torch.nn.Parameter(w0.clone())
-    c = SRSTEAdamW([z], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, srste_lambda=0.0, srste_t_inc=4)
-    c.set_pruned(z, pruned)
-    for g in grads:
-        z.grad = g.clone()
-        c.step()
-    moved = (p.detach() - z.detach()).abs() > 1e-9
+    z = _trained(w0, grads, pruned, srste_lambda=0.0, srste_t_inc=4)
+    moved = (p - z).abs() > 1e-9
     assert torch.equal(moved, pruned.bool())
-    assert ((p.detach().abs() < z.detach().abs()) == pruned.bool()).all()  # pulled toward zero
+    assert ((p.abs() < z.abs()) == pruned.bool()).all()  # pulled toward zero
 
 
 def test_a_flat_tensor_mixing_masked_and_plain_elements():
