@@ -14,7 +14,9 @@ class InputHessians:
         self._slots: list[torch.Tensor] = []
         self._tokens: list[int] = []
         self._slot_of: dict[str, int] = {}
-        self._seen: dict[tuple, int] = {}  # input identity -> slot, within one layer call
+        # input identity -> (slot, the input itself): holding the tensor for the rest of the layer call keeps
+        # its memory from being reused by a later input, whose (data_ptr, shape, version) would then collide
+        self._seen: dict[tuple, tuple[int, torch.Tensor]] = {}
         self._hooks = [layer.register_forward_pre_hook(lambda *_: self._seen.clear())]
         self._hooks += [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
 
@@ -23,14 +25,14 @@ class InputHessians:
             x = inputs[0].detach()
             key = (x.data_ptr(), tuple(x.shape), x._version)
             if key in self._seen:
-                self._slot_of.setdefault(name, self._seen[key])
+                self._slot_of.setdefault(name, self._seen[key][0])
                 return
             if name not in self._slot_of:
                 self._slot_of[name] = len(self._slots)
                 self._slots.append(torch.zeros(x.shape[-1], x.shape[-1], device=x.device))
                 self._tokens.append(0)
             slot = self._slot_of[name]
-            self._seen[key] = slot
+            self._seen[key] = (slot, x)
             flat = x.reshape(-1, x.shape[-1]).float()
             self._slots[slot].addmm_(flat.t(), flat)
             self._tokens[slot] += flat.shape[0]

@@ -30,11 +30,8 @@ def test_every_decoder_linear_is_exactly_the_pattern(tiny, calib, arch, method):
         assert all(0 < r["reconstruction_error"] < 1 for r in rows)
 
 
-def test_layer_inputs_come_from_the_already_pruned_layer(tiny, calib):
-    """Wanda's layer-1 mask must follow the activations of the *pruned* layer 0."""
-    model = tiny("llama")
-    dense = copy.deepcopy(model)
-    masks, _ = prune_model(model, PruneConfig("wanda", SparsityPattern.parse("2:4")), calib)
+def _q_proj_input_sq(model, calib) -> torch.Tensor:
+    """Sum over calibration tokens of x_j^2 at layer 1's q_proj input."""
     sq = torch.zeros(64)
 
     def record(module, args):
@@ -45,9 +42,27 @@ def test_layer_inputs_come_from_the_already_pruned_layer(tiny, calib):
         for row in calib:
             model(input_ids=row[None])
     handle.remove()
-    w_dense = dense.model.layers[1].self_attn.q_proj.weight
-    expected = mask_from_score(wanda_score(w_dense, sq), SparsityPattern.parse("2:4"))
-    assert torch.equal(masks["model.layers.1.self_attn.q_proj.weight"], expected)
+    return sq
+
+
+def _untied_mismatches(mask, score) -> int:
+    """Groups where `mask` differs from the 2:4 mask of `score`, ties to float noise (1e-4 relative) excepted."""
+    expected = mask_from_score(score, SparsityPattern.parse("2:4"))
+    differ = (expected != mask).reshape(score.shape[0], -1, 4).any(-1)
+    ranked = score.reshape(score.shape[0], -1, 4).sort(-1, descending=True).values
+    tied = (ranked[..., 1] - ranked[..., 2]) <= 1e-4 * ranked[..., 1]
+    return int((differ & ~tied).sum())
+
+
+def test_layer_inputs_come_from_the_already_pruned_layer(tiny, calib):
+    """Wanda's layer-1 mask must follow the activations of the *pruned* layer 0, not the dense one."""
+    model = tiny("llama")
+    dense = copy.deepcopy(model)
+    masks, _ = prune_model(model, PruneConfig("wanda", SparsityPattern.parse("2:4")), calib)
+    mask = masks["model.layers.1.self_attn.q_proj.weight"]
+    w_dense = dense.model.layers[1].self_attn.q_proj.weight.detach()
+    assert _untied_mismatches(mask, wanda_score(w_dense, _q_proj_input_sq(model, calib))) == 0
+    assert _untied_mismatches(mask, wanda_score(w_dense, _q_proj_input_sq(dense, calib))) > 0
 
 
 def test_sparsellm_beats_sparsegpt_on_the_ffn_output(tiny, calib):
