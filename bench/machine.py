@@ -41,7 +41,6 @@ def peak_rss_of(fn_args, target) -> tuple[object, float, float]:
     Returns (result, peak total RSS of the process tree in GiB, peak RSS of any one process in GiB).
     """
     import multiprocessing as mp
-    import threading
     import time
 
     import psutil

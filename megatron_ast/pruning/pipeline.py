@@ -21,6 +21,7 @@ from megatron_ast.pruning.architectures import (architecture_of, prunable_linear
                                                 weight_out_in)
 from megatron_ast.pruning.hessian import InputHessians, reconstruction_error
 from megatron_ast.pruning.sparsegpt import sparsegpt
+from megatron_ast.pruning.sparsellm import FfnRecorder, sparsellm_ffn
 from megatron_ast.sparsity import SparsityPattern, mask_from_score, magnitude_score, nm_violations, wanda_score
 from megatron_ast.sparsity.validate import sparsity_of
 
@@ -133,8 +134,6 @@ def prune_model(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | None) 
             if needs_data:
                 hessians = InputHessians(layer, linears)
                 if cfg.method == "sparsellm":
-                    from megatron_ast.pruning.sparsellm import FfnRecorder
-
                     ffn_io = FfnRecorder(layer, arch.ffn)
                 for x in inps:
                     _layer_forward(layer, x, args, kwargs)
@@ -143,8 +142,6 @@ def prune_model(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | None) 
                     ffn_io.remove()
             done = set()
             if ffn_io is not None:
-                from megatron_ast.pruning.sparsellm import sparsellm_ffn
-
                 rows, info = sparsellm_ffn(layer, arch.ffn, ffn_io, hessians, cfg)
                 if info["fallback_to_sparsegpt"]:
                     print(f"sparsellm: layer {i} did not beat SparseGPT on its FFN output "

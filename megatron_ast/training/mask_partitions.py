@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from megatron_ast.sparsity.masks import nm_mask
 from megatron_ast.sparsity.sparse_linear import SparseLinear

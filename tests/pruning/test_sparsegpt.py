@@ -25,7 +25,7 @@ def test_sparsegpt_beats_magnitude_on_reconstruction(pattern):
     err_mag = ((x @ (w - mag).t()) ** 2).sum() / ((x @ w.t()) ** 2).sum()
     assert err < 0.8 * err_mag
     assert reconstruction_error(w, pruned, h) == pytest.approx(float(err), rel=1e-3)
-    assert torch.equal(pruned == 0, ~keep) or bool(((pruned != 0) <= keep).all())
+    assert bool((pruned[~keep] == 0).all())  # every weight the mask drops is zero
     if p.structured:
         assert nm_violations(pruned, p.n, p.m) == 0
     else:

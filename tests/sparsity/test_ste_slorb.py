@@ -3,7 +3,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from megatron_ast.errors import UsageError
-from megatron_ast.sparsity import SparsityPattern, magnitude_score, mask_from_score
+from megatron_ast.sparsity import SparsityPattern, mask_from_score
 from megatron_ast.sparsity.slorb import SLoRB, SLoRBConfig, group_projection
 from megatron_ast.sparsity.sparse_linear import SparseLinear, sparse_linears, sparsify_
 from megatron_ast.sparsity.ste import ste_masked
