@@ -6,7 +6,9 @@ train split, evaluated on the same evenly spaced validation windows. Each prunin
 run is its own child process (so its peak RSS is its own). Results are appended
 to bench/results/oneshot-<host>.json after every run, so a partial run still records.
 
-    python bench/oneshot.py [--nsamples 128 --seqlen 512 --windows 32 --device cpu]
+    python bench/oneshot.py [--nsamples 128 --seqlen 512 --windows 32 --device cpu] [--methods ...] [--patterns ...]
+
+A run with the same settings as the recorded file replaces only the rows it re-measures.
 """
 from __future__ import annotations
 
@@ -68,8 +70,13 @@ def main() -> None:
     results = {"model": "SmolLM2-135M-Instruct (fp32, dequantised from the Q4_1 GGUF)", "nsamples": args.nsamples,
                "seqlen": args.seqlen, "eval": f"{args.windows} windows x 512 tokens per domain (book, github), validation split",
                "device": args.device, "machine": machine_info(), "date": time.strftime("%Y-%m-%d"), "runs": []}
+    if out_path.exists():  # same settings: a run of some methods replaces only their rows
+        old = json.loads(out_path.read_text())
+        if all(old.get(k) == results[k] for k in ("nsamples", "seqlen", "eval", "device")):
+            results["runs"] = old["runs"]
 
     def record(row: dict) -> None:
+        results["runs"] = [r for r in results["runs"] if (r["method"], r["pattern"]) != (row["method"], row["pattern"])]
         results["runs"].append(row)
         out_path.write_text(json.dumps(results, indent=2) + "\n")
         ppl = row["ppl"]

@@ -29,6 +29,16 @@ class Architecture:
     family: str
     layers_path: str
     ffn: Ffn
+    head_inputs: tuple[str, ...]  # modules between the last layer and lm_head, in order (absent ones skipped)
+
+    def to_head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The last decoder layer's output as lm_head sees it."""
+        for path in self.head_inputs:
+            parent, _, attr = path.rpartition(".")
+            module = getattr(model.get_submodule(parent), attr, None)
+            if module is not None:
+                hidden = module(hidden)
+        return hidden
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         obj = model
@@ -38,10 +48,11 @@ class Architecture:
 
 
 ARCHITECTURES = {
-    **{t: Architecture("llama", "model.layers", Ffn("gated", "mlp.up_proj", "mlp.down_proj", "mlp.gate_proj"))
-       for t in LLAMA_LIKE},
-    "opt": Architecture("opt", "model.decoder.layers", Ffn("relu", "fc1", "fc2")),
-    "gpt2": Architecture("gpt2", "transformer.h", Ffn("gelu", "mlp.c_fc", "mlp.c_proj")),
+    **{t: Architecture("llama", "model.layers", Ffn("gated", "mlp.up_proj", "mlp.down_proj", "mlp.gate_proj"),
+                       ("model.norm",)) for t in LLAMA_LIKE},
+    "opt": Architecture("opt", "model.decoder.layers", Ffn("relu", "fc1", "fc2"),
+                        ("model.decoder.final_layer_norm", "model.decoder.project_out")),
+    "gpt2": Architecture("gpt2", "transformer.h", Ffn("gelu", "mlp.c_fc", "mlp.c_proj"), ("transformer.ln_f",)),
 }
 
 

@@ -34,7 +34,7 @@ class SparseLLMConfig:
     alpha: float = 5.0
     beta: float = 5.0
     gamma: float = 5.0
-    s_steps: int = 10  # gradient steps on s per round (s has no closed form)
+    s_steps: int = 5  # Gauss-Newton steps on s per round (s has no closed form)
 
 
 @dataclass
@@ -45,6 +45,8 @@ class PruneConfig:
     damp: float = 0.01
     device: str = "cpu"
     sparsellm: SparseLLMConfig = field(default_factory=SparseLLMConfig)
+    prune_head: bool = False  # lm_head, by `method` (SparseGPT for sparsellm) on the final hidden states
+    prune_embeddings: bool = False  # the input embedding, by magnitude (its inputs are one-hot)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -163,7 +165,40 @@ def prune_model(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | None) 
             if needs_data:
                 inps = torch.stack([_layer_forward(layer, x, args, kwargs) for x in inps])
             layer.to("cpu")
+        _prune_outside_layers(model, arch, cfg, inps if needs_data else None, masks, report)
     return masks, report
+
+
+def _prune_outside_layers(model: nn.Module, arch, cfg: PruneConfig, hidden, masks: dict, report: list) -> None:
+    """lm_head and/or the input embedding, when asked; with tied weights both are one tensor, pruned once."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    todo = []
+    if cfg.prune_head and head is not None:
+        todo.append(("lm_head", head))
+    if cfg.prune_embeddings and not (tied and cfg.prune_head):
+        todo.append(("embeddings", embed))
+    names = {id(m): n for n, m in model.named_modules()}
+    for what, module in todo:
+        name = f"{names[id(module)]}.weight"
+        cfg.pattern.check_shape(module.weight.shape[1], name)
+        h = None
+        if what == "lm_head" and hidden is not None:
+            _outside_layers_to(model, arch.layers_path, cfg.device)
+            h = torch.zeros(module.weight.shape[1], module.weight.shape[1], device=cfg.device)
+            for x in hidden:
+                x = arch.to_head(model, x.unsqueeze(0)).reshape(-1, h.shape[0]).float()
+                h.addmm_(x.t(), x)
+            h /= hidden.shape[0] * hidden.shape[1]
+            _outside_layers_to(model, arch.layers_path, "cpu")
+        method = cfg.method if what == "lm_head" else "magnitude"
+        method = "sparsegpt" if method == "sparsellm" else method
+        dense = module.weight.detach().float().clone()
+        new, keep = _prune_linear(method, dense.to(cfg.device), h, cfg)
+        module.weight.data.copy_(new.to(module.weight.dtype).cpu())
+        masks[name] = keep.cpu()
+        report.append({**_row(name, dense, new.cpu(), keep.cpu(), h.cpu() if h is not None else None, cfg),
+                       "method": method, "tied": tied})
 
 
 def _row(name: str, dense: torch.Tensor, new: torch.Tensor, keep: torch.Tensor, h, cfg: PruneConfig) -> dict:

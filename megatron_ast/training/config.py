@@ -18,6 +18,10 @@ from megatron_ast.sparsity.slorb import SLoRBConfig
 from megatron_ast.training.distillation import DistillConfig
 
 
+METHODS = ("ast", "naive", "gmp", "dense")
+INIT_METRICS = ("magnitude", "wanda")
+
+
 @dataclass
 class DataConfig:
     train: list[str]
@@ -48,6 +52,14 @@ class SRSTEConfig:
 
 
 @dataclass
+class GMPConfig:
+    """Gradual magnitude pruning (Zhu & Gupta 2017), the `gmp` baseline: sparsity ramps cubically
+    from 0 at step `start` to the pattern's at step `end` (default: half the steps)."""
+    start: int = 0
+    end: int | None = None
+
+
+@dataclass
 class EvalConfig:
     every: int = 0  # steps; 0 = only before and after training
     windows: int = 16  # per domain, of seq_len tokens
@@ -59,8 +71,13 @@ class TrainConfig:
     deepspeed: str  # the user's DeepSpeed JSON
     data: DataConfig
     output_dir: str = "runs/ast"
-    method: str = "ast"  # ast | naive (fixed mask, no distillation, no decay) | dense (distillation, no masks)
-    init: str = "magnitude"  # magnitude | a one-shot pruned model dir (weights + masks.safetensors)
+    # ast | naive (fixed mask, task loss only, no decay) | gmp (gradual magnitude pruning, task loss only)
+    # | dense (the same distillation without masks)
+    method: str = "ast"
+    # magnitude | wanda (|W| * input norms from `init_calib_samples` sequences of the train data through the
+    # dense model) | a one-shot pruned model dir (weights + masks.safetensors)
+    init: str = "magnitude"
+    init_calib_samples: int = 32
     pattern: str = "2:4"
     steps: int = 1000
     mask_interval: int = 10
@@ -68,6 +85,7 @@ class TrainConfig:
     lr: LRConfig = field(default_factory=LRConfig)
     optimizer: OptimConfig = field(default_factory=OptimConfig)
     srste: SRSTEConfig = field(default_factory=SRSTEConfig)
+    gmp: GMPConfig = field(default_factory=GMPConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     slorb: SLoRBConfig | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -75,13 +93,13 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute decoder layers in the backward: memory for time
 
     def validate(self) -> "TrainConfig":
-        if self.method not in ("ast", "naive", "dense"):
-            raise UsageError(f"method {self.method!r}: choose ast, naive or dense")
+        if self.method not in METHODS:
+            raise UsageError(f"method {self.method!r}: choose {', '.join(METHODS)}")
         if self.mask_score not in ("magnitude", "wanda"):
             raise UsageError(f"mask_score {self.mask_score!r}: choose magnitude or wanda")
         if not self.pattern_obj.structured:
             raise UsageError("AST trains N:M patterns (e.g. 2:4); use `megatron-ast prune` for unstructured sparsity")
-        for name in ("steps", "mask_interval", "log_every"):
+        for name in ("steps", "mask_interval", "log_every", "init_calib_samples"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.data.seq_len < 2:
@@ -92,9 +110,22 @@ class TrainConfig:
             raise UsageError(f"lr needs 0 <= min <= peak and warmup >= 0, got {self.lr}")
         if self.srste.lam < 0 or self.srste.t_inc < 0:
             raise UsageError("srste.lam and srste.t_inc must be >= 0")
-        if self.init != "magnitude" and not (Path(self.init) / "masks.safetensors").is_file():
-            raise UsageError(f"init {self.init!r} is neither 'magnitude' nor a pruned model dir with masks.safetensors")
+        if self.init not in INIT_METRICS and not (Path(self.init) / "masks.safetensors").is_file():
+            raise UsageError(f"init {self.init!r} is neither 'magnitude', 'wanda' nor a pruned model dir "
+                             "with masks.safetensors")
+        if self.method == "gmp":
+            if self.init != "magnitude":
+                raise UsageError("method gmp starts from the dense model and prunes by magnitude: drop `init`")
+            if self.gmp.end is None:
+                self.gmp.end = max(1, self.steps // 2)
+            if not 0 <= self.gmp.start < self.gmp.end <= self.steps:
+                raise UsageError(f"gmp needs 0 <= start < end <= steps, got start {self.gmp.start} end {self.gmp.end}")
         return self
+
+    @property
+    def student_dir(self) -> str:
+        """Where the student's weights (and tokenizer) come from."""
+        return self.model if self.init in INIT_METRICS else self.init
 
     @property
     def pattern_obj(self) -> SparsityPattern:
@@ -112,7 +143,7 @@ def _build(cls, raw: Any, where: str):
     if unknown:
         raise UsageError(f"unknown key(s) {unknown} in {where}; known: {sorted(fields)}")
     kwargs = {}
-    hints = {"data": DataConfig, "lr": LRConfig, "optimizer": OptimConfig, "srste": SRSTEConfig,
+    hints = {"data": DataConfig, "lr": LRConfig, "optimizer": OptimConfig, "srste": SRSTEConfig, "gmp": GMPConfig,
              "distill": DistillConfig, "slorb": SLoRBConfig, "eval": EvalConfig}
     for k, v in raw.items():
         kwargs[k] = _build(hints[k], v, f"{where}.{k}") if k in hints and v is not None else v

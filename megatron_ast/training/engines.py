@@ -45,8 +45,41 @@ def decoder_linears(model) -> dict:
     return out
 
 
-def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None, slorb: SLoRBConfig | None = None) -> int:
-    """Make every decoder Linear sparse: masks from `masks_file` (a one-shot pruned dir's) or by magnitude."""
+@torch.no_grad()
+def input_norms_zero3(engine, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """||X_j||_2 of every decoder Linear's inputs over all ranks' `batches` (Wanda's input norms).
+
+    Runs `engine` (a ZeRO-3 engine of the dense model) forward on this rank's batches; every rank
+    must pass the same number of batches (ZeRO-3's gathers are collective). The sums of squares
+    are all-reduced, so every rank returns the same norms.
+    """
+    sq: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].detach().float()
+            sq[name] = sq.get(name, 0) + (x.reshape(-1, x.shape[-1]) ** 2).sum(0)
+        return record
+
+    handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in decoder_linears(engine.module).items()]
+    was_training = engine.training
+    engine.eval()
+    try:
+        for x in batches:
+            engine(input_ids=x.to(engine.device))
+    finally:
+        for h in handles:
+            h.remove()
+        engine.train(was_training)
+    for name in sorted(sq):  # the same order on every rank
+        torch.distributed.all_reduce(sq[name])
+    return {name: v.sqrt().cpu() for name, v in sq.items()}
+
+
+def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None, slorb: SLoRBConfig | None = None,
+                    input_norms: dict[str, torch.Tensor] | None = None, dense: bool = False) -> int:
+    """Make every decoder Linear sparse. Masks: from `masks_file` (a one-shot pruned dir's), else by
+    Wanda when `input_norms` are given, else by magnitude; `dense` starts with all-ones masks (gmp)."""
     import deepspeed
 
     stored = None
@@ -63,7 +96,12 @@ def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None,
                 if f"{name}.weight" not in stored.keys():
                     raise UsageError(f"{masks_file} has no mask for {name}: was it pruned from this model?")
                 mask = stored.get_tensor(f"{name}.weight").bool()
+            elif dense:
+                mask = torch.ones(mod.weight.shape, dtype=torch.bool)
             else:
-                mask = nm_mask(mod.weight.detach().float().abs(), n, m)
+                score = mod.weight.detach().float().abs()
+                if input_norms is not None:
+                    score = score * input_norms[name].to(score.device)
+                mask = nm_mask(score, n, m)
             sparsify_module_(mod, mask, slorb, name)
     return len(linears)

@@ -87,9 +87,8 @@ class PartitionedMasks:
         return hook
 
     # --- recompute ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def recompute(self) -> dict:
-        """New masks from the updated fp32 master partitions; returns flip rates (all ranks agree)."""
+    def _windows(self):
+        """(index, item, window of fp32 values completed to whole N:M groups, offset a of the partition in it)."""
         k = self.m - 1
         frags = []
         for it in self.items:  # my first and last k real elements, for the neighbours' cut groups
@@ -101,12 +100,6 @@ class PartitionedMasks:
         mine = torch.stack(frags) if frags else torch.zeros(0, 2 * k, device=self.device)
         gathered = [torch.zeros_like(mine) for _ in range(self.world)]
         dist.all_gather(gathered, mine)
-        if self.score == "wanda":
-            for name in self.input_sq:
-                sq = self.input_sq[name].to(self.device)
-                dist.all_reduce(sq)
-                self.input_sq[name] = sq.cpu()
-        changed_prev = changed_init = total = kept = 0
         for i, it in enumerate(self.items):
             if it.valid == 0:
                 continue
@@ -118,12 +111,52 @@ class PartitionedMasks:
             parts.append(self._fp32(it).float())
             if b:
                 parts.append(gathered[self.rank + 1][i, :b])  # head of the next rank
-            window = torch.cat(parts)
-            score = window.abs()
-            if self.score == "wanda":
-                cols = torch.arange(s - a, e + b) % it.in_features
-                score = score * self.input_sq[it.name].sqrt()[cols].to(score.device)
-            new = nm_mask(score.view(1, -1), self.n, self.m).view(-1)[a : a + it.valid]
+            yield i, it, torch.cat(parts), a
+
+    def _score(self, it: _Masked, window: torch.Tensor, a: int) -> torch.Tensor:
+        score = window.abs()
+        if self.score == "wanda":
+            cols = torch.arange(it.start - a, it.start - a + window.numel()) % it.in_features
+            score = score * self.input_sq[it.name].sqrt()[cols].to(score.device)
+        return score
+
+    def _ramp_thresholds(self, fraction: float) -> dict[str, float]:
+        """Per Linear, the score below which a pruning candidate is pruned at `fraction` of the ramp.
+
+        Candidates are the M-N lowest of each group; each rank takes the `fraction` quantile of its
+        own candidates and the ranks average them, so all ranks apply one threshold per Linear."""
+        local = torch.zeros(len(self.items), 2, dtype=torch.float64, device=self.device)
+        for i, it, window, a in self._windows():
+            score = self._score(it, window, a)
+            keep = nm_mask(score.view(1, -1), self.n, self.m).view(-1)
+            cand = score[a : a + it.valid][~keep[a : a + it.valid]]
+            if cand.numel():
+                kth = cand.kthvalue(max(1, round(fraction * cand.numel()))).values
+                local[i] = torch.tensor([float(kth), 1.0], dtype=torch.float64)
+        dist.all_reduce(local)
+        return {it.name: float(local[i, 0] / local[i, 1].clamp_min(1)) for i, it in enumerate(self.items)}
+
+    @torch.no_grad()
+    def recompute(self, fraction: float = 1.0) -> dict:
+        """New masks from the updated fp32 master partitions; returns flip rates (all ranks agree).
+
+        `fraction` < 1 prunes only that share of each group's M-N candidates (gradual pruning's ramp):
+        the lowest-scoring ones, by one threshold per Linear. 1 gives exact N:M."""
+        if self.score == "wanda":
+            for name in sorted(self.input_sq):
+                sq = self.input_sq[name].to(self.device)
+                dist.all_reduce(sq)
+                self.input_sq[name] = sq.cpu()
+        thresholds = self._ramp_thresholds(fraction) if 0 < fraction < 1 else None
+        changed_prev = changed_init = total = kept = 0
+        for _, it, window, a in self._windows():
+            score = self._score(it, window, a)
+            new = nm_mask(score.view(1, -1), self.n, self.m).view(-1)
+            if fraction <= 0:
+                new = torch.ones_like(new)
+            elif thresholds is not None:
+                new |= score > thresholds[it.name]
+            new = new[a : a + it.valid]
             old = self._local_mask(it)
             changed_prev += int((new != old.bool()).sum())
             changed_init += int((new != self.initial[it.name].bool()).sum())

@@ -13,6 +13,7 @@ tensors it is given: model parameters in a single process, or the flat fp32
 master partitions DeepSpeed ZeRO-3 hands a client optimizer, which mix masked
 and unmasked elements; `set_pruned` gives each tensor an aligned indicator:
 1 = pruned masked weight, 0 = kept masked weight, -1 = not a masked weight.
+With lambda = 0 (the baselines: no decay) every element gets plain AdamW.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ class SRSTEAdamW(torch.optim.Optimizer):
                 t = state["step"]
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 m.mul_(b1).add_(p.grad, alpha=1 - b1)
-                pruned = self._pruned.get(id(p))
+                pruned = self._pruned.get(id(p)) if group["srste_lambda"] > 0 else None
                 if pruned is not None:
                     lam = srste_lambda(t, group["srste_lambda"], group["srste_t_inc"])
                     u = m + lam * p * pruned.clamp(min=0)

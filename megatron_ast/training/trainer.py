@@ -1,5 +1,6 @@
 """`megatron-ast train`: AST with a ZeRO-3 student and teacher; baselines `naive` (fixed mask, task loss
-only) and `dense` (the same distillation without masks: the reference for AST's overhead).
+only), `gmp` (gradual magnitude pruning, task loss only) and `dense` (the same distillation without
+masks: the reference for AST's overhead).
 
 One optimizer step (nanoGPT-style, the whole thing):
     for each micro-batch of this rank:
@@ -28,7 +29,7 @@ from megatron_ast.data.tokenizer import Tokenizer
 from megatron_ast.eval.perplexity import token_windows
 from megatron_ast.training.config import TrainConfig, load_ds_config
 from megatron_ast.training.distillation import DistillConfig, distillation_loss
-from megatron_ast.training.engines import load_zero3, sparsify_zero3_
+from megatron_ast.training.engines import input_norms_zero3, load_zero3, sparsify_zero3_
 from megatron_ast.training.mask_partitions import PartitionedMasks
 from megatron_ast.training.schedule import lr_at
 from megatron_ast.training.sr_ste import SRSTEAdamW
@@ -60,20 +61,30 @@ class Trainer:
         bf16 = self.ds.get("bf16", {}).get("enabled", False)
         dtype = torch.bfloat16 if bf16 else torch.float32
         self.out = Path(cfg.output_dir)
-        tok_dir = cfg.init if cfg.init != "magnitude" else cfg.model
+        tok_dir = cfg.student_dir
         self.tokenizer = Tokenizer.load(tok_dir)
-        blend = BlendSpec.load(cfg.data.blend) if cfg.data.blend else None
-        self.sampler = BlendedSampler(cfg.data.train, cfg.data.seq_len, cfg.data.seed, blend, self.tokenizer.identity)
+        self.blend = BlendSpec.load(cfg.data.blend) if cfg.data.blend else None
+        self.sampler = BlendedSampler(cfg.data.train, cfg.data.seq_len, cfg.data.seed, self.blend, self.tokenizer.identity)
         self.windows = (token_windows(cfg.data.validation, tok_dir, cfg.data.seq_len, cfg.eval.windows)
                         if cfg.data.validation else {})
         pattern = cfg.pattern_obj
-        self.distill = cfg.distill if cfg.method != "naive" else DistillConfig(1.0, 0.0, 0.0, cfg.distill.temperature)
+        baseline = cfg.method in ("naive", "gmp")
+        self.distill = DistillConfig(1.0, 0.0, 0.0, cfg.distill.temperature) if baseline else cfg.distill
 
-        _rank0_print(f"[train] student: {cfg.init if cfg.init != 'magnitude' else cfg.model} "
-                     f"({'magnitude masks' if cfg.init == 'magnitude' else 'one-shot masks'}), ZeRO-3 on {self.world} ranks")
-        student = load_zero3(cfg.init if cfg.init != "magnitude" else cfg.model, self.ds, dtype)
-        masks_file = None if cfg.init == "magnitude" else Path(cfg.init) / "masks.safetensors"
-        self.n_sparse = 0 if cfg.method == "dense" else sparsify_zero3_(student, pattern.n, pattern.m, masks_file, cfg.slorb)
+        self.teacher = None
+        if self.distill.w_kl > 0 or self.distill.w_sq > 0:
+            _rank0_print(f"[train] teacher: {cfg.model} (frozen, ZeRO-3, no optimizer)")
+            self.teacher = self._dense_engine(dtype)
+            self._teacher_sum = self._teacher_checksum()
+        norms = self._wanda_norms(dtype) if cfg.init == "wanda" and cfg.method != "dense" else None
+
+        masks_from = {"magnitude": "magnitude masks", "wanda": "Wanda masks"}.get(cfg.init, "one-shot masks")
+        _rank0_print(f"[train] student: {cfg.student_dir} ({'dense, ramped by gmp' if cfg.method == 'gmp' else masks_from}),"
+                     f" ZeRO-3 on {self.world} ranks")
+        student = load_zero3(cfg.student_dir, self.ds, dtype)
+        masks_file = None if cfg.init in ("magnitude", "wanda") else Path(cfg.init) / "masks.safetensors"
+        self.n_sparse = 0 if cfg.method == "dense" else sparsify_zero3_(
+            student, pattern.n, pattern.m, masks_file, cfg.slorb, input_norms=norms, dense=cfg.method == "gmp")
         if cfg.activation_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         trainable = [p for p in student.parameters() if p.requires_grad]
@@ -86,16 +97,30 @@ class Trainer:
         self.masks = PartitionedMasks(self.student, pattern.n, pattern.m, cfg.mask_score)
         self.slorb_params = sum(int(getattr(p, "ds_numel", p.numel())) for n, p in student.named_parameters()
                                 if ".slorb." in n)
-        self.teacher = None
-        if self.distill.w_kl > 0 or self.distill.w_sq > 0:
-            _rank0_print(f"[train] teacher: {cfg.model} (frozen, ZeRO-3, no optimizer)")
-            teacher = load_zero3(cfg.model, self.ds, dtype)
-            teacher.requires_grad_(False)
-            self.teacher, *_ = deepspeed.initialize(model=teacher, config=self.ds)
-            self.teacher.eval()
-            self._teacher_sum = self._teacher_checksum()
         self.step = 0
         self.tokens = 0
+
+    def _dense_engine(self, dtype: torch.dtype):
+        """The dense model as a frozen ZeRO-3 engine with no optimizer (the teacher)."""
+        import deepspeed
+
+        model = load_zero3(self.cfg.model, self.ds, dtype)
+        model.requires_grad_(False)
+        engine, *_ = deepspeed.initialize(model=model, config=self.ds)
+        engine.eval()
+        return engine
+
+    def _wanda_norms(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Wanda's input norms from `init_calib_samples` train sequences (their own seed: the training
+        stream is untouched) through the dense model: the teacher, or a temporary engine without one."""
+        cfg = self.cfg
+        per_rank = math.ceil(cfg.init_calib_samples / self.world)
+        calib = BlendedSampler(cfg.data.train, cfg.data.seq_len, cfg.data.seed + 1, self.blend,
+                               self.tokenizer.identity).next_batch(per_rank * self.world)
+        mine = torch.from_numpy(calib[self.rank * per_rank : (self.rank + 1) * per_rank])
+        _rank0_print(f"[train] Wanda input norms from {per_rank * self.world} x {cfg.data.seq_len} tokens")
+        engine = self.teacher if self.teacher is not None else self._dense_engine(dtype)
+        return input_norms_zero3(engine, [mine[i : i + self.micro] for i in range(0, per_rank, self.micro)])
 
     # --- one optimizer step ---------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -132,7 +157,15 @@ class Trainer:
             rec["max_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if cfg.method == "ast" and self.step % cfg.mask_interval == 0:
             rec.update(self.masks.recompute())
+        elif cfg.method == "gmp" and (self.step % cfg.mask_interval == 0 or self.step == cfg.gmp.end):
+            rec.update(self.masks.recompute(self._gmp_fraction()))
         return rec
+
+    def _gmp_fraction(self) -> float:
+        """Zhu & Gupta's cubic ramp: the share of the final sparsity reached at this step."""
+        g = self.cfg.gmp
+        progress = min(1.0, max(0.0, (self.step - g.start) / (g.end - g.start)))
+        return 1.0 - (1.0 - progress) ** 3
 
     def _teacher_checksum(self) -> str:
         """sha256 of this rank's teacher partitions: a frozen teacher must stay bit-identical."""

@@ -100,3 +100,37 @@ def test_unknown_architecture_and_bad_shapes(tiny, calib):
         prune_model(tiny("llama"), PruneConfig("magnitude", SparsityPattern.parse("2:3")), None)
     with pytest.raises(UsageError, match="needs calibration data"):
         prune_model(tiny("llama"), PruneConfig("wanda", SparsityPattern.parse("2:4")), None)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_lm_head_pruned_by_wanda_on_the_final_hidden_states_when_asked(tiny, calib, arch):
+    model = tiny(arch)
+    model.config.tie_word_embeddings = False
+    if model.lm_head.weight is model.get_input_embeddings().weight:  # untie, so only the head may change
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    emb_before = model.get_input_embeddings().weight.clone()
+    dense_head = model.lm_head.weight.detach().clone()
+    masks, rows = prune_model(model, PruneConfig("wanda", SparsityPattern.parse("2:4"), prune_head=True), calib)
+    head = model.lm_head.weight
+    assert nm_violations(head, 2, 4) == 0 and "lm_head.weight" in masks and rows[-1]["name"] == "lm_head.weight"
+    assert torch.equal(model.get_input_embeddings().weight, emb_before)
+    # the head's inputs, seen directly on the pruned model: the same Wanda mask
+    sq = torch.zeros(64)
+    handle = model.lm_head.register_forward_pre_hook(lambda m, a: sq.add_((a[0].reshape(-1, 64) ** 2).sum(0)))
+    with torch.no_grad():
+        for row in calib:
+            model(input_ids=row[None])
+    handle.remove()
+    expected = mask_from_score(wanda_score(dense_head, sq / calib.numel()), SparsityPattern.parse("2:4"))
+    assert (expected == masks["lm_head.weight"]).float().mean() > 0.999  # equal up to float ties
+    assert not torch.equal(expected, mask_from_score(dense_head.abs(), SparsityPattern.parse("2:4")))
+
+
+def test_tied_embeddings_are_pruned_once_by_magnitude(tiny, calib):
+    model = tiny("gpt2")  # GPT-2 ties lm_head to the input embedding
+    dense = model.get_input_embeddings().weight.detach().clone()
+    masks, rows = prune_model(model, PruneConfig("sparsegpt", SparsityPattern.parse("2:4"), prune_embeddings=True), calib)
+    emb = model.get_input_embeddings().weight
+    assert emb is model.lm_head.weight and nm_violations(emb, 2, 4) == 0
+    assert torch.equal(masks["transformer.wte.weight"], mask_from_score(dense.abs(), SparsityPattern.parse("2:4")))
+    assert rows[-1]["tied"] and rows[-1]["method"] == "magnitude" and len([r for r in rows if "tied" in r]) == 1

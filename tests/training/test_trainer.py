@@ -59,12 +59,7 @@ def _config(d: Path, **over) -> Path:
 
 @pytest.mark.slow
 def test_two_rank_ast_run_learns_keeps_2of4_and_saves(run_dir):
-    cfg = _config(run_dir)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "megatron_ast.cli", "train", "--config", str(cfg)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _train(_config(run_dir))
     out = run_dir / "out"
     summary = json.loads((out / "summary.json").read_text())
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -81,12 +76,79 @@ def test_two_rank_ast_run_learns_keeps_2of4_and_saves(run_dir):
     assert summary["teacher_unchanged"] is True
 
 
+def _train(cfg: Path) -> None:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "megatron_ast.cli", "train", "--config", str(cfg)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _consolidated(summary: dict) -> dict:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt = Path(summary["checkpoint"])
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+
+
+@pytest.mark.slow
+def test_gmp_ramps_sparsity_to_exact_2of4(run_dir):
+    out = run_dir / "out_gmp"
+    _train(_config(run_dir, method="gmp", output_dir=str(out), steps=8, mask_interval=2, gmp={"start": 0, "end": 6},
+                   slorb=None, eval={"every": 0, "windows": 2}))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    ramp = [r["sparsity"] for r in log if "sparsity" in r]
+    # cubic ramp at steps 2, 4, 6, 8 of 6: 0.5 * (1 - (1 - t/6)^3)
+    assert ramp[0] == pytest.approx(0.5 * (1 - (2 / 3) ** 3), abs=0.03)
+    assert ramp[1] == pytest.approx(0.5 * (1 - (1 / 3) ** 3), abs=0.03)
+    assert ramp[2:] == [0.5, 0.5]
+    assert "loss_kl" not in log[0] or log[0]["loss_kl"] == 0  # a baseline: task loss only
+    from megatron_ast.sparsity import nm_violations
+
+    state = _consolidated(json.loads((out / "summary.json").read_text()))
+    for name, mask in state.items():
+        if name.endswith(".mask"):
+            assert nm_violations(state[name[: -len("mask")] + "weight"] * mask, 2, 4) == 0, name
+
+
+@pytest.mark.slow
+def test_wanda_init_masks_match_a_direct_computation(run_dir):
+    from megatron_ast.data.sampler import BlendedSampler
+    from megatron_ast.data.tokenizer import Tokenizer
+    from megatron_ast.sparsity import nm_mask
+
+    out = run_dir / "out_wanda"
+    _train(_config(run_dir, method="naive", init="wanda", init_calib_samples=6, output_dir=str(out), steps=1,
+                   slorb=None, eval={"every": 0, "windows": 2}))
+    # the same 6 calibration sequences (sampler seed + 1) through the plain dense model
+    calib = BlendedSampler([str(run_dir / "shards")], 64, 1234 + 1, None,
+                           Tokenizer.load(run_dir / "dense").identity).next_batch(6)
+    model = LlamaForCausalLM.from_pretrained(run_dir / "dense")
+    sq, hooks = {}, []
+    for name, mod in model.model.layers.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            def rec(m, a, name=f"model.layers.{name}"):
+                sq[name] = sq.get(name, 0) + (a[0].reshape(-1, a[0].shape[-1]) ** 2).sum(0)
+            hooks.append(mod.register_forward_pre_hook(rec))
+    with torch.no_grad():
+        model(input_ids=torch.from_numpy(calib))
+    state = _consolidated(json.loads((out / "summary.json").read_text()))
+    assert len(sq) == 14
+    for name, s in sq.items():
+        expected = nm_mask(model.get_submodule(name).weight.abs() * s.sqrt(), 2, 4)
+        got = state[f"{name}.mask"].bool()
+        assert (got != expected).float().mean() < 1e-3, name  # equal up to float ties
+        assert not torch.equal(got, nm_mask(model.get_submodule(name).weight.abs(), 2, 4)), name  # not magnitude
+
+
 @pytest.mark.parametrize("change,match", [
-    ({"method": "sgd"}, "choose ast, naive or dense"),
+    ({"method": "sgd"}, "choose ast, naive, gmp, dense"),
+    ({"method": "gmp", "gmp": {"start": 5, "end": 3}}, "gmp needs 0 <= start < end <= steps"),
+    ({"method": "gmp", "init": "wanda"}, "method gmp starts from the dense model"),
     ({"pattern": "unstructured"}, "N:M patterns"),
     ({"steps": 0}, "steps must be at least 1"),
     ({"bogus": 1}, "unknown key"),
-    ({"init": "/nonexistent"}, "neither 'magnitude' nor a pruned model dir"),
+    ({"init": "/nonexistent"}, "neither 'magnitude', 'wanda' nor a pruned model dir"),
 ])
 def test_bad_configs_fail_at_load(run_dir, change, match, capsys):
     assert main(["train", "--config", str(_config(run_dir, **change))]) == 2
