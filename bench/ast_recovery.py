@@ -73,7 +73,8 @@ def main() -> None:
     windows = token_windows([str(work / "shards" / "validation")], a["tokenizer"], args.seq_len, args.windows)
     dense = perplexity(load_causal_lm(a["model"]), windows, desc="dense")
     out_path = Path(args.out) if args.out else HERE / "results" / f"ast_recovery-{platform.node() or 'host'}.json"
-    results = {"model": "SmolLM2-135M-Instruct (fp32)", "pattern": "2:4", "init": "wanda (32 calibration sequences)",
+    results = {"model": "SmolLM2-135M-Instruct (fp32)", "pattern": "2:4",
+               "init": "wanda (32 calibration sequences); masks recomputed with wanda's running input norms",
                "seq_len": args.seq_len, "steps": steps, "tokens_per_step": per_step, "deepspeed": ds,
                "ranks": args.ranks, "eval": f"{args.windows} windows x {args.seq_len} tokens per domain, validation split",
                "dense_ppl": dense, "machine": machine_info(), "date": time.strftime("%Y-%m-%d"), "methods": {}}
@@ -86,7 +87,8 @@ def main() -> None:
                "output_dir": str(run), "method": method,
                "data": {"train": [str(work / "shards" / "train")], "validation": [str(work / "shards" / "validation")],
                         "seq_len": args.seq_len, "seed": 1234},
-               "steps": steps, "mask_interval": 4, "lr": {"peak": args.lr, "min": args.lr / 10, "warmup": max(1, steps // 20)},
+               "steps": steps, "mask_interval": 4, "mask_score": "magnitude" if method == "gmp" else "wanda",
+               "lr": {"peak": args.lr, "min": args.lr / 10, "warmup": max(1, steps // 20)},
                "srste": {"lam": 6e-5, "t_inc": max(1, steps // 2)}, "eval": {"every": args.eval_every, "windows": args.windows}}
         (run / "run.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.ranks}",

@@ -64,6 +64,9 @@ def _cmd_train(a: argparse.Namespace) -> None:
     from megatron_ast.training.config import load_config
 
     cfg = load_config(a.config)  # validated before any rank starts DeepSpeed
+    if a.resume is not None:
+        cfg.resume = a.resume
+        cfg.validate()
     from megatron_ast.training.trainer import Trainer
 
     summary = Trainer(cfg).fit()
@@ -153,6 +156,8 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="AST (or the naive baseline) on ZeRO-3; start under deepspeed/torchrun/srun")
     s.add_argument("--config", required=True, help="run.yaml (see launch/run_ast.yaml)")
+    s.add_argument("--resume", help="none | auto (the newest complete checkpoint in output_dir) | a checkpoint dir; "
+                                    "overrides run.yaml's resume")
     s.set_defaults(fn=_cmd_train)
 
     s = sub.add_parser("quickstart", help="the main job end to end on the reference model and corpus")

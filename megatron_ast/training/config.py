@@ -60,6 +60,12 @@ class GMPConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 0  # steps; 0 = only at the end (and on SIGTERM/SIGUSR1)
+    keep: int = 3  # complete checkpoints kept (older ones are deleted); 0 = all
+
+
+@dataclass
 class EvalConfig:
     every: int = 0  # steps; 0 = only before and after training
     windows: int = 16  # per domain, of seq_len tokens
@@ -89,6 +95,8 @@ class TrainConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     slorb: SLoRBConfig | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: str = "none"  # none | auto (the newest complete checkpoint in output_dir, if any) | a checkpoint dir
     log_every: int = 1
     activation_checkpointing: bool = False  # recompute decoder layers in the backward: memory for time
 
@@ -110,6 +118,10 @@ class TrainConfig:
             raise UsageError(f"lr needs 0 <= min <= peak and warmup >= 0, got {self.lr}")
         if self.srste.lam < 0 or self.srste.t_inc < 0:
             raise UsageError("srste.lam and srste.t_inc must be >= 0")
+        if self.checkpoint.every < 0 or self.checkpoint.keep < 0:
+            raise UsageError("checkpoint.every and checkpoint.keep must be >= 0")
+        if self.resume not in ("none", "auto") and not (Path(self.resume) / "complete.json").is_file():
+            raise UsageError(f"resume {self.resume!r}: give none, auto or a complete checkpoint dir (one with complete.json)")
         if self.init not in INIT_METRICS and not (Path(self.init) / "masks.safetensors").is_file():
             raise UsageError(f"init {self.init!r} is neither 'magnitude', 'wanda' nor a pruned model dir "
                              "with masks.safetensors")
@@ -144,7 +156,8 @@ def _build(cls, raw: Any, where: str):
         raise UsageError(f"unknown key(s) {unknown} in {where}; known: {sorted(fields)}")
     kwargs = {}
     hints = {"data": DataConfig, "lr": LRConfig, "optimizer": OptimConfig, "srste": SRSTEConfig, "gmp": GMPConfig,
-             "distill": DistillConfig, "slorb": SLoRBConfig, "eval": EvalConfig}
+             "distill": DistillConfig, "slorb": SLoRBConfig, "eval": EvalConfig,
+             "checkpoint": CheckpointConfig}
     for k, v in raw.items():
         kwargs[k] = _build(hints[k], v, f"{where}.{k}") if k in hints and v is not None else v
     try:

@@ -166,20 +166,38 @@ class PartitionedMasks:
         counts = torch.tensor([changed_prev, changed_init, total, kept], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts)
         counts[2] = counts[2].clamp_min(1)
-        # small ("persistent") parameters stay gathered between steps: drop their stale full copies
-        # (our new values are already in the partitions) and gather them again
-        persistent = [it.module.mask for it in self.items if getattr(it.module.mask, "ds_persist", False)]
-        if persistent:
-            persistent[0].partition(param_list=persistent, has_been_updated=False)
-            persistent[0].all_gather(param_list=persistent)
-        self.refresh_indicators()
+        self._masks_changed()
         if self.score == "wanda":
             for v in self.input_sq.values():
                 v.zero_()
         return {"flip_rate_prev": float(counts[0] / counts[2]), "flip_rate_init": float(counts[1] / counts[2]),
                 "sparsity": 1.0 - float(counts[3] / counts[2])}
 
-    def state_dict(self) -> dict:
-        """This rank's slices of the current and initial masks (for checkpoints)."""
-        return {it.name: {"current": self._local_mask(it).bool().clone(), "initial": self.initial[it.name].bool().clone()}
-                for it in self.items}
+    def _masks_changed(self) -> None:
+        """After the local mask partitions were written: refresh gathered copies and the optimizer's indicators."""
+        # small ("persistent") parameters stay gathered between steps: drop their stale full copies
+        # (the new values are already in the partitions) and gather them again
+        persistent = [it.module.mask for it in self.items if getattr(it.module.mask, "ds_persist", False)]
+        if persistent:
+            persistent[0].partition(param_list=persistent, has_been_updated=False)
+            persistent[0].all_gather(param_list=persistent)
+        self.refresh_indicators()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's slices of the current and initial masks and its Wanda sums (for checkpoints)."""
+        out = {}
+        for it in self.items:
+            out[f"mask.{it.name}.current"] = self._local_mask(it).to(torch.uint8).cpu()
+            out[f"mask.{it.name}.initial"] = self.initial[it.name].to(torch.uint8).cpu()
+        out.update({f"wanda.{name}": v.clone() for name, v in self.input_sq.items()})
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for it in self.items:
+            mask = self._local_mask(it)
+            mask.copy_(state[f"mask.{it.name}.current"].to(mask.dtype))
+            self.initial[it.name] = state[f"mask.{it.name}.initial"].to(self.initial[it.name].dtype)
+        for name in self.input_sq:
+            self.input_sq[name] = state[f"wanda.{name}"].clone()
+        self._masks_changed()

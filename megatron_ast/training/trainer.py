@@ -15,7 +15,9 @@ import hashlib
 import json
 import math
 import os
+import random
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,6 +29,7 @@ from megatron_ast.data.blend import BlendSpec
 from megatron_ast.data.sampler import BlendedSampler
 from megatron_ast.data.tokenizer import Tokenizer
 from megatron_ast.eval.perplexity import token_windows
+from megatron_ast.training import checkpoint
 from megatron_ast.training.config import TrainConfig, load_ds_config
 from megatron_ast.training.distillation import DistillConfig, distillation_loss
 from megatron_ast.training.engines import input_norms_zero3, load_zero3, sparsify_zero3_
@@ -99,6 +102,16 @@ class Trainer:
                                 if ".slorb." in n)
         self.step = 0
         self.tokens = 0
+        self.ppl_before = None
+        self.resumed_from: Path | None = None
+        self.stop_signal = 0
+        self.ckpt_root = self.out / "checkpoints"
+        if cfg.resume != "none":
+            tag = checkpoint.find_resumable(self.ckpt_root) if cfg.resume == "auto" else Path(cfg.resume)
+            if tag is not None:
+                self._restore(tag)
+            else:
+                _rank0_print(f"[train] --resume auto: no complete checkpoint in {self.ckpt_root}, starting fresh")
 
     def _dense_engine(self, dtype: torch.dtype):
         """The dense model as a frozen ZeRO-3 engine with no optimizer (the teacher)."""
@@ -210,9 +223,13 @@ class Trainer:
         tb = _tensorboard(self.out / "tensorboard") if self.rank == 0 else None
         summary = {"method": cfg.method, "sparse_linears": self.n_sparse, "slorb_params": self.slorb_params,
                    "world_size": self.world, "micro_batch": self.micro, "grad_accum": self.gas}
-        summary["ppl_before"] = self.evaluate() if self.windows else None
-        bar = tqdm(total=cfg.steps, desc=f"{cfg.method} {cfg.pattern}", disable=self.rank != 0 or None, file=sys.stderr)
-        t0 = time.perf_counter()
+        if self.step == 0:
+            self.ppl_before = self.evaluate() if self.windows else None
+        summary["ppl_before"] = self.ppl_before
+        self._install_signal_handlers()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method} {cfg.pattern}",
+                   disable=self.rank != 0 or None, file=sys.stderr)
+        t0, start, rec = time.perf_counter(), self.step, {}
         while self.step < cfg.steps:
             rec = self.train_step()
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.windows:
@@ -226,25 +243,68 @@ class Trainer:
                             tb.add_scalar(k, v, self.step)
             bar.update(1)
             bar.set_postfix_str(f"loss {rec['loss']:.3f} lr {rec['lr']:.2e}", refresh=False)
+            stop = self._should_stop()
+            if stop or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.steps):
+                path = self.save()
+                if stop:
+                    _rank0_print(f"[train] {signal.Signals(stop).name}: saved {path} at step {self.step}; "
+                                 "continue with --resume auto")
+                    if log is not None:
+                        log.close()
+                    raise SystemExit(128 + stop)
         bar.close()
         summary["ppl_after"] = self.evaluate() if self.windows else None
         if self.teacher is not None:
             same = torch.tensor([float(self._teacher_checksum() == self._teacher_sum)], device=self.student.device)
             torch.distributed.all_reduce(same, op=torch.distributed.ReduceOp.MIN)
             summary["teacher_unchanged"] = bool(same.item())
-        summary.update({"steps": self.step, "tokens": self.tokens, "seconds": round(time.perf_counter() - t0, 1),
-                        "final_loss": rec["loss"], "checkpoint": str(self.save())})
+        summary.update({"steps": self.step, "tokens": self.tokens, "resumed_at_step": start or None,
+                        "seconds": round(time.perf_counter() - t0, 1), "final_loss": rec.get("loss"),
+                        "checkpoint": str(self.save() if self.step != start else self.resumed_from)})
         if self.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             log.close()
         return summary
 
+    # --- checkpoints --------------------------------------------------------------------------------
     def save(self) -> Path:
-        """DeepSpeed's sharded checkpoint plus our client state (full resume lands with the checkpoint issue)."""
-        ckpt = self.out / "checkpoints"
-        tag = f"step{self.step}"
+        """A complete sharded checkpoint of everything the next step depends on (training/checkpoint.py)."""
         state = {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict(),
-                 "config": json.loads(json.dumps(self.cfg, default=lambda o: o.__dict__)),
-                 "masks": self.masks.state_dict(), "rng_numpy": np.random.get_state()[1].tolist()}
-        self.student.save_checkpoint(str(ckpt), tag=tag, client_state=state)
-        return ckpt / tag
+                 "ppl_before": self.ppl_before,
+                 "config": json.loads(json.dumps(self.cfg, default=lambda o: o.__dict__))}
+        _, keys, pos, has_gauss, cached = np.random.get_state()
+        tensors = {**self.masks.state_dict(), "rng.torch": torch.get_rng_state(),
+                   "rng.python": torch.tensor(random.getstate()[1], dtype=torch.int64),
+                   "rng.numpy": torch.from_numpy(keys.astype(np.int64)),
+                   "rng.numpy_pos_gauss": torch.tensor([pos, has_gauss, cached], dtype=torch.float64)}
+        return checkpoint.save(self.student, self.ckpt_root, self.step, state, tensors, self.cfg.checkpoint.keep)
+
+    def _restore(self, tag_dir: Path) -> None:
+        state, tensors = checkpoint.load(self.student, tag_dir)
+        self.resumed_from = tag_dir
+        self.masks.load_state_dict(tensors)
+        self.step, self.tokens, self.ppl_before = state["step"], state["tokens"], state["ppl_before"]
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        random.setstate((3, tuple(int(v) for v in tensors["rng.python"]), None))
+        pos, has_gauss, cached = tensors["rng.numpy_pos_gauss"].tolist()
+        np.random.set_state(("MT19937", tensors["rng.numpy"].numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
+        if self.rank == 0 and (self.out / "log.jsonl").is_file():  # drop records of steps after the checkpoint
+            log = self.out / "log.jsonl"
+            kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            log.write_text("".join(line + "\n" for line in kept))
+        _rank0_print(f"[train] resumed from {tag_dir} at step {self.step} ({self.tokens:,} tokens)")
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM/SIGUSR1 (Slurm's warning before a time limit): finish the step, save, exit 128+signal."""
+        def handler(signum, frame):
+            self.stop_signal = signum
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _should_stop(self) -> int:
+        """The signal any rank received (all ranks agree, so they save together)."""
+        flag = torch.tensor([float(self.stop_signal)], device=self.student.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+

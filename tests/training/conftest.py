@@ -1,0 +1,77 @@
+"""Shared by the trainer and checkpoint tests: a tiny Llama, real text in token shards, 2-rank runs."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from data_tools.preprocess import preprocess
+from tests.conftest import stdlib_texts, write_jsonl
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, hf_tokenizer_dir):
+    d = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(d / "dense")
+    for f in hf_tokenizer_dir.iterdir():
+        (d / "dense" / f.name).write_bytes(f.read_bytes())
+    texts = stdlib_texts(60)
+    write_jsonl(d / "corpus" / "github" / "train.jsonl", texts[:50])
+    write_jsonl(d / "corpus" / "book" / "train.jsonl", texts[50:55])
+    write_jsonl(d / "val" / "github" / "validation.jsonl", texts[55:])
+    preprocess([str(d / "corpus")], d / "shards", d / "dense")
+    preprocess([str(d / "val")], d / "val_shards", d / "dense")
+    (d / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+                                           "gradient_clipping": 1.0, "zero_optimization": {"stage": 3},
+                                           "steps_per_print": 10**9}))
+    return d
+
+
+def config_file(d: Path, **over) -> Path:
+    cfg = {"model": str(d / "dense"), "deepspeed": str(d / "ds.json"), "output_dir": str(d / "out"),
+           "data": {"train": [str(d / "shards")], "validation": [str(d / "val_shards")], "seq_len": 64,
+                    "blend": None},
+           "steps": 16, "mask_interval": 4, "lr": {"peak": 3e-3, "min": 3e-4, "warmup": 2},
+           "srste": {"lam": 2e-4, "t_inc": 8}, "eval": {"every": 8, "windows": 4}, "slorb": {"group": 16},
+           "activation_checkpointing": True}
+    cfg.update(over)
+    path = d / f"run-{abs(hash(json.dumps(over, sort_keys=True, default=str)))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train_cmd(cfg: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+            "-m", "megatron_ast.cli", "train", "--config", str(cfg), *extra]
+
+
+TRAIN_ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def train(cfg: Path, *extra: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_cmd(cfg, *extra), capture_output=True, text=True, timeout=900, env=TRAIN_ENV, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def consolidated(ckpt: str | Path) -> dict:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt = Path(ckpt)
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)

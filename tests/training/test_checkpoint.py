@@ -1,0 +1,114 @@
+"""Checkpoints: exact resume after SIGKILL, SIGTERM saves and stops, corrupt/incomplete ones skipped. 2 ranks, CPU."""
+import json
+import random
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+import torch
+
+from tests.training.conftest import REPO, TRAIN_ENV, config_file, consolidated, train, train_cmd
+
+STEPS = 8
+
+
+def _cfg(run_dir, out: str, **over):
+    return config_file(run_dir, output_dir=str(run_dir / out), steps=STEPS, mask_interval=2, checkpoint={"every": 2, "keep": 3},
+                       eval={"every": 0, "windows": 2}, srste={"lam": 2e-4, "t_inc": 4}, **over)
+
+
+def _log(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def _steps_logged(out) -> int:
+    try:
+        return len((out / "log.jsonl").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def _interrupt(run_dir, out: str, sig: int, at_step: int) -> tuple[int, str]:
+    """Start a run, send `sig` to its whole process group once `at_step` steps are logged; (exit code, stderr)."""
+    err = run_dir / f"{out}.stderr"
+    with open(err, "w") as f:
+        proc = subprocess.Popen(train_cmd(_cfg(run_dir, out)), env=TRAIN_ENV, cwd=REPO, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=f)
+        deadline = time.time() + 600
+        while _steps_logged(run_dir / out) < at_step and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before the signal"
+        # every process of the job, as a dying node or Slurm would (torchrun's workers have their own sessions)
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for p in procs:
+            p.send_signal(sig)
+        proc.wait(timeout=300)
+        psutil.wait_procs(procs, timeout=300)
+    return proc.returncode, err.read_text()
+
+
+@pytest.fixture(scope="module")
+def reference(run_dir):
+    """The uninterrupted run."""
+    train(_cfg(run_dir, "ref"))
+    return run_dir / "ref"
+
+
+def _assert_same_run(ref, out) -> None:
+    assert [r["loss"] for r in _log(out)] == [r["loss"] for r in _log(ref)]  # bit-identical losses, every step
+    a = consolidated(ref / "checkpoints" / f"step{STEPS}")
+    b = consolidated(out / "checkpoints" / f"step{STEPS}")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_then_resume_auto_is_bit_identical(run_dir, reference):
+    at = random.Random().randint(2, STEPS - 1)
+    print(f"killing at step {at}")
+    _interrupt(run_dir, "killed", signal.SIGKILL, at)
+    out = run_dir / "killed"
+    assert not (out / "summary.json").exists()
+    proc = train(_cfg(run_dir, "killed"), "--resume", "auto")
+    resumed = json.loads((out / "summary.json").read_text())["resumed_at_step"]
+    assert resumed % 2 == 0 and 2 <= resumed and abs(resumed - at) <= 2 and f"resumed from {out / 'checkpoints'}/step{resumed}" in proc.stderr
+    _assert_same_run(reference, out)
+    complete = sorted(p.name for p in (out / "checkpoints").iterdir() if (p / "complete.json").is_file())
+    assert complete == ["step4", "step6", "step8"]  # keep: 3
+    assert (out / "checkpoints" / "latest").read_text() == "step8"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_current_step_and_exits_128_plus_15(run_dir, reference):
+    code, stderr = _interrupt(run_dir, "termed", signal.SIGTERM, 3)
+    out = run_dir / "termed"
+    assert code != 0 and not (out / "summary.json").exists()
+    latest = (out / "checkpoints" / "latest").read_text()
+    step = json.loads((out / "checkpoints" / latest / "complete.json").read_text())["step"]
+    assert f"SIGTERM: saved {out / 'checkpoints' / latest} at step {step}" in stderr
+    assert step == len(_log(out)) >= 3  # saved at the step it stopped after, not at the last periodic one
+    train(_cfg(run_dir, "termed"), "--resume", "auto")
+    assert json.loads((out / "summary.json").read_text())["resumed_at_step"] == step
+    _assert_same_run(reference, out)
+
+
+@pytest.mark.slow
+def test_corrupt_and_incomplete_checkpoints_are_named_and_skipped(run_dir, reference):
+    import shutil
+
+    out = run_dir / "corrupt"
+    shutil.copytree(reference, out)
+    ckpts = out / "checkpoints"
+    (ckpts / "step8" / "summary.json").unlink(missing_ok=True)
+    victim = ckpts / "step8" / "rank1.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF  # same size, different bytes
+    victim.write_bytes(bytes(data))
+    (ckpts / "step9").mkdir()  # a save that died before complete.json
+    (out / "summary.json").unlink()
+    proc = train(_cfg(run_dir, "corrupt"), "--resume", "auto")
+    assert f"{victim}: sha256 differs from the manifest (corrupt): skipping step8" in proc.stderr
+    assert "step9 has no complete.json" in proc.stderr
+    assert f"resumed from {ckpts / 'step6'} at step 6" in proc.stderr
+    _assert_same_run(reference, out)
