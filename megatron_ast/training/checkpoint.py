@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,7 +37,14 @@ def _sha256(path: Path) -> str:
 
 
 def _step_of(tag_dir: Path) -> int:
-    return int(tag_dir.name.removeprefix("step")) if tag_dir.name.startswith("step") else -1
+    m = re.fullmatch(r"step(\d+)", tag_dir.name)
+    return int(m.group(1)) if m else -1
+
+
+def _tags(root: Path) -> list[Path]:
+    """Tag dirs under `root`, newest first."""
+    tags = [d for d in root.iterdir() if d.is_dir() and _step_of(d) >= 0] if root.is_dir() else []
+    return sorted(tags, key=_step_of, reverse=True)
 
 
 def save(engine, root: Path, step: int, state: dict, rank_tensors: dict[str, torch.Tensor], keep: int) -> Path:
@@ -65,9 +74,10 @@ def save(engine, root: Path, step: int, state: dict, rank_tensors: dict[str, tor
         manifest = {k: v for d in gathered for k, v in d.items()}
         atomic_write_json(tag_dir / COMPLETE, {"step": step, "world_size": world, "files": manifest})
         atomic_write_bytes(root / "latest", tag.encode())
-        complete = sorted((d for d in root.iterdir() if (d / COMPLETE).is_file()), key=_step_of)
-        for old in complete[:-keep] if keep > 0 else []:
+        complete = [d for d in _tags(root) if (d / COMPLETE).is_file()]
+        for old in complete[keep:] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(root / "universal" / old.name, ignore_errors=True)
     dist.barrier()
     return tag_dir
 
@@ -96,10 +106,8 @@ def find_resumable(root: Path) -> Path | None:
 
     Corrupt or incomplete ones are named in a warning and skipped; every rank returns the same."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    candidates = sorted((d for d in root.iterdir() if d.is_dir() and (d / COMPLETE).is_file()), key=_step_of,
-                        reverse=True) if root.is_dir() else []
-    incomplete = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step") and not (d / COMPLETE).is_file()] \
-        if root.is_dir() else []
+    candidates = [d for d in _tags(root) if (d / COMPLETE).is_file()]
+    incomplete = [d for d in _tags(root) if not (d / COMPLETE).is_file()]
     if rank == 0:
         for d in incomplete:
             print(f"[resume] warning: {d} has no {COMPLETE} (a save that did not finish): skipped", file=sys.stderr)
@@ -114,14 +122,42 @@ def find_resumable(root: Path) -> Path | None:
     return None
 
 
-def load(engine, tag_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Restore DeepSpeed's state into `engine`; returns (trainer state, this rank's tensors)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+def saved_world_size(tag_dir: Path) -> int:
+    return json.loads((tag_dir / STATE).read_text())["world_size"]
+
+
+def universal(tag_dir: Path) -> Path:
+    """DeepSpeed's universal form of `tag_dir` (any world size can load it), converted once by rank 0 (collective)."""
+    out = tag_dir.parent / "universal" / tag_dir.name
+    if dist.get_rank() == 0 and not (out / COMPLETE).is_file():
+        print(f"[resume] converting {tag_dir} to a universal checkpoint (another world size)", file=sys.stderr)
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(tag_dir), "--output_folder", str(out)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ds_to_universal failed on {tag_dir}:\n{proc.stderr[-2000:]}")
+        atomic_write_json(out / COMPLETE, {"from": str(tag_dir)})
+    dist.barrier()
+    return out
+
+
+def load(engine, tag_dir: Path) -> dict:
+    """Restore DeepSpeed's state into `engine` (from the universal form when the world size changed,
+    which the engine must have been configured for); returns the trainer state."""
     state = json.loads((tag_dir / STATE).read_text())
-    if state["world_size"] != world:
-        raise UsageError(f"{tag_dir} was saved on {state['world_size']} ranks, this run has {world}: "
-                         "resume on the same world size")
-    path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_lr_scheduler_states=False)
+    src = universal(tag_dir) if state["world_size"] != dist.get_world_size() else tag_dir
+    path, _ = engine.load_checkpoint(str(src.parent), tag=src.name, load_lr_scheduler_states=False)
     if path is None:
-        raise UsageError(f"DeepSpeed could not load {tag_dir}")
-    return state, load_file(str(tag_dir / f"rank{rank}.safetensors"))
+        raise UsageError(f"DeepSpeed could not load {src}")
+    return state
+
+
+def rank_files(tag_dir: Path) -> list[Path]:
+    """Every saving rank's tensor file, in rank order."""
+    return [tag_dir / f"rank{r}.safetensors" for r in range(saved_world_size(tag_dir))]
+
+
+def rank_tensors(tag_dir: Path, rank: int) -> dict[str, torch.Tensor]:
+    """What `rank` saved; on a larger world, ranks past the saved ones get the last saved rank's."""
+    files = rank_files(tag_dir)
+    return load_file(str(files[min(rank, len(files) - 1)]))

@@ -184,20 +184,32 @@ class PartitionedMasks:
         self.refresh_indicators()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's slices of the current and initial masks and its Wanda sums (for checkpoints)."""
+        """This rank's slices of the current and initial masks, where they sit in the flat weight, and
+        its Wanda sums (for checkpoints)."""
         out = {}
         for it in self.items:
             out[f"mask.{it.name}.current"] = self._local_mask(it).to(torch.uint8).cpu()
             out[f"mask.{it.name}.initial"] = self.initial[it.name].to(torch.uint8).cpu()
+            out[f"mask.{it.name}.range"] = torch.tensor([it.start, it.valid], dtype=torch.int64)
         out.update({f"wanda.{name}": v.clone() for name, v in self.input_sq.items()})
         return out
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_rank_files(self, files: list) -> None:
+        """Restore from every saving rank's `state_dict` file, saved on any world size: each rank reads
+        only the slices overlapping its own partition. Wanda sums (all-reduced before use) go to rank 0."""
+        from safetensors import safe_open
+
+        handles = [safe_open(str(f), framework="pt") for f in files]
         for it in self.items:
-            mask = self._local_mask(it)
-            mask.copy_(state[f"mask.{it.name}.current"].to(mask.dtype))
-            self.initial[it.name] = state[f"mask.{it.name}.initial"].to(self.initial[it.name].dtype)
+            for kind, target in (("current", self._local_mask(it)), ("initial", self.initial[it.name])):
+                for h in handles:
+                    start, valid = h.get_tensor(f"mask.{it.name}.range").tolist()
+                    lo, hi = max(start, it.start), min(start + valid, it.start + it.valid)
+                    if lo < hi:
+                        piece = h.get_slice(f"mask.{it.name}.{kind}")[lo - start : hi - start]
+                        target[lo - it.start : hi - it.start] = piece.to(target.dtype).to(target.device)
         for name in self.input_sq:
-            self.input_sq[name] = state[f"wanda.{name}"].clone()
+            self.input_sq[name] = (sum(h.get_tensor(f"wanda.{name}") for h in handles) if self.rank == 0
+                                   else torch.zeros_like(self.input_sq[name]))
         self._masks_changed()

@@ -61,9 +61,13 @@ class Trainer:
         self.cfg, self.rank, self.world = cfg, torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.ds = load_ds_config(cfg.deepspeed, self.world)
         self.micro, self.gas = self.ds["train_micro_batch_size_per_gpu"], self.ds["gradient_accumulation_steps"]
+        self.out = Path(cfg.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.resume_tag = self._resume_tag()
+        if self.resume_tag is not None and checkpoint.saved_world_size(self.resume_tag) != self.world:
+            self.ds.setdefault("checkpoint", {})["load_universal"] = True  # elastic: another world size
         bf16 = self.ds.get("bf16", {}).get("enabled", False)
         dtype = torch.bfloat16 if bf16 else torch.float32
-        self.out = Path(cfg.output_dir)
         tok_dir = cfg.student_dir
         self.tokenizer = Tokenizer.load(tok_dir)
         self.blend = BlendSpec.load(cfg.data.blend) if cfg.data.blend else None
@@ -105,13 +109,18 @@ class Trainer:
         self.ppl_before = None
         self.resumed_from: Path | None = None
         self.stop_signal = 0
-        self.ckpt_root = self.out / "checkpoints"
-        if cfg.resume != "none":
-            tag = checkpoint.find_resumable(self.ckpt_root) if cfg.resume == "auto" else Path(cfg.resume)
-            if tag is not None:
-                self._restore(tag)
-            else:
-                _rank0_print(f"[train] --resume auto: no complete checkpoint in {self.ckpt_root}, starting fresh")
+        if self.resume_tag is not None:
+            self._restore(self.resume_tag)
+
+    def _resume_tag(self) -> Path | None:
+        if self.cfg.resume == "none":
+            return None
+        if self.cfg.resume != "auto":
+            return Path(self.cfg.resume)
+        tag = checkpoint.find_resumable(self.ckpt_root)
+        if tag is None:
+            _rank0_print(f"[train] --resume auto: no complete checkpoint in {self.ckpt_root}, starting fresh")
+        return tag
 
     def _dense_engine(self, dtype: torch.dtype):
         """The dense model as a frozen ZeRO-3 engine with no optimizer (the teacher)."""
@@ -280,9 +289,10 @@ class Trainer:
         return checkpoint.save(self.student, self.ckpt_root, self.step, state, tensors, self.cfg.checkpoint.keep)
 
     def _restore(self, tag_dir: Path) -> None:
-        state, tensors = checkpoint.load(self.student, tag_dir)
+        state = checkpoint.load(self.student, tag_dir)
         self.resumed_from = tag_dir
-        self.masks.load_state_dict(tensors)
+        self.masks.load_rank_files(checkpoint.rank_files(tag_dir))
+        tensors = checkpoint.rank_tensors(tag_dir, self.rank)  # RNG states
         self.step, self.tokens, self.ppl_before = state["step"], state["tokens"], state["ppl_before"]
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(tensors["rng.torch"])

@@ -56,16 +56,16 @@ def config_file(d: Path, **over) -> Path:
     return path
 
 
-def train_cmd(cfg: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+def train_cmd(cfg: Path, *extra: str, ranks: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={free_port()}",
             "-m", "megatron_ast.cli", "train", "--config", str(cfg), *extra]
 
 
 TRAIN_ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
-def train(cfg: Path, *extra: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_cmd(cfg, *extra), capture_output=True, text=True, timeout=900, env=TRAIN_ENV, cwd=REPO)
+def train(cfg: Path, *extra: str, ranks: int = 2) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_cmd(cfg, *extra, ranks=ranks), capture_output=True, text=True, timeout=900, env=TRAIN_ENV, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 

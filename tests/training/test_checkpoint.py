@@ -15,8 +15,9 @@ STEPS = 8
 
 
 def _cfg(run_dir, out: str, **over):
-    return config_file(run_dir, output_dir=str(run_dir / out), steps=STEPS, mask_interval=2, checkpoint={"every": 2, "keep": 3},
-                       eval={"every": 0, "windows": 2}, srste={"lam": 2e-4, "t_inc": 4}, **over)
+    cfg = {"output_dir": str(run_dir / out), "steps": STEPS, "mask_interval": 2, "checkpoint": {"every": 2, "keep": 3},
+           "eval": {"every": 0, "windows": 2}, "srste": {"lam": 2e-4, "t_inc": 4}}
+    return config_file(run_dir, **{**cfg, **over})
 
 
 def _log(out) -> list[dict]:
@@ -112,3 +113,22 @@ def test_corrupt_and_incomplete_checkpoints_are_named_and_skipped(run_dir, refer
     assert "step9 has no complete.json" in proc.stderr
     assert f"resumed from {ckpts / 'step6'} at step 6" in proc.stderr
     _assert_same_run(reference, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_elastic_resume_on_another_world_size_keeps_masks_and_sampler_position(run_dir, before, after):
+    out = run_dir / f"elastic{before}to{after}"
+    train(_cfg(run_dir, out.name, steps=4), ranks=before)
+    proc = train(_cfg(run_dir, out.name, steps=5), "--resume", "auto", ranks=after)
+    assert f"converting {out / 'checkpoints' / 'step4'} to a universal checkpoint" in proc.stderr
+    assert json.loads((out / "summary.json").read_text())["resumed_at_step"] == 4
+    a, b = consolidated(out / "checkpoints" / "step4"), consolidated(out / "checkpoints" / "step5")
+    masks = [k for k in a if k.endswith(".mask")]
+    assert len(masks) == 14 and all(torch.equal(a[k], b[k]) for k in masks)  # step 5 recomputes none
+    assert all(not torch.equal(a[k], b[k]) for k in a if k.endswith("proj.weight"))  # it trained
+    s4 = json.loads((out / "checkpoints" / "step4" / "trainer_state.json").read_text())["sampler"]["sample"]
+    s5 = json.loads((out / "checkpoints" / "step5" / "trainer_state.json").read_text())["sampler"]["sample"]
+    assert s4 == 4 * 2 * 2 * before and s5 == s4 + 2 * 2 * after  # the next unseen samples: none skipped or repeated
+    log = _log(out)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and log[4]["tokens"] == log[3]["tokens"] + 2 * 2 * after * 64
