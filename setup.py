@@ -23,7 +23,7 @@ setup(
     extras_require={
         "mpi": ["mpi4py>=4"],
         "eval": ["lm-eval"],
-        "dev": ["pytest", "megatron-core", "mpi4py>=4", "mpich", "psutil"],
+        "dev": ["pytest", "megatron-core", "mpi4py>=4", "mpich", "psutil", "peft"],
     },
     entry_points={"console_scripts": ["megatron-ast=megatron_ast.cli:main"]},
 )

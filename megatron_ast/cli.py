@@ -74,6 +74,12 @@ def _cmd_train(a: argparse.Namespace) -> None:
         print(json.dumps(summary, indent=2))
 
 
+def _cmd_export(a: argparse.Namespace) -> None:
+    from megatron_ast.export.hf import export_checkpoint
+
+    print(json.dumps(export_checkpoint(a.checkpoint, a.out, a.dtype), indent=2))
+
+
 def _cmd_quickstart(a: argparse.Namespace) -> None:
     from megatron_ast.quickstart import run
 
@@ -159,6 +165,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", help="none | auto (the newest complete checkpoint in output_dir) | a checkpoint dir; "
                                     "overrides run.yaml's resume")
     s.set_defaults(fn=_cmd_train)
+
+    s = sub.add_parser("export", help="a training checkpoint -> Hugging Face safetensors (W*M) + masks + SLoRB as PEFT LoRA")
+    s.add_argument("checkpoint", help="a complete checkpoint dir: <output_dir>/checkpoints/stepN")
+    s.add_argument("--out", required=True, help="output model dir (must not exist)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the source model's")
+    s.set_defaults(fn=_cmd_export)
 
     s = sub.add_parser("quickstart", help="the main job end to end on the reference model and corpus")
     s.add_argument("--out", default="runs/quickstart")

@@ -101,6 +101,11 @@ def _problem(tag_dir: Path, rank: int, world: int) -> str | None:
     return None
 
 
+def verify(tag_dir: Path) -> str | None:
+    """Every file of a complete checkpoint against its manifest, in one process: the problem, or None."""
+    return _problem(tag_dir, 0, 1)
+
+
 def find_resumable(root: Path) -> Path | None:
     """The newest complete checkpoint under `root` whose files all verify (collective).
 

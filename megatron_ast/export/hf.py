@@ -1,0 +1,114 @@
+"""`megatron-ast export`: a training checkpoint -> a Hugging Face dir anyone can load.
+
+The ZeRO-3 partitions are consolidated (DeepSpeed's zero_to_fp32) after the
+checkpoint's manifest verified every file; each masked weight is written as W*M
+and checked to be exactly the run's N:M pattern, so `AutoModelForCausalLM` loads
+the sparse model with no project code. Beside it: `masks.safetensors` (the same
+format `megatron-ast prune` writes, so the dir can seed another run) and, when the
+run trained SLoRB, a PEFT LoRA adapter in `slorb_adapter/` with A = P (d/k x d)
+and B = S (N x d/k) at scaling 1, which `peft` loads onto the exported base.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from megatron_ast.errors import UsageError
+from megatron_ast.fsutil import atomic_dir
+from megatron_ast.modeling import check_model_dir
+from megatron_ast.pruning.api import MASKS_FILE, TOKENIZER_FILES
+from megatron_ast.sparsity import SparsityPattern, nm_violations
+from megatron_ast.sparsity.slorb import group_projection
+from megatron_ast.training import checkpoint
+
+ADAPTER_DIR = "slorb_adapter"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _verify(ckpt: Path) -> None:
+    if not (ckpt / checkpoint.COMPLETE).is_file():
+        raise UsageError(f"{ckpt} is not a complete checkpoint (no {checkpoint.COMPLETE}): pass a checkpoints/stepN dir")
+    problem = checkpoint.verify(ckpt)
+    if problem is not None:
+        raise UsageError(f"{problem}: export an earlier checkpoint")
+
+
+def _lora(sd: dict, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    s = sd.get(f"{module}.slorb.S")
+    if s is None:
+        return None
+    in_features = sd[f"{module}.weight"].shape[1]
+    p = sd.get(f"{module}.slorb.P")
+    return (p if p is not None else group_projection(in_features, in_features // s.shape[1])), s
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = None) -> dict:
+    """Write `out` (must not exist) from the complete checkpoint dir `ckpt`; returns the export report."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ckpt, out = Path(ckpt), Path(out)
+    if out.exists():
+        raise UsageError(f"{out} already exists: pass a new --out")
+    if dtype is not None and dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    _verify(ckpt)
+    run = json.loads((ckpt / checkpoint.STATE).read_text())["config"]
+    src = run["init"] if run["init"] not in ("magnitude", "wanda") else run["model"]
+    check_model_dir(src)
+    pattern = SparsityPattern.parse(run["pattern"])
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    masks = {k.removesuffix(".mask"): v.bool() for k, v in sd.items() if k.endswith(".mask")}
+    base, adapter, ranks = {}, {}, {}
+    for k, v in sd.items():
+        if k.endswith(".mask") or ".slorb." in k:
+            continue
+        module = k.rsplit(".", 1)[0]
+        base[k] = v * masks[module] if k.endswith(".weight") and module in masks else v
+    for module, mask in masks.items():
+        bad = nm_violations(base[f"{module}.weight"], pattern.n, pattern.m)
+        if bad:
+            raise RuntimeError(f"{module}: {bad} groups are not {pattern} after masking")
+        lora = _lora(sd, module)
+        if lora is not None:
+            a, b = lora
+            adapter[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
+            adapter[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
+            ranks[module] = a.shape[0]
+    config = AutoConfig.from_pretrained(src, local_files_only=True)
+    target = DTYPES[dtype] if dtype else getattr(config, "dtype", None) or torch.float32
+    target = DTYPES.get(target, torch.float32) if isinstance(target, str) else target
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(base, strict=False)
+    tied = {k for k in missing if model.get_parameter(k) is model.get_input_embeddings().weight}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"checkpoint does not match {src}: missing {sorted(set(missing) - tied)}, "
+                           f"unexpected {sorted(unexpected)}")
+    model.to(target)
+    report = {"checkpoint": str(ckpt), "source_model": src, "pattern": str(pattern), "dtype": str(target),
+              "sparse_linears": len(masks), "all_valid": True, "slorb_adapter": ADAPTER_DIR if adapter else None,
+              "slorb_params": sum(t.numel() for k, t in adapter.items() if "lora_B" in k)}
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        for name in TOKENIZER_FILES:
+            if (Path(src) / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(Path(src) / name, tmp / name)
+        save_file({f"{m}.weight": v.contiguous() for m, v in masks.items()}, str(tmp / MASKS_FILE),
+                  metadata={"pattern": str(pattern), "method": f"{run['method']} (exported from {ckpt.name})"})
+        if adapter:
+            (tmp / ADAPTER_DIR).mkdir()
+            save_file({k: v.to(target) for k, v in adapter.items()}, str(tmp / ADAPTER_DIR / "adapter_model.safetensors"))
+            (tmp / ADAPTER_DIR / "adapter_config.json").write_text(json.dumps({
+                "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(out.resolve()),
+                "target_modules": sorted(ranks), "r": max(ranks.values()), "lora_alpha": max(ranks.values()),
+                "rank_pattern": ranks, "alpha_pattern": ranks,  # alpha = r per module: scaling 1, y = W x + S (P x)
+                "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True}, indent=2) + "\n")
+        (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"exported {ckpt} -> {out}: {len(masks)} sparse Linears, all {pattern}"
+          + (f", SLoRB adapter in {ADAPTER_DIR}/" if adapter else ""), file=sys.stderr)
+    return report
