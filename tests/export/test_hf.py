@@ -10,7 +10,7 @@ from megatron_ast.cli import main
 from megatron_ast.sparsity import nm_violations
 from megatron_ast.sparsity.sparse_linear import sparsify_
 from megatron_ast.sparsity.slorb import SLoRBConfig
-from tests.training.conftest import config_file, consolidated, run_dir, train  # noqa: F401 (run_dir: fixture)
+from tests.training.conftest import config_file, consolidated, train
 
 
 @pytest.fixture(scope="module")
