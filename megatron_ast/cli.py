@@ -67,11 +67,22 @@ def _cmd_train(a: argparse.Namespace) -> None:
     if a.resume is not None:
         cfg.resume = a.resume
         cfg.validate()
+    if a.dry_run:
+        from megatron_ast.training.plan import plan
+
+        print(json.dumps(plan(cfg, a.world_size, a.nodes), indent=2))
+        return
+    import torch.distributed as dist
+
     from megatron_ast.training.trainer import Trainer
 
-    summary = Trainer(cfg).fit()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary, indent=2))
+    try:
+        summary = Trainer(cfg).fit()
+        if dist.get_rank() == 0:
+            print(json.dumps(summary, indent=2))
+    finally:  # a clean teardown: MPI launchers flag a rank that exits with the group still up
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _cmd_export(a: argparse.Namespace) -> None:
@@ -164,6 +175,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="run.yaml (see launch/run_ast.yaml)")
     s.add_argument("--resume", help="none | auto (the newest complete checkpoint in output_dir) | a checkpoint dir; "
                                     "overrides run.yaml's resume")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the resolved world, batch arithmetic and ZeRO-3 memory estimate; start nothing")
+    s.add_argument("--world-size", type=_positive, help="with --dry-run: plan for this many ranks")
+    s.add_argument("--nodes", type=_positive, help="with --dry-run: ... on this many nodes")
     s.set_defaults(fn=_cmd_train)
 
     s = sub.add_parser("export", help="a training checkpoint -> Hugging Face safetensors (W*M) + masks + SLoRB as PEFT LoRA")

@@ -97,6 +97,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: str = "none"  # none | auto (the newest complete checkpoint in output_dir, if any) | a checkpoint dir
+    dist_timeout_s: int = 600  # a collective waiting longer (a dead or hung rank) fails the job instead of hanging
     log_every: int = 1
     activation_checkpointing: bool = False  # recompute decoder layers in the backward: memory for time
 
@@ -118,6 +119,8 @@ class TrainConfig:
             raise UsageError(f"lr needs 0 <= min <= peak and warmup >= 0, got {self.lr}")
         if self.srste.lam < 0 or self.srste.t_inc < 0:
             raise UsageError("srste.lam and srste.t_inc must be >= 0")
+        if self.dist_timeout_s < 1:
+            raise UsageError(f"dist_timeout_s must be at least 1, got {self.dist_timeout_s}")
         if self.checkpoint.every < 0 or self.checkpoint.keep < 0:
             raise UsageError("checkpoint.every and checkpoint.keep must be >= 0")
         if self.resume not in ("none", "auto") and not (Path(self.resume) / "complete.json").is_file():

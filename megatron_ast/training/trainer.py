@@ -20,6 +20,7 @@ import resource
 import signal
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,10 @@ class Trainer:
         import deepspeed
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+        # under mpirun/mpiexec with no RANK set, DeepSpeed discovers the world through mpi4py
+        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl",
+                                   timeout=timedelta(seconds=cfg.dist_timeout_s),
+                                   distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
         self.cfg, self.rank, self.world = cfg, torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.ds = load_ds_config(cfg.deepspeed, self.world)
         self.micro, self.gas = self.ds["train_micro_batch_size_per_gpu"], self.ds["gradient_accumulation_steps"]

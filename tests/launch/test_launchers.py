@@ -1,0 +1,98 @@
+"""Launchers: --dry-run, the deepspeed launcher with a localhost hostfile, mpirun (MPICH), a dead rank."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from megatron_ast.cli import main
+from tests.training.conftest import REPO, TRAIN_ENV, config_file, free_port
+
+LAUNCH = REPO / "launch"
+BIN = Path(sys.executable).parent
+
+
+def _cfg(run_dir, out: str, **over):
+    cfg = {"output_dir": str(run_dir / out), "steps": 3, "mask_interval": 2, "eval": {"every": 0, "windows": 2},
+           "slorb": None, "activation_checkpointing": False}
+    return config_file(run_dir, **{**cfg, **over})
+
+
+def _env(**extra) -> dict:
+    return {**TRAIN_ENV, "PATH": f"{BIN}:{os.environ['PATH']}", "MASTER_PORT": str(free_port()), **extra}
+
+
+def test_dry_run_prints_the_world_batch_and_memory_without_starting(run_dir, capsys, monkeypatch):
+    cfg = _cfg(run_dir, "dry")
+    assert main(["train", "--config", str(cfg), "--dry-run", "--world-size", "8", "--nodes", "2"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["world"] == {"launcher": "--world-size", "world_size": 8, "rank": 0, "per_node": 4, "nodes": 2}
+    assert p["batch"]["global_batch"] == 2 * 2 * 8 and p["batch"]["tokens_per_step"] == 32 * 64
+    assert p["model"]["masked_params"] == 2 * (64 * 64 * 2 + 32 * 64 * 2 + 128 * 64 * 3)
+    assert p["memory_gib"]["teacher_params_per_rank"] > 0 and p["memory_gib"]["masks_per_rank"] > 0
+    assert not (run_dir / "dry").exists()
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "6")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "3")
+    assert main(["train", "--config", str(cfg), "--dry-run"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["world"]["launcher"] == "openmpi" and p["world"]["nodes"] == 2 and p["batch"]["global_batch"] == 24
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_with_a_localhost_hostfile(run_dir, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    proc = subprocess.run([str(LAUNCH / "train_deepspeed.sh"), str(_cfg(run_dir, "ds_launcher"))], cwd=REPO,
+                          env=_env(HOSTFILE=str(hostfile), NODE_RANK="0", MASTER_ADDR="127.0.0.1"), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "ds_launcher" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_mpirun_two_ranks_discovered_through_mpi4py(run_dir):
+    if shutil.which("mpirun", path=str(BIN)) is None:
+        pytest.skip("no mpirun in this venv: pip install mpich (part of the dev extra)")
+    proc = subprocess.run([str(LAUNCH / "train_mpirun.sh"), str(_cfg(run_dir, "mpirun"))], cwd=REPO,
+                          env=_env(NP="2"), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "mpirun" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["dead", "hung"])
+def test_a_dead_or_hung_rank_fails_the_whole_job_in_bounded_time(run_dir, tmp_path, sig):
+    """SIGKILL: the peers' collectives fail at once; SIGSTOP: they time out after dist_timeout_s."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    out = run_dir / f"rank_{sig.name}"
+    cmd = [str(LAUNCH / "train_deepspeed.sh"), str(_cfg(run_dir, out.name, steps=10_000, dist_timeout_s=20))]
+    env = _env(HOSTFILE=str(hostfile), NODE_RANK="0", MASTER_ADDR="127.0.0.1")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while not ((out / "log.jsonl").is_file() and len((out / "log.jsonl").read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    job = psutil.Process(proc.pid).children(recursive=True)
+    ranks = [p for p in job if "--local_rank=1" in " ".join(p.cmdline())]
+    assert len(ranks) == 1
+    t0 = time.time()
+    ranks[0].send_signal(sig)
+    try:
+        code = proc.wait(timeout=120)
+    finally:
+        _, alive = psutil.wait_procs(job, timeout=30)
+        for p in alive:
+            p.kill()
+    assert code != 0 and time.time() - t0 < 120  # the launcher notices and fails the job
+    assert not alive  # and no rank is left hanging
