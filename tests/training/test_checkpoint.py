@@ -116,7 +116,7 @@ def test_corrupt_and_incomplete_checkpoints_are_named_and_skipped(run_dir, refer
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (2, 3)])
 def test_elastic_resume_on_another_world_size_keeps_masks_and_sampler_position(run_dir, before, after):
     out = run_dir / f"elastic{before}to{after}"
     train(_cfg(run_dir, out.name, steps=4), ranks=before)
