@@ -5,7 +5,9 @@ into token shards, report the dense model's validation perplexity, prune it to
 2:4 with SparseGPT (calibrated on the train shards), report the pruned
 model's perplexity on the same windows, then continue training the 2:4
 student with AST (distilled from the dense teacher, 2 ranks, DeepSpeed ZeRO-3
-on CPU) and report perplexity before and after. Each stage's figures and
+on CPU) and report perplexity before and after, then export its checkpoint to a
+Hugging Face dir and report that model's perplexity on the dense model's
+windows. Each stage's figures and
 output paths go to `<out>/report.json`, rewritten after each stage.
 """
 from __future__ import annotations
@@ -90,6 +92,7 @@ class _Stage:
 def run(out: str | Path = "runs/quickstart", max_windows: int = 32, workers: int | None = None) -> Path:
     from data_tools.preprocess import preprocess
     from megatron_ast.eval.perplexity import perplexity, token_windows
+    from megatron_ast.export.hf import export_checkpoint
     from megatron_ast.modeling import load_causal_lm
     from megatron_ast.pruning.api import REPORT_FILE, prune_to_dir
     from megatron_ast.pruning.pipeline import PruneConfig
@@ -98,7 +101,7 @@ def run(out: str | Path = "runs/quickstart", max_windows: int = 32, workers: int
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or max(1, min(2, os.cpu_count() or 1))
-    report = Report(out, 6)
+    report = Report(out, 7)
 
     with report.stage("assets", "reference model (SmolLM2-135M) and corpus (Shakespeare + CPython stdlib)") as fig:
         fig.update(assets.ensure_assets())
@@ -142,6 +145,12 @@ def run(out: str | Path = "runs/quickstart", max_windows: int = 32, workers: int
         b, f = fig["ppl_before"]["all"]["ppl"], fig["ppl_after"]["all"]["ppl"]
         print(f"      {fig['tokens']:,} tokens in {fig['seconds']} s; validation ppl (seq {AST_SEQ}) {b:.2f} -> {f:.2f}",
               flush=True)
+
+    exported = out / "ast-2of4-hf"
+    with report.stage("export_ast", f"AST checkpoint -> Hugging Face dir {exported}; its perplexity as above") as fig:
+        if not (exported / "export_report.json").is_file():
+            export_checkpoint(report.data["stages"]["train_ast"]["checkpoint"], exported)
+        evaluate(fig, str(exported), "AST 2:4")
 
     report.data["complete"] = True
     atomic_write_json(report.path, report.data)

@@ -11,7 +11,7 @@ def test_main_job_end_to_end_writes_report(reference_assets, tmp_path, capsys):
     out = tmp_path / "qs"
     assert main(["quickstart", "--out", str(out), "--max-windows", "2"]) == 0
     printed = capsys.readouterr().out
-    assert f"report: {out / 'report.json'}" in printed and "[6/6] train_ast" in printed
+    assert f"report: {out / 'report.json'}" in printed and "[7/7] export_ast" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] is True
     st = report["stages"]
@@ -28,3 +28,5 @@ def test_main_job_end_to_end_writes_report(reference_assets, tmp_path, capsys):
     assert ast["steps"] == 12 and ast["tokens"] == 12 * 4 * 256 and ast["teacher_unchanged"] is True
     assert ast["ppl_after"]["all"]["ppl"] < 2 * ast["ppl_before"]["all"]["ppl"]
     assert (out / "ast" / "checkpoints" / "latest").is_file()
+    exported = st["export_ast"]["perplexity"]  # the exported HF dir, on the dense model's windows
+    assert exported["all"]["ppl"] < sparse["all"]["ppl"]  # AST improved on its one-shot init
