@@ -10,7 +10,9 @@ shift
 ARGS=(-np "${NP:?NP: number of ranks}")
 [[ -n "${HOSTFILE:-}" ]] && ARGS+=(--hostfile "$HOSTFILE")
 if mpirun --version 2>&1 | grep -q "Open MPI"; then
-    ARGS+=(-x MASTER_PORT="${MASTER_PORT:-29500}" -x PATH)
+    # mpi4py's binary wheels serve several MPIs: tell it which one this is
+    export MPI4PY_MPIABI=${MPI4PY_MPIABI:-openmpi}
+    ARGS+=(-x MASTER_PORT="${MASTER_PORT:-29500}" -x PATH -x MPI4PY_MPIABI)
     [[ -n "${DS_ACCELERATOR:-}" ]] && ARGS+=(-x DS_ACCELERATOR)
     [[ $(id -u) == 0 ]] && ARGS+=(--allow-run-as-root)
 else

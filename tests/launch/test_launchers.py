@@ -56,15 +56,27 @@ def test_deepspeed_launcher_with_a_localhost_hostfile(run_dir, tmp_path):
     assert summary["world_size"] == 2 and summary["steps"] == 3
 
 
+def _mpirun_path(impl: str) -> str:
+    """PATH whose first mpirun is MPICH's (the `mpich` wheel in this venv) or Open MPI's (Debian's openmpi-bin)."""
+    if impl == "mpich":
+        if shutil.which("mpirun", path=str(BIN)) is None:
+            pytest.skip("no MPICH mpirun in this venv: pip install mpich (part of the dev extra)")
+        return f"{BIN}:{os.environ['PATH']}"
+    found = shutil.which("mpirun", path="/usr/bin")
+    if found is None or "Open MPI" not in subprocess.run([found, "--version"], capture_output=True, text=True).stdout:
+        pytest.skip("Open MPI is not installed: apt-get install openmpi-bin libopenmpi-dev (.ci/run does, as root)")
+    return f"/usr/bin:{BIN}:{os.environ['PATH']}"
+
+
 @pytest.mark.slow
 @pytest.mark.mpi
-def test_mpirun_two_ranks_discovered_through_mpi4py(run_dir):
-    if shutil.which("mpirun", path=str(BIN)) is None:
-        pytest.skip("no mpirun in this venv: pip install mpich (part of the dev extra)")
-    proc = subprocess.run([str(LAUNCH / "train_mpirun.sh"), str(_cfg(run_dir, "mpirun"))], cwd=REPO,
-                          env=_env(NP="2"), capture_output=True, text=True, timeout=900)
+@pytest.mark.parametrize("impl", ["mpich", "openmpi"])
+def test_mpirun_two_ranks_discovered_through_mpi4py(run_dir, impl):
+    out = run_dir / f"mpirun_{impl}"
+    proc = subprocess.run([str(LAUNCH / "train_mpirun.sh"), str(_cfg(run_dir, out.name))], cwd=REPO,
+                          env=_env(NP="2", PATH=_mpirun_path(impl)), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((run_dir / "mpirun" / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 3
 
 
