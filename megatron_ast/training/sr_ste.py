@@ -31,16 +31,19 @@ class SRSTEAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         srste_lambda=srste_lambda, srste_t_inc=srste_t_inc)
         super().__init__(params, defaults)
-        self._pruned: dict[int, torch.Tensor] = {}
+        self._pruned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def set_pruned(self, tensor: torch.Tensor, pruned: torch.Tensor | None) -> None:
-        """Declare the indicator of `tensor` (same shape): 1 - M on masked weights, -1 elsewhere; None = plain AdamW."""
+        """Declare the indicator of `tensor` (same shape): 1 - M on masked weights, -1 elsewhere; None = plain AdamW.
+
+        Kept as (decay factor 0/1, is-masked), so the step needs no per-call indicator arithmetic."""
         if pruned is None:
             self._pruned.pop(id(tensor), None)
         else:
             if pruned.shape != tensor.shape:
                 raise ValueError(f"pruned indicator {tuple(pruned.shape)} does not match tensor {tuple(tensor.shape)}")
-            self._pruned[id(tensor)] = pruned.to(device=tensor.device, dtype=tensor.dtype)
+            pruned = pruned.to(device=tensor.device)
+            self._pruned[id(tensor)] = (pruned.clamp(min=0).to(tensor.dtype), pruned >= 0)
 
     def current_lambda(self) -> float:
         g = self.param_groups[0]
@@ -65,14 +68,17 @@ class SRSTEAdamW(torch.optim.Optimizer):
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 m.mul_(b1).add_(p.grad, alpha=1 - b1)
                 pruned = self._pruned.get(id(p)) if group["srste_lambda"] > 0 else None
-                if pruned is not None:
+                if pruned is not None:  # two partition-sized temporaries: u and the squared term
+                    decay, masked = pruned
                     lam = srste_lambda(t, group["srste_lambda"], group["srste_t_inc"])
-                    u = m + lam * p * pruned.clamp(min=0)
-                    v.mul_(b2).add_(torch.where(pruned >= 0, u * u, p.grad * p.grad), alpha=1 - b2)
+                    u = torch.addcmul(m, p, decay, value=lam)
+                    sq = torch.where(masked, u, p.grad).square_()
+                    v.mul_(b2).add_(sq, alpha=1 - b2)
+                    denom = torch.div(v, 1 - b2**t, out=sq).sqrt_().add_(group["eps"])
                 else:  # plain AdamW
                     u = m
                     v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
+                    denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.addcdiv_(u, denom, value=-group["lr"] / (1 - b1**t))
         return loss
