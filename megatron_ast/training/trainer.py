@@ -87,7 +87,9 @@ class Trainer:
             _rank0_print(f"[train] teacher: {cfg.model} (frozen, ZeRO-3, no optimizer)")
             self.teacher = self._dense_engine(dtype)
             self._teacher_sum = self._teacher_checksum()
-        norms = self._wanda_norms(dtype) if cfg.init == "wanda" and cfg.method != "dense" else None
+        # a resumed run takes its masks from the checkpoint: no calibration pass then
+        wanda = cfg.init == "wanda" and cfg.method != "dense" and self.resume_tag is None
+        norms = self._wanda_norms(dtype) if wanda else None
 
         masks_from = {"magnitude": "magnitude masks", "wanda": "Wanda masks"}.get(cfg.init, "one-shot masks")
         _rank0_print(f"[train] student: {cfg.student_dir} ({'dense, ramped by gmp' if cfg.method == 'gmp' else masks_from}),"
