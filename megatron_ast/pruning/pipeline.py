@@ -113,59 +113,74 @@ def _prune_linear(method: str, w: torch.Tensor, h: torch.Tensor | None, cfg: Pru
     return sparsegpt(w, h, cfg.pattern, cfg.blocksize, cfg.damp)
 
 
-def prune_model(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | None) -> tuple[dict, list[dict]]:
-    """Prune every decoder Linear of `model` in place; returns (masks by parameter name, per-Linear report)."""
+def walk_layers(model: nn.Module, calib: torch.Tensor | None, device: str, desc: str, visit,
+                record_ffn: bool = False) -> torch.Tensor | None:
+    """The sequential pass: per decoder layer, collect its Linears' input moments on the dense layer,
+    `visit(i, layer, linears, hessians, ffn_io)` (which may change the layer), then push the calibration
+    activations through the changed layer. Returns the last layer's outputs (None without `calib`)."""
     arch = architecture_of(model)
-    validate_shapes(model, cfg.pattern)
     layers = arch.layers(model)
     model.eval()
-    masks, report = {}, []
-    needs_data = cfg.method != "magnitude"
-    if needs_data and calib is None:
-        raise UsageError(f"--method {cfg.method} needs calibration data: pass --calib")
+    inps = None
     with torch.no_grad():
-        if needs_data:
-            _outside_layers_to(model, arch.layers_path, cfg.device)
-            inps, args, kwargs = _capture_inputs(model, layers[0], calib, cfg.device)
+        if calib is not None:
+            _outside_layers_to(model, arch.layers_path, device)
+            inps, args, kwargs = _capture_inputs(model, layers[0], calib, device)
             _outside_layers_to(model, arch.layers_path, "cpu")
-        for i, layer in enumerate(tqdm(layers, desc=f"prune {cfg.method} {cfg.pattern}", file=sys.stderr, disable=None)):
-            layer.to(cfg.device)
+        for i, layer in enumerate(tqdm(layers, desc=desc, file=sys.stderr, disable=None)):
+            layer.to(device)
             linears = prunable_linears(layer)
-            hessians = None
-            ffn_io = None
-            if needs_data:
+            hessians = ffn_io = None
+            if calib is not None:
                 hessians = InputHessians(layer, linears)
-                if cfg.method == "sparsellm":
-                    ffn_io = FfnRecorder(layer, arch.ffn)
+                ffn_io = FfnRecorder(layer, arch.ffn) if record_ffn else None
                 for x in inps:
                     _layer_forward(layer, x, args, kwargs)
                 hessians.remove()
                 if ffn_io is not None:
                     ffn_io.remove()
-            done = set()
-            if ffn_io is not None:
-                rows, info = sparsellm_ffn(layer, arch.ffn, ffn_io, hessians, cfg)
-                if info["fallback_to_sparsegpt"]:
-                    print(f"sparsellm: layer {i} did not beat SparseGPT on its FFN output "
-                          f"({info['ffn_error_sparsellm']:.4g} vs {info['ffn_error_sparsegpt']:.4g}); "
-                          "kept the SparseGPT weights", file=sys.stderr)
-                for name, (dense, new, keep, h) in rows.items():
-                    done.add(name)
-                    masks[f"{arch.layers_path}.{i}.{name}.weight"] = keep.cpu()
-                    report.append({**_row(f"{arch.layers_path}.{i}.{name}", dense, new, keep, h, cfg), "sparsellm": info})
-            for name, mod in linears.items():
-                if name in done:
-                    continue
-                dense = weight_out_in(mod).detach().float().clone()  # the layer is updated in place
-                h = hessians.hessian(name) if hessians is not None else None
-                new, keep = _prune_linear("sparsegpt" if cfg.method == "sparsellm" else cfg.method, dense, h, cfg)
-                set_weight_out_in(mod, new)
-                masks[f"{arch.layers_path}.{i}.{name}.weight"] = keep.cpu()
-                report.append(_row(f"{arch.layers_path}.{i}.{name}", dense, new, keep, h, cfg))
-            if needs_data:
+            visit(i, layer, linears, hessians, ffn_io)
+            if calib is not None:
                 inps = torch.stack([_layer_forward(layer, x, args, kwargs) for x in inps])
             layer.to("cpu")
-        _prune_outside_layers(model, arch, cfg, inps if needs_data else None, masks, report)
+    return inps
+
+
+def prune_model(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | None) -> tuple[dict, list[dict]]:
+    """Prune every decoder Linear of `model` in place; returns (masks by parameter name, per-Linear report)."""
+    arch = architecture_of(model)
+    validate_shapes(model, cfg.pattern)
+    masks, report = {}, []
+    needs_data = cfg.method != "magnitude"
+    if needs_data and calib is None:
+        raise UsageError(f"--method {cfg.method} needs calibration data: pass --calib")
+
+    def visit(i, layer, linears, hessians, ffn_io) -> None:
+        done = set()
+        if ffn_io is not None:
+            rows, info = sparsellm_ffn(layer, arch.ffn, ffn_io, hessians, cfg)
+            if info["fallback_to_sparsegpt"]:
+                print(f"sparsellm: layer {i} did not beat SparseGPT on its FFN output "
+                      f"({info['ffn_error_sparsellm']:.4g} vs {info['ffn_error_sparsegpt']:.4g}); "
+                      "kept the SparseGPT weights", file=sys.stderr)
+            for name, (dense, new, keep, h) in rows.items():
+                done.add(name)
+                masks[f"{arch.layers_path}.{i}.{name}.weight"] = keep.cpu()
+                report.append({**_row(f"{arch.layers_path}.{i}.{name}", dense, new, keep, h, cfg), "sparsellm": info})
+        for name, mod in linears.items():
+            if name in done:
+                continue
+            dense = weight_out_in(mod).detach().float().clone()  # the layer is updated in place
+            h = hessians.hessian(name) if hessians is not None else None
+            new, keep = _prune_linear("sparsegpt" if cfg.method == "sparsellm" else cfg.method, dense, h, cfg)
+            set_weight_out_in(mod, new)
+            masks[f"{arch.layers_path}.{i}.{name}.weight"] = keep.cpu()
+            report.append(_row(f"{arch.layers_path}.{i}.{name}", dense, new, keep, h, cfg))
+
+    hidden = walk_layers(model, calib if needs_data else None, cfg.device, f"prune {cfg.method} {cfg.pattern}", visit,
+                         record_ffn=cfg.method == "sparsellm")
+    with torch.no_grad():
+        _prune_outside_layers(model, arch, cfg, hidden, masks, report)
     return masks, report
 
 
