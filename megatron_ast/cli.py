@@ -85,6 +85,15 @@ def _cmd_train(a: argparse.Namespace) -> None:
             dist.destroy_process_group()
 
 
+def _cmd_quantize(a: argparse.Namespace) -> None:
+    from megatron_ast.quantization.api import quantize_dir
+    from megatron_ast.quantization.groupwise import QuantSpec
+
+    r = quantize_dir(a.model, a.out, QuantSpec(a.bits, a.group_size), a.method, a.calib, a.nsamples, a.seqlen,
+                     a.seed, a.device)
+    print(json.dumps({k: v for k, v in r.items() if k != "layers"}, indent=2))
+
+
 def _cmd_export(a: argparse.Namespace) -> None:
     from megatron_ast.export.hf import export_checkpoint
 
@@ -180,6 +189,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--world-size", type=_positive, help="with --dry-run: plan for this many ranks")
     s.add_argument("--nodes", type=_positive, help="with --dry-run: ... on this many nodes")
     s.set_defaults(fn=_cmd_train)
+
+    s = sub.add_parser("quantize", help="int4/int8 group-wise on top of a 2:4 model (GPTQ or RTN); zeros stay zero")
+    s.add_argument("--model", required=True, help="a 2:4 model dir with masks.safetensors (from prune or export)")
+    s.add_argument("--bits", type=int, choices=[4, 8], default=4)
+    s.add_argument("--group-size", type=_positive, default=128)
+    s.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
+    s.add_argument("--calib", nargs="+", help="token-shard dirs and/or jsonl/text files (gptq)")
+    s.add_argument("--nsamples", type=_positive, default=128)
+    s.add_argument("--seqlen", type=_positive, default=2048)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--out", required=True, help="output model dir (must not exist)")
+    s.set_defaults(fn=_cmd_quantize)
 
     s = sub.add_parser("export", help="a training checkpoint -> Hugging Face safetensors (W*M) + masks + SLoRB as PEFT LoRA")
     s.add_argument("checkpoint", help="a complete checkpoint dir: <output_dir>/checkpoints/stepN")
