@@ -33,12 +33,10 @@ def _launch(args) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.model is None:  # the reference assets, tokenized here
-        from data_tools.preprocess import preprocess
-        from megatron_ast.assets import ensure_assets
+        from reference import reference_shards
 
-        a = ensure_assets()
-        args.model, args.shards = a["model"], str(work / "shards")
-        preprocess([a["corpus"][d]["train"] for d in ("book", "github")], args.shards, a["tokenizer"], workers=2)
+        a, dirs = reference_shards(work, ("train",))
+        args.model, args.shards = a["model"], str(dirs["train"])
     ds = json.loads(Path(args.ds_config).read_text()) if args.ds_config else {
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
         "zero_optimization": {"stage": 3}, "steps_per_print": 10**9}

@@ -27,6 +27,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from machine import machine_info  # noqa: E402
+from reference import reference_shards  # noqa: E402
 
 
 def _free_port() -> int:
@@ -58,15 +59,11 @@ def main() -> None:
     ap.add_argument("--out", help="results JSON (default bench/results/ast_recovery-<host>.json)")
     args = ap.parse_args()
 
-    from data_tools.preprocess import preprocess
-    from megatron_ast.assets import ensure_assets
     from megatron_ast.eval.perplexity import perplexity, token_windows
     from megatron_ast.modeling import load_causal_lm
 
-    a = ensure_assets()
     work = Path(args.work)
-    for split in ("train", "validation"):
-        preprocess([a["corpus"][d][split] for d in ("book", "github")], work / "shards" / split, a["tokenizer"], workers=2)
+    a, _ = reference_shards(work)
     ds = json.loads(Path(args.ds_config).read_text())
     per_step = args.seq_len * ds["train_micro_batch_size_per_gpu"] * ds.get("gradient_accumulation_steps", 1) * args.ranks
     steps = max(1, args.tokens // per_step)

@@ -115,19 +115,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         return _worker(args)
-    from data_tools.preprocess import preprocess
-    from megatron_ast.assets import ensure_assets
+    from reference import reference_shards
 
-    a = ensure_assets()
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    preprocess([a["corpus"][d]["train"] for d in ("book", "github")], work / "shards", a["tokenizer"], workers=2)
+    a, dirs = reference_shards(work, ("train",))
     (work / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                                               "zero_optimization": {"stage": 3}, "steps_per_print": 10**9}))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "BENCH_MODEL": a["model"], "BENCH_SHARDS": str(work / "shards"),
+    env = {**os.environ, "BENCH_MODEL": a["model"], "BENCH_SHARDS": str(dirs["train"]),
            "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.ranks}",
                     f"--master_port={port}", __file__, "--worker", "--seq-len", str(args.seq_len), "--work", str(work)]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info, peak_rss_of  # noqa: E402
+from reference import reference_shards  # noqa: E402
 
 PATTERNS = ["2:4", "unstructured:0.7", "unstructured:0.5"]
 METHODS = ["magnitude", "wanda", "sparsegpt", "sparsellm"]
@@ -56,15 +57,11 @@ def main() -> None:
     ap.add_argument("--work", default="runs/bench_oneshot")
     args = ap.parse_args()
 
-    from data_tools.preprocess import preprocess
-    from megatron_ast.assets import ensure_assets
     from megatron_ast.eval.perplexity import perplexity, token_windows
     from megatron_ast.modeling import load_causal_lm
 
-    a = ensure_assets()
     work = Path(args.work)
-    for split in ("train", "validation"):
-        preprocess([a["corpus"][d][split] for d in ("book", "github")], work / "shards" / split, a["tokenizer"], workers=2)
+    a, _ = reference_shards(work)
     windows = token_windows([str(work / "shards" / "validation")], a["tokenizer"], 512, args.windows)
     out_path = Path(__file__).resolve().parent / "results" / f"oneshot-{platform.node() or 'host'}.json"
     results = {"model": "SmolLM2-135M-Instruct (fp32, dequantised from the Q4_1 GGUF)", "nsamples": args.nsamples,

@@ -24,3 +24,20 @@ def tiny():
 @pytest.fixture()
 def calib():
     return torch.randint(0, 600, (16, 32), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture()
+def model_dir(tmp_path, tiny, hf_tokenizer_dir):
+    """A tiny Llama saved with a real tokenizer: what `megatron-ast prune/quantize --model` takes."""
+    d = tmp_path / "dense"
+    tiny("llama").save_pretrained(d)
+    for f in hf_tokenizer_dir.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    return d
+
+
+@pytest.fixture()
+def calib_file(tmp_path):
+    from tests.conftest import stdlib_texts, write_jsonl
+
+    return write_jsonl(tmp_path / "calib" / "github" / "c.jsonl", stdlib_texts(10))

@@ -8,21 +8,6 @@ from transformers import AutoModelForCausalLM
 from megatron_ast.cli import main
 from megatron_ast.pruning.architectures import weight_out_in
 from megatron_ast.sparsity import nm_violations
-from tests.conftest import stdlib_texts, write_jsonl
-
-
-@pytest.fixture()
-def model_dir(tmp_path, tiny, hf_tokenizer_dir):
-    d = tmp_path / "dense"
-    tiny("llama").save_pretrained(d)
-    for f in hf_tokenizer_dir.iterdir():
-        (d / f.name).write_bytes(f.read_bytes())
-    return d
-
-
-@pytest.fixture()
-def calib_file(tmp_path):
-    return write_jsonl(tmp_path / "calib" / "github" / "c.jsonl", stdlib_texts(10))
 
 
 @pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])

@@ -1,2 +1,2 @@
-"""The quantize tests reuse the pruning tests' tiny models."""
-from tests.pruning.conftest import calib, tiny  # noqa: F401
+"""The quantize tests reuse the pruning tests' tiny models and model dir."""
+from tests.pruning.conftest import calib, calib_file, model_dir, tiny  # noqa: F401

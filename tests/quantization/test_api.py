@@ -11,20 +11,14 @@ from megatron_ast.pruning.architectures import weight_out_in
 from megatron_ast.quantization.groupwise import QuantSpec, dequantize
 from megatron_ast.quantization.pack24 import unpack
 from megatron_ast.sparsity import nm_violations
-from tests.conftest import stdlib_texts, write_jsonl
 
 
 @pytest.fixture()
-def pruned(tmp_path, tiny, hf_tokenizer_dir):
-    dense = tmp_path / "dense"
-    tiny("llama").save_pretrained(dense)
-    for f in hf_tokenizer_dir.iterdir():
-        (dense / f.name).write_bytes(f.read_bytes())
-    calib = write_jsonl(tmp_path / "calib" / "github" / "c.jsonl", stdlib_texts(10))
+def pruned(tmp_path, model_dir, calib_file):
     out = tmp_path / "pruned"
-    assert main(["prune", "--model", str(dense), "--method", "sparsegpt", "--calib", str(calib), "--nsamples", "8",
-                 "--seqlen", "64", "--out", str(out)]) == 0
-    return out, calib
+    assert main(["prune", "--model", str(model_dir), "--method", "sparsegpt", "--calib", str(calib_file), "--nsamples",
+                 "8", "--seqlen", "64", "--out", str(out)]) == 0
+    return out, calib_file
 
 
 @pytest.mark.parametrize("method", ["gptq", "rtn"])
@@ -62,13 +56,9 @@ def test_quantize_bad_input_exits_2_with_nothing_written(pruned, tmp_path, capsy
     assert not any((tmp_path / n).exists() for n in "abc")
 
 
-def test_quantize_refuses_masks_that_are_not_2of4(tmp_path, tiny, hf_tokenizer_dir, capsys):
-    dense = tmp_path / "dense"
-    tiny("llama").save_pretrained(dense)
-    for f in hf_tokenizer_dir.iterdir():
-        (dense / f.name).write_bytes(f.read_bytes())
+def test_quantize_refuses_masks_that_are_not_2of4(tmp_path, model_dir, capsys):
     src = tmp_path / "unstructured"
-    assert main(["prune", "--model", str(dense), "--method", "magnitude", "--pattern", "unstructured",
+    assert main(["prune", "--model", str(model_dir), "--method", "magnitude", "--pattern", "unstructured",
                  "--out", str(src)]) == 0
     capsys.readouterr()
     assert main(["quantize", "--model", str(src), "--method", "rtn", "--group-size", "32", "--out", str(tmp_path / "q")]) == 2
