@@ -44,7 +44,20 @@ def _cmd_eval_ppl(a: argparse.Namespace) -> None:
 
     check_model_dir(a.model)
     windows = token_windows(a.data, a.tokenizer or a.model, a.seq_len, a.max_windows)
-    result = perplexity(load_causal_lm(a.model), windows, batch_size=a.batch_size)
+    model = load_causal_lm(a.model)
+    if a.expect:
+        from megatron_ast.pruning.architectures import decoder_weights
+        from megatron_ast.sparsity import SparsityPattern, nm_violations
+
+        p = SparsityPattern.parse(a.expect)
+        if not p.structured:
+            raise UsageError(f"--expect {a.expect!r}: give an N:M pattern such as 2:4")
+        bad = {n: v for n, w in decoder_weights(model).items() if (v := nm_violations(w, p.n, p.m))}
+        if bad:
+            name = next(iter(bad))
+            raise UsageError(f"{a.model} is not {p}: {name} has {bad[name]} groups with more than {p.n} non-zeros "
+                             f"({len(bad)} Linears fail); evaluate without --expect or prune it first")
+    result = perplexity(model, windows, batch_size=a.batch_size)
     print(json.dumps({"model": a.model, "seq_len": a.seq_len, "perplexity": result}, indent=2))
 
 
@@ -154,6 +167,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=_positive, default=512)
     s.add_argument("--max-windows", type=_positive, help="per domain, evenly spaced (default: all)")
     s.add_argument("--batch-size", type=_positive, default=4)
+    s.add_argument("--expect", help="N:M pattern every decoder Linear must hold (e.g. 2:4), checked before evaluating")
     s.set_defaults(fn=_cmd_eval_ppl)
 
     s = sub.add_parser("prune", help="one-shot pruning to N:M or unstructured sparsity")

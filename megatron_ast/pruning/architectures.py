@@ -79,3 +79,10 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
 def set_weight_out_in(module: nn.Module, weight: torch.Tensor) -> None:
     w = weight.t() if is_conv1d(module) else weight
     module.weight.data.copy_(w.to(module.weight.dtype))
+
+
+def decoder_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """(out, in) weight of every Linear inside the decoder layers, by qualified module name."""
+    arch = architecture_of(model)
+    return {f"{arch.layers_path}.{i}.{name}": weight_out_in(mod)
+            for i, layer in enumerate(arch.layers(model)) for name, mod in prunable_linears(layer).items()}

@@ -56,3 +56,17 @@ def test_cli_reports_json_and_rejects_bad_input(tiny_model, hf_tokenizer_dir, tm
     assert main(["eval", "ppl", "--model", str(tmp_path), "--data", str(src)]) == 2
     assert "no config.json" in capsys.readouterr().err
     assert main(["eval", "ppl", "--model", str(model_dir), "--data", str(tmp_path / "none")]) == 2
+
+
+def test_expect_checks_the_pattern_before_evaluating(tiny_model, tmp_path, capsys):
+    _, model_dir = tiny_model
+    src = write_jsonl(tmp_path / "github" / "val.jsonl", stdlib_texts(5))
+    args = ["--data", str(src), "--seq-len", "64", "--max-windows", "2", "--expect", "2:4"]
+    assert main(["eval", "ppl", "--model", str(model_dir), *args]) == 2
+    err = capsys.readouterr().err
+    assert "is not 2:4: model.layers.0.self_attn.q_proj has" in err and "14 Linears fail" in err
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "--model", str(model_dir), "--method", "magnitude", "--out", str(pruned)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "ppl", "--model", str(pruned), *args]) == 0
+    assert "perplexity" in capsys.readouterr().out
