@@ -1,7 +1,8 @@
 """`megatron-ast export`: a training checkpoint -> a Hugging Face dir anyone can load.
 
-The ZeRO-3 partitions are consolidated (DeepSpeed's zero_to_fp32) after the
-checkpoint's manifest verified every file; each masked weight is written as W*M
+The ZeRO-3 partitions are consolidated (DeepSpeed's zero_to_fp32: the dense fp32
+master) after the checkpoint's manifest verified every file, the masks assembled
+from every rank's slices (rank<r>.safetensors); each masked weight is written as W*M
 and checked to be exactly the run's N:M pattern, so `AutoModelForCausalLM` loads
 the sparse model with no project code. Beside it: `masks.safetensors` (the same
 format `megatron-ast prune` writes, so the dir can seed another run) and, when the
@@ -24,6 +25,7 @@ from megatron_ast.pruning.api import MASKS_FILE, TOKENIZER_FILES
 from megatron_ast.sparsity import SparsityPattern, nm_violations
 from megatron_ast.sparsity.slorb import group_projection
 from megatron_ast.training import checkpoint
+from megatron_ast.training.mask_partitions import masks_from_rank_files
 
 ADAPTER_DIR = "slorb_adapter"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,10 +65,10 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
     check_model_dir(src)
     pattern = SparsityPattern.parse(run["pattern"])
     sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    masks = {k.removesuffix(".mask"): v.bool() for k, v in sd.items() if k.endswith(".mask")}
+    masks = masks_from_rank_files(checkpoint.rank_files(ckpt))
     base, adapter, ranks = {}, {}, {}
     for k, v in sd.items():
-        if k.endswith(".mask") or ".slorb." in k:
+        if ".slorb." in k:
             continue
         module = k.rsplit(".", 1)[0]
         base[k] = v * masks[module] if k.endswith(".weight") and module in masks else v

@@ -1,8 +1,12 @@
 """`sparsify_(model, masks)`: turn chosen Linears into masked (2:4) Linears with an STE forward.
 
-The mask is registered as a frozen parameter of the Linear itself, so under
-DeepSpeed ZeRO-3 it is partitioned, gathered and released exactly like the
-weight it masks (each rank stores only its slice).
+Two ways to hold the mask, one straight-through estimator:
+- in one process, the mask is a frozen parameter of the Linear and the forward
+  computes W*M through `ste_masked` (the gradient reaches the dense W);
+- under DeepSpeed ZeRO-3, `mask` is None: the weight ZeRO-3 gathers is already W*M
+  (the working partitions are masked after each optimizer step, while the fp32
+  master stays dense: training/mask_partitions.py), so the gradient taken at W*M
+  lands on the dense master, and no mask is gathered in the forward.
 """
 from __future__ import annotations
 
@@ -17,11 +21,12 @@ from megatron_ast.sparsity.ste import ste_masked
 class SparseLinear(nn.Linear):
     """nn.Linear computing (W * M) x + b (+ SLoRB); gradients reach the dense W unmasked."""
 
-    mask: nn.Parameter
+    mask: nn.Parameter | None
     slorb: SLoRB | None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, ste_masked(self.weight, self.mask), self.bias)
+        w = self.weight if self.mask is None else ste_masked(self.weight, self.mask)
+        y = F.linear(x, w, self.bias)
         if self.slorb is not None:
             y = y + self.slorb(x)
         return y
@@ -34,14 +39,17 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor], slorb: SLoRBConf
     return model
 
 
-def sparsify_module_(module: nn.Module, mask: torch.Tensor, slorb: SLoRBConfig | None = None, name: str = "") -> None:
-    """Make one nn.Linear a SparseLinear. Its full weight must be present (under ZeRO-3: gathered)."""
+def sparsify_module_(module: nn.Module, mask: torch.Tensor, slorb: SLoRBConfig | None = None, name: str = "",
+                     hold_mask: bool = True) -> None:
+    """Make one nn.Linear a SparseLinear. Its full weight must be present (under ZeRO-3: gathered).
+    `hold_mask=False`: the caller keeps the weight masked (ZeRO-3's partitions), the module holds no mask."""
     if type(module) is not nn.Linear:
         raise TypeError(f"{name} belongs to a {type(module).__name__}, not an nn.Linear")
     if mask.shape != module.weight.shape:
         raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, the weight {tuple(module.weight.shape)}")
     module.__class__ = SparseLinear
-    module.mask = nn.Parameter(mask.to(module.weight.dtype).to(module.weight.device), requires_grad=False)
+    module.mask = (nn.Parameter(mask.to(module.weight.dtype).to(module.weight.device), requires_grad=False)
+                   if hold_mask else None)
     module.slorb = SLoRB(module.weight, mask, slorb) if slorb is not None else None
 
 

@@ -3,8 +3,8 @@
 Both models are constructed partitioned (transformers' ZeRO-3 path builds them
 inside `deepspeed.zero.Init`), so no rank ever holds a whole model. The student's
 decoder Linears become SparseLinears one at a time, each weight gathered only
-while its mask (and SLoRB) is made; the masks are converted to ZeRO-3
-parameters by `deepspeed.initialize`. The teacher is a second engine with no
+while its mask (and SLoRB) is made; each rank keeps only its partition's slice
+of the mask (training/mask_partitions.py). The teacher is a second engine with no
 optimizer, frozen and in eval mode, fed the same micro-batch (as DeepSpeed-Chat
 runs its reference model beside the actor).
 """
@@ -19,6 +19,7 @@ from megatron_ast.modeling import check_model_dir
 from megatron_ast.sparsity.masks import nm_mask
 from megatron_ast.sparsity.slorb import SLoRBConfig
 from megatron_ast.sparsity.sparse_linear import sparsify_module_
+from megatron_ast.training.mask_partitions import local_mask
 
 
 def load_zero3(model_dir: str | Path, ds_config: dict, dtype: torch.dtype):
@@ -77,9 +78,10 @@ def input_norms_zero3(engine, batches: list[torch.Tensor]) -> dict[str, torch.Te
 
 
 def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None, slorb: SLoRBConfig | None = None,
-                    input_norms: dict[str, torch.Tensor] | None = None, dense: bool = False) -> int:
-    """Make every decoder Linear sparse. Masks: from `masks_file` (a one-shot pruned dir's), else by
-    Wanda when `input_norms` are given, else by magnitude; `dense` starts with all-ones masks (gmp)."""
+                    input_norms: dict[str, torch.Tensor] | None = None, dense: bool = False) -> dict[str, torch.Tensor]:
+    """Make every decoder Linear sparse; returns this rank's mask slices (for PartitionedMasks). Masks: from
+    `masks_file` (a one-shot pruned dir's), else by Wanda when `input_norms` are given, else by magnitude;
+    `dense` starts with all-ones masks (gmp)."""
     import deepspeed
 
     stored = None
@@ -87,8 +89,8 @@ def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None,
         from safetensors import safe_open
 
         stored = safe_open(str(masks_file), framework="pt")
-    linears = decoder_linears(model)
-    for name, mod in linears.items():
+    local = {}
+    for name, mod in decoder_linears(model).items():
         with deepspeed.zero.GatheredParameters([mod.weight]):
             if mod.weight.shape[1] % m:
                 raise UsageError(f"{name}: in_features {mod.weight.shape[1]} is not a multiple of M={m}")
@@ -103,5 +105,6 @@ def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None,
                 if input_norms is not None:
                     score = score * input_norms[name].to(score.device)
                 mask = nm_mask(score, n, m)
-            sparsify_module_(mod, mask, slorb, name)
-    return len(linears)
+            sparsify_module_(mod, mask, slorb, name, hold_mask=False)
+            local[name] = local_mask(mask, mod.weight)
+    return local

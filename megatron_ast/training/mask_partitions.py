@@ -1,11 +1,19 @@
 """Masks beside the ZeRO-3 partitions they mask: the sparse hooks of the optimizer step.
 
-Each SparseLinear's mask is a frozen ZeRO-3 parameter shaped like its weight, so
-rank r stores elements [r*ps, r*ps + ps) of both, ps being the partition size.
+Rank r stores elements [r*ps, r*ps + ps) of every weight (ps: the partition size)
+and, here, the mask of exactly those elements, a plain local bool tensor: no rank
+ever holds or gathers a full mask. DeepSpeed keeps two copies of each partition:
+the fp32 master (what the optimizer updates) and the bit16/working partition (what
+ZeRO-3 gathers for forward and backward; a separate tensor even in fp32 runs).
+Installed into the ZeRO-3 optimizer's `step`, after every update this module
+overwrites the working partition with master * M. So the forward computes with
+W*M, its gradient (taken w.r.t. W*M) is applied to the dense master: the
+straight-through estimator, with no mask gathered and no W*M formed in the forward.
+
 DeepSpeed hands the client optimizer one flat fp32 partition per sub-group (the
 concatenation of its parameters' partitions); this module builds the matching
-flat (1 - M) indicator for the SR-STE decay (training/sr_ste.py), and after the
-optimizer step recomputes the masks from those fp32 master partitions.
+flat (1 - M) indicator for the SR-STE decay (training/sr_ste.py), and recomputes
+the masks from the fp32 master partitions.
 
 A partition boundary can cut an N:M group (ps need not be a multiple of M):
 every rank all-gathers the M-1 boundary elements of its neighbours, so each
@@ -14,6 +22,7 @@ same decision for it; nothing else crosses ranks but the flip counts.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,11 +40,23 @@ class _Masked:
     offset: int  # offset of this weight's partition inside the sub-group's flat fp32 partition
     start: int  # global flat index of this rank's first element
     valid: int  # elements of this rank's partition that are real (the rest is padding)
-    in_features: int
+    shape: tuple[int, int]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+
+def local_mask(mask: torch.Tensor, weight) -> torch.Tensor:
+    """This rank's slice of a full `mask` for the ZeRO-3 partitioned `weight` (flat, bool, padding cut off)."""
+    ps = weight.partition_numel()
+    start = dist.get_rank() * ps
+    return mask.reshape(-1)[start : start + ps].bool().clone()
 
 
 class PartitionedMasks:
-    def __init__(self, engine, n: int = 2, m: int = 4, score: str = "magnitude"):
+    def __init__(self, engine, local: dict[str, torch.Tensor], n: int = 2, m: int = 4, score: str = "magnitude"):
+        """`local`: per SparseLinear name, this rank's mask slice (`local_mask`), made before deepspeed.initialize."""
         self.engine, self.n, self.m, self.score = engine, n, m, score
         self.zero = engine.optimizer
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -52,19 +73,51 @@ class PartitionedMasks:
                         raise ValueError(f"{name}: ZeRO partition of {ps} elements is smaller than one group of {m}")
                     start = self.rank * ps
                     self.items.append(_Masked(name, mod, g, offset, start, max(0, min(ps, p.ds_numel - start)),
-                                              p.ds_shape[1]))
+                                              tuple(p.ds_shape)))
                 offset += ps
+        if {it.name for it in self.items} != set(local):
+            raise ValueError(f"masks given for {sorted(set(local) ^ {it.name for it in self.items})[:3]}..., "
+                             "which are not the engine's SparseLinears")
+        self.local = {it.name: local[it.name][: it.valid].to(self.device) for it in self.items}
         self.input_sq = {}  # Wanda: running sum of x_j^2 per masked Linear
         if score == "wanda":
             for it in self.items:
                 self.input_sq[it.name] = torch.zeros(it.in_features)
                 it.module.register_forward_pre_hook(self._record_inputs(it.name))
         self.initial = {it.name: self._local_mask(it).clone() for it in self.items}
-        self.refresh_indicators()
+        self._persistent = [it.module.weight for it in self.items if getattr(it.module.weight, "ds_persist", False)]
+        self._install()
+        self._masks_changed()
+
+    def _install(self) -> None:
+        """Wrap the ZeRO-3 optimizer's step: after it copies the fp32 master into the working partitions,
+        mask them. Every path that steps (engine.step, any accumulation) then leaves W*M behind."""
+        if not self.items:
+            return
+        step = self.zero.step
+
+        def step_then_mask(*args, **kwargs):
+            out = step(*args, **kwargs)
+            self.apply()
+            return out
+
+        self.zero.step = step_then_mask
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Working partition = fp32 master * M, for every masked weight (pruned master values are kept,
+        so a weight whose mask flips back on returns with its trained value)."""
+        for it in self.items:
+            work = it.module.weight.ds_tensor.data[: it.valid]
+            work.copy_(self._fp32(it))
+            work.mul_(self._local_mask(it).to(work.device, non_blocking=True))
+        if self._persistent:  # small ("persistent") weights stay gathered between steps: refresh the full copies
+            self._persistent[0].partition(param_list=self._persistent, has_been_updated=False)
+            self._persistent[0].all_gather(param_list=self._persistent)
 
     # --- views --------------------------------------------------------------------------------
     def _local_mask(self, it: _Masked) -> torch.Tensor:
-        return it.module.mask.ds_tensor.data[: it.valid]
+        return self.local[it.name]
 
     def _fp32(self, it: _Masked) -> torch.Tensor:
         flat = self.zero.fp32_partitioned_groups_flat[it.group]
@@ -76,7 +129,7 @@ class PartitionedMasks:
             mine = [it for it in self.items if it.group == g]
             ind = torch.full_like(flat, -1.0) if mine else None  # None: plain AdamW, no per-element select
             for it in mine:
-                ind[it.offset : it.offset + it.valid] = 1 - self._local_mask(it).to(ind.dtype)
+                ind[it.offset : it.offset + it.valid] = (~self._local_mask(it)).to(ind.dtype)
             self.zero.optimizer.set_pruned(flat, ind)
 
     def _record_inputs(self, name: str):
@@ -158,11 +211,11 @@ class PartitionedMasks:
                 new |= score > thresholds[it.name]
             new = new[a : a + it.valid]
             old = self._local_mask(it)
-            changed_prev += int((new != old.bool()).sum())
-            changed_init += int((new != self.initial[it.name].bool()).sum())
+            changed_prev += int((new != old).sum())
+            changed_init += int((new != self.initial[it.name]).sum())
             total += it.valid
             kept += int(new.sum())
-            old.copy_(new.to(old.dtype))
+            old.copy_(new)
         counts = torch.tensor([changed_prev, changed_init, total, kept], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts)
         counts[2] = counts[2].clamp_min(1)
@@ -174,14 +227,9 @@ class PartitionedMasks:
                 "sparsity": 1.0 - float(counts[3] / counts[2])}
 
     def _masks_changed(self) -> None:
-        """After the local mask partitions were written: refresh gathered copies and the optimizer's indicators."""
-        # small ("persistent") parameters stay gathered between steps: drop their stale full copies
-        # (the new values are already in the partitions) and gather them again
-        persistent = [it.module.mask for it in self.items if getattr(it.module.mask, "ds_persist", False)]
-        if persistent:
-            persistent[0].partition(param_list=persistent, has_been_updated=False)
-            persistent[0].all_gather(param_list=persistent)
+        """After the local masks were written: the optimizer's indicators and the working partitions follow."""
         self.refresh_indicators()
+        self.apply()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's slices of the current and initial masks, where they sit in the flat weight, and
@@ -191,6 +239,7 @@ class PartitionedMasks:
             out[f"mask.{it.name}.current"] = self._local_mask(it).to(torch.uint8).cpu()
             out[f"mask.{it.name}.initial"] = self.initial[it.name].to(torch.uint8).cpu()
             out[f"mask.{it.name}.range"] = torch.tensor([it.start, it.valid], dtype=torch.int64)
+            out[f"mask.{it.name}.shape"] = torch.tensor(it.shape, dtype=torch.int64)
         out.update({f"wanda.{name}": v.clone() for name, v in self.input_sq.items()})
         return out
 
@@ -208,8 +257,28 @@ class PartitionedMasks:
                     lo, hi = max(start, it.start), min(start + valid, it.start + it.valid)
                     if lo < hi:
                         piece = h.get_slice(f"mask.{it.name}.{kind}")[lo - start : hi - start]
-                        target[lo - it.start : hi - it.start] = piece.to(target.dtype).to(target.device)
+                        target[lo - it.start : hi - it.start] = piece.bool().to(target.device)
         for name in self.input_sq:
             self.input_sq[name] = (sum(h.get_tensor(f"wanda.{name}") for h in handles) if self.rank == 0
                                    else torch.zeros_like(self.input_sq[name]))
         self._masks_changed()
+
+
+def masks_from_rank_files(files: list, kind: str = "current") -> dict[str, torch.Tensor]:
+    """Full masks (bool, weight-shaped, by Linear name) assembled from every rank's `state_dict` file:
+    for export and inspection, in one process."""
+    from safetensors import safe_open
+
+    flat: dict[str, torch.Tensor] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for key in h.keys():
+                if not (key.startswith("mask.") and key.endswith(".shape")):
+                    continue
+                name = key[len("mask.") : -len(".shape")]
+                shapes[name] = tuple(h.get_tensor(key).tolist())
+                start, valid = h.get_tensor(f"mask.{name}.range").tolist()
+                full = flat.setdefault(name, torch.zeros(math.prod(shapes[name]), dtype=torch.bool))
+                full[start : start + valid] = h.get_tensor(f"mask.{name}.{kind}").bool()
+    return {name: v.view(shapes[name]) for name, v in flat.items()}

@@ -86,7 +86,10 @@ def plan(cfg: TrainConfig, world_size: int | None = None, nodes: int | None = No
             "student_model_states_cpu_per_node (DeepSpeed estimate)": gib(cpu_mem),
             "teacher_params_per_rank": per_rank(total) if cfg.method in ("ast", "dense")
             and (cfg.distill.w_kl > 0 or cfg.distill.w_sq > 0) else 0.0,
-            "masks_per_rank": per_rank(masked) if cfg.method != "dense" else 0.0,
+            # current + initial mask slices (bool) beside the partitions; the optimizer's SR-STE indicator
+            # (fp32 decay factor + bool) where the fp32 master lives
+            "masks_per_rank": gib(2 * masked / world["world_size"]) if cfg.method != "dense" else 0.0,
+            "srste_indicator_per_rank": gib(5 * masked / world["world_size"]) if cfg.method != "dense" else 0.0,
         },
         "offload": {"optimizer": offload_opt, "params": offload_param},
     }

@@ -6,7 +6,8 @@ One optimizer step (nanoGPT-style, the whole thing):
     for each micro-batch of this rank:
         student forward (W*M, STE), teacher forward (frozen) on the same tokens
         loss = w_task CE + w_kl T^2 KL + w_sq SquareHead      (training/distillation.py)
-        engine.backward(loss); engine.step()                   (SR-STE decay inside: training/sr_ste.py)
+        engine.backward(loss); engine.step()                   (SR-STE decay inside: training/sr_ste.py;
+                                                                then working weights = master * M)
     every mask_interval steps: masks from the fp32 master partitions   (training/mask_partitions.py)
 """
 from __future__ import annotations
@@ -96,8 +97,9 @@ class Trainer:
                      f" ZeRO-3 on {self.world} ranks")
         student = load_zero3(cfg.student_dir, self.ds, dtype)
         masks_file = None if cfg.init in ("magnitude", "wanda") else Path(cfg.init) / "masks.safetensors"
-        self.n_sparse = 0 if cfg.method == "dense" else sparsify_zero3_(
+        local_masks = {} if cfg.method == "dense" else sparsify_zero3_(
             student, pattern.n, pattern.m, masks_file, cfg.slorb, input_norms=norms, dense=cfg.method == "gmp")
+        self.n_sparse = len(local_masks)
         if cfg.activation_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         trainable = [p for p in student.parameters() if p.requires_grad]
@@ -107,7 +109,7 @@ class Trainer:
                          srste_lambda=lam, srste_t_inc=cfg.srste.t_inc)
         self.srste = opt  # DeepSpeed wraps it; the wrapper hands it the flat fp32 partitions
         self.student, self.optimizer, _, _ = deepspeed.initialize(model=student, optimizer=opt, config=self.ds)
-        self.masks = PartitionedMasks(self.student, pattern.n, pattern.m, cfg.mask_score)
+        self.masks = PartitionedMasks(self.student, local_masks, pattern.n, pattern.m, cfg.mask_score)
         self.slorb_params = sum(int(getattr(p, "ds_numel", p.numel())) for n, p in student.named_parameters()
                                 if ".slorb." in n)
         self.step = 0

@@ -10,7 +10,7 @@ from megatron_ast.cli import main
 from megatron_ast.sparsity import nm_violations
 from megatron_ast.sparsity.sparse_linear import sparsify_
 from megatron_ast.sparsity.slorb import SLoRBConfig
-from tests.training.conftest import config_file, consolidated, train
+from tests.training.conftest import ckpt_masks, config_file, consolidated, train
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +23,13 @@ def trained(run_dir):
 
 def _sparse_forward(run_dir, ckpt, x, with_slorb: bool) -> torch.Tensor:
     """The trainer's forward (SparseLinear: W*M via the STE, + SLoRB) on the consolidated checkpoint."""
-    sd = consolidated(ckpt)
+    sd, masks = consolidated(ckpt), ckpt_masks(ckpt)
     model = LlamaForCausalLM(LlamaConfig.from_pretrained(run_dir / "dense"))
-    masks = {k.removesuffix(".mask") + ".weight": v.bool() for k, v in sd.items() if k.endswith(".mask")}
-    sparsify_(model, masks, SLoRBConfig(group=16))
-    model.load_state_dict(sd, strict=True)
+    sparsify_(model, {f"{k}.weight": v for k, v in masks.items()}, SLoRBConfig(group=16))
+    model.load_state_dict({**sd, **{f"{k}.mask": v.float() for k, v in masks.items()}}, strict=True)
     if not with_slorb:
         for name in masks:
-            model.get_submodule(name.removesuffix(".weight")).slorb = None
+            model.get_submodule(name).slorb = None
     with torch.no_grad():
         return model(input_ids=x).logits
 

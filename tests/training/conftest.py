@@ -75,3 +75,11 @@ def consolidated(ckpt: str | Path) -> dict:
 
     ckpt = Path(ckpt)
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+
+
+def ckpt_masks(ckpt: str | Path) -> dict:
+    """The run's full masks at a checkpoint, by Linear name (assembled from every rank's slices)."""
+    from megatron_ast.training import checkpoint
+    from megatron_ast.training.mask_partitions import masks_from_rank_files
+
+    return masks_from_rank_files(checkpoint.rank_files(Path(ckpt)))

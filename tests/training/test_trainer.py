@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from megatron_ast.cli import main
-from tests.training.conftest import config_file, consolidated, train
+from tests.training.conftest import ckpt_masks, config_file, consolidated, train
 
 
 @pytest.mark.slow
@@ -43,10 +43,11 @@ def test_gmp_ramps_sparsity_to_exact_2of4(run_dir):
     assert "loss_kl" not in log[0] or log[0]["loss_kl"] == 0  # a baseline: task loss only
     from megatron_ast.sparsity import nm_violations
 
-    state = consolidated(json.loads((out / "summary.json").read_text())["checkpoint"])
-    for name, mask in state.items():
-        if name.endswith(".mask"):
-            assert nm_violations(state[name[: -len("mask")] + "weight"] * mask, 2, 4) == 0, name
+    ckpt = json.loads((out / "summary.json").read_text())["checkpoint"]
+    state, masks = consolidated(ckpt), ckpt_masks(ckpt)
+    assert len(masks) == 14
+    for name, mask in masks.items():
+        assert nm_violations(state[f"{name}.weight"] * mask, 2, 4) == 0, name
 
 
 @pytest.mark.slow
@@ -70,11 +71,11 @@ def test_wanda_init_masks_match_a_direct_computation(run_dir):
             hooks.append(mod.register_forward_pre_hook(rec))
     with torch.no_grad():
         model(input_ids=torch.from_numpy(calib))
-    state = consolidated(json.loads((out / "summary.json").read_text())["checkpoint"])
+    masks = ckpt_masks(json.loads((out / "summary.json").read_text())["checkpoint"])
     assert len(sq) == 14
     for name, s in sq.items():
         expected = nm_mask(model.get_submodule(name).weight.abs() * s.sqrt(), 2, 4)
-        got = state[f"{name}.mask"].bool()
+        got = masks[name]
         assert (got != expected).float().mean() < 1e-3, name  # equal up to float ties
         assert not torch.equal(got, nm_mask(model.get_submodule(name).weight.abs(), 2, 4)), name  # not magnitude
 
