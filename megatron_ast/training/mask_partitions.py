@@ -109,8 +109,8 @@ class PartitionedMasks:
         so a weight whose mask flips back on returns with its trained value)."""
         for it in self.items:
             work = it.module.weight.ds_tensor.data[: it.valid]
-            work.copy_(self._fp32(it))
-            work.mul_(self._local_mask(it).to(work.device, non_blocking=True))
+            torch.mul(self._fp32(it).to(work.device, non_blocking=True),
+                      self._local_mask(it).to(work.device, non_blocking=True), out=work)
         if self._persistent:  # small ("persistent") weights stay gathered between steps: refresh the full copies
             self._persistent[0].partition(param_list=self._persistent, has_been_updated=False)
             self._persistent[0].all_gather(param_list=self._persistent)
@@ -158,6 +158,9 @@ class PartitionedMasks:
                 continue
             s, e = it.start, it.start + it.valid
             a, b = s % self.m, (-e) % self.m
+            if not a and not b:  # no group cut: the partition itself, no copy
+                yield i, it, self._fp32(it).float(), 0
+                continue
             parts = []
             if a:
                 parts.append(gathered[self.rank - 1][i, 2 * k - a :])  # tail of the previous rank

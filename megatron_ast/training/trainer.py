@@ -93,7 +93,8 @@ class Trainer:
         norms = self._wanda_norms(dtype) if wanda else None
 
         masks_from = {"magnitude": "magnitude masks", "wanda": "Wanda masks"}.get(cfg.init, "one-shot masks")
-        _rank0_print(f"[train] student: {cfg.student_dir} ({'dense, ramped by gmp' if cfg.method == 'gmp' else masks_from}),"
+        masks_from = {"gmp": "dense, ramped by gmp", "dense": "dense, no masks"}.get(cfg.method, masks_from)
+        _rank0_print(f"[train] student: {cfg.student_dir} ({masks_from}),"
                      f" ZeRO-3 on {self.world} ranks")
         student = load_zero3(cfg.student_dir, self.ds, dtype)
         masks_file = None if cfg.init in ("magnitude", "wanda") else Path(cfg.init) / "masks.safetensors"
