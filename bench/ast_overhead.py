@@ -1,19 +1,21 @@
 """AST step overhead: the full AST step vs plain dense distillation, same setup, one run, 2 ranks.
 
-Both phases run in the same processes on SmolLM2-135M (ZeRO-3 student and teacher,
-CPU/gloo or GPU/NCCL, whatever DeepSpeed finds): first `method: dense` (distillation,
-no masks, plain AdamW), then `method: ast` (2:4 masks with STE, SR-STE decay in the
-optimizer step, mask recompute every --mask-interval steps, distillation). Prints the
-mean step time of each and the overhead ratio, and peak RSS per rank; writes
-bench/results/ast_overhead-<host>.json.
+Both phases run on SmolLM2-135M (ZeRO-3 student and teacher, CPU/gloo or
+GPU/NCCL, whatever DeepSpeed finds): `method: dense` (distillation, no masks,
+plain AdamW) and `method: ast` (2:4 masks with STE, SR-STE decay in the optimizer
+step, mask recompute every --mask-interval steps, distillation). Each phase runs
+in fresh processes, one after the other, and the parent compares them: run in
+the same processes, the second phase inherited the first one's memory (peak RSS
++2.5 GiB) and ran ~1.2 s/step slower whichever it was (measured: AST second
++20.0%, AST first -11.6%). Prints the mean step time of each phase, the overhead
+ratio and peak RSS per rank; writes bench/results/ast_overhead-<host>.json.
 
-    python bench/ast_overhead.py [--steps 10 --seq-len 128 --ranks 2]
+    python bench/ast_overhead.py [--steps 10 --seq-len 128 --ranks 2 --mask-interval 10]
     python bench/ast_overhead.py --model DIR --shards DIR --ds-config ds_configs/zero3_bf16.json --ranks 1  # GPU
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -41,14 +43,30 @@ def _launch(args) -> None:
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
         "zero_optimization": {"stage": 3}, "steps_per_print": 10**9}
     (work / "ds.json").write_text(json.dumps(ds))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "BENCH_MODEL": args.model, "BENCH_SHARDS": args.shards}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.ranks}", f"--master_port={port}",
-           __file__, "--worker", "--steps", str(args.steps), "--seq-len", str(args.seq_len),
-           "--mask-interval", str(args.mask_interval), "--work", str(work)] + (["--out", args.out] if args.out else [])
-    subprocess.run(cmd, check=True, env=env)
+    phases = {}
+    for method in args.order:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.ranks}", f"--master_port={port}",
+               __file__, "--worker", "--phase", method, "--steps", str(args.steps), "--seq-len", str(args.seq_len),
+               "--mask-interval", str(args.mask_interval), "--work", str(work)]
+        subprocess.run(cmd, check=True, env=env)
+        phases[method] = json.loads((work / f"phase-{method}.json").read_text())
+    from machine import machine_info
+
+    ratio = phases["ast"]["mean_step_s"] / phases["dense"]["mean_step_s"]
+    for m, p in phases.items():
+        print(f"{m:6s} mean step {p['mean_step_s']:.3f} s over {args.steps} steps   peak RSS per rank "
+              f"{p['peak_rss_gib_per_rank']} GiB")
+    print(f"AST overhead vs dense distillation: {100 * (ratio - 1):+.1f}% (ratio {ratio:.3f})")
+    out = Path(args.out) if args.out else HERE / "results" / f"ast_overhead-{platform.node() or 'host'}.json"
+    out.write_text(json.dumps({"model": args.model, "seq_len": args.seq_len, "deepspeed": ds, "ranks": args.ranks,
+                               "mask_interval": args.mask_interval, "order": args.order, "phases": phases,
+                               "ratio": ratio, "machine": machine_info(), "date": time.strftime("%Y-%m-%d")},
+                              indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 def _worker(args) -> None:
@@ -58,54 +76,43 @@ def _worker(args) -> None:
     from megatron_ast.training.trainer import Trainer
 
     work = Path(args.work)
-    phases = {}
-    for method in ("dense", "ast"):
-        cfg = TrainConfig(model=os.environ["BENCH_MODEL"], deepspeed=str(work / "ds.json"), output_dir=str(work / method),
-                          data=DataConfig(train=[os.environ["BENCH_SHARDS"]], seq_len=args.seq_len), method=method,
-                          steps=args.steps + 1, mask_interval=args.mask_interval, lr=LRConfig(1e-4, 1e-5, 0),
-                          eval=EvalConfig(0, 0)).validate()
-        trainer = Trainer(cfg)
-        trainer.train_step()  # warm-up
-        times = []
-        for _ in range(args.steps):
-            torch.distributed.barrier()
-            t0 = time.perf_counter()
-            trainer.train_step()
-            torch.distributed.barrier()
-            times.append(time.perf_counter() - t0)
-        dev = trainer.student.device
-        rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20], device=dev)
-        all_rss = [torch.zeros(1, device=dev) for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather(all_rss, rss)
-        phases[method] = {"mean_step_s": statistics.mean(times), "steps": times,
-                          "peak_rss_gib_per_rank_so_far": [round(float(r), 2) for r in all_rss]}
-        if torch.cuda.is_available():
-            phases[method]["max_gpu_mem_gib_so_far"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        del trainer
-        gc.collect()
+    method = args.phase
+    cfg = TrainConfig(model=os.environ["BENCH_MODEL"], deepspeed=str(work / "ds.json"), output_dir=str(work / method),
+                      data=DataConfig(train=[os.environ["BENCH_SHARDS"]], seq_len=args.seq_len), method=method,
+                      steps=args.steps + 1, mask_interval=args.mask_interval, lr=LRConfig(1e-4, 1e-5, 0),
+                      eval=EvalConfig(0, 0)).validate()
+    trainer = Trainer(cfg)
+    trainer.train_step()  # warm-up
+    times = []
+    for _ in range(args.steps):
+        torch.distributed.barrier()
+        t0 = time.perf_counter()
+        trainer.train_step()
+        torch.distributed.barrier()
+        times.append(time.perf_counter() - t0)
+    dev = trainer.student.device
+    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20], device=dev)
+    all_rss = [torch.zeros(1, device=dev) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(all_rss, rss)
+    phase = {"mean_step_s": statistics.mean(times), "steps": times,
+             "peak_rss_gib_per_rank": [round(float(r), 2) for r in all_rss]}
+    if torch.cuda.is_available():
+        phase["max_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if torch.distributed.get_rank() == 0:
-        from machine import machine_info
-
-        ratio = phases["ast"]["mean_step_s"] / phases["dense"]["mean_step_s"]
-        for m, p in phases.items():
-            print(f"{m:6s} mean step {p['mean_step_s']:.3f} s over {args.steps} steps   "
-                  f"peak RSS per rank (so far) {p['peak_rss_gib_per_rank_so_far']} GiB")
-        print(f"AST overhead vs dense distillation: {100 * (ratio - 1):+.1f}% (ratio {ratio:.3f})")
-        out = Path(args.out) if args.out else HERE / "results" / f"ast_overhead-{platform.node() or 'host'}.json"
-        ds = json.loads((work / "ds.json").read_text())
-        out.write_text(json.dumps({"model": os.environ["BENCH_MODEL"], "seq_len": args.seq_len, "deepspeed": ds,
-                                   "ranks": torch.distributed.get_world_size(), "mask_interval": args.mask_interval,
-                                   "phases": phases, "ratio": ratio, "machine": machine_info(),
-                                   "date": time.strftime("%Y-%m-%d")}, indent=2) + "\n")
-        print(f"wrote {out}")
+        (work / f"phase-{method}.json").write_text(json.dumps(phase, indent=2))
 
 
 def main() -> None:
+    from megatron_ast.training.config import TrainConfig
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--mask-interval", type=int, default=5)
+    ap.add_argument("--mask-interval", type=int, default=TrainConfig.mask_interval,
+                    help="steps between mask recomputes (default: the trainer's)")
     ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--order", nargs=2, default=["dense", "ast"], choices=["dense", "ast"], help="phase order")
+    ap.add_argument("--phase", choices=["dense", "ast"], help=argparse.SUPPRESS)
     ap.add_argument("--work", default="runs/bench_ast_overhead")
     ap.add_argument("--model", help="HF model dir (default: the reference SmolLM2-135M)")
     ap.add_argument("--shards", help="token-shard dir made with the model's tokenizer (with --model)")
