@@ -22,8 +22,8 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py>=4"],
-        "eval": ["lm-eval"],
-        "dev": ["pytest", "megatron-core", "mpi4py>=4", "mpich", "psutil", "peft"],
+        "eval": ["lm-eval>=0.4.9"],
+        "dev": ["pytest", "megatron-core", "mpi4py>=4", "mpich", "psutil", "peft", "lm-eval>=0.4.9"],
     },
     entry_points={"console_scripts": ["megatron-ast=megatron_ast.cli:main"]},
 )

@@ -46,19 +46,41 @@ def _cmd_eval_ppl(a: argparse.Namespace) -> None:
     windows = token_windows(a.data, a.tokenizer or a.model, a.seq_len, a.max_windows)
     model = load_causal_lm(a.model)
     if a.expect:
-        from megatron_ast.pruning.architectures import decoder_weights
-        from megatron_ast.sparsity import SparsityPattern, nm_violations
-
-        p = SparsityPattern.parse(a.expect)
-        if not p.structured:
-            raise UsageError(f"--expect {a.expect!r}: give an N:M pattern such as 2:4")
-        bad = {n: v for n, w in decoder_weights(model).items() if (v := nm_violations(w, p.n, p.m))}
-        if bad:
-            name = next(iter(bad))
-            raise UsageError(f"{a.model} is not {p}: {name} has {bad[name]} groups with more than {p.n} non-zeros "
-                             f"({len(bad)} Linears fail); evaluate without --expect or prune it first")
+        _expect(model, a.expect, a.model)
     result = perplexity(model, windows, batch_size=a.batch_size)
     print(json.dumps({"model": a.model, "seq_len": a.seq_len, "perplexity": result}, indent=2))
+
+
+def _expect(model, pattern: str, where: str) -> None:
+    from megatron_ast.pruning.architectures import decoder_weights
+    from megatron_ast.sparsity import SparsityPattern
+    from megatron_ast.sparsity.validate import require_pattern
+
+    require_pattern(decoder_weights(model), SparsityPattern.parse(pattern), where)
+
+
+def _cmd_eval_lm_eval(a: argparse.Namespace) -> None:
+    from megatron_ast.eval.harness import check_tasks, evaluate, table
+
+    check_tasks(a.tasks, a.allow_hub)
+    if a.expect:
+        from megatron_ast.modeling import check_model_dir, load_causal_lm
+
+        for m in a.model:
+            check_model_dir(m)
+            _expect(load_causal_lm(m), a.expect, m)
+    results = evaluate(a.model, a.tasks, _local_tasks_dir(a.n), a.allow_hub, a.batch_size, a.limit, a.device)
+    print(table(results), file=sys.stderr)
+    print(json.dumps({"tasks": a.tasks, "limit": a.limit, "results": results}, indent=2))
+
+
+def _local_tasks_dir(n: int):
+    from megatron_ast.assets import cache_root, ensure_assets
+    from megatron_ast.eval.local_tasks import build_local_tasks
+
+    corpus = ensure_assets()["corpus"]
+    return build_local_tasks(cache_root() / "lm_eval_tasks" / f"n{n}", corpus["book"]["validation"],
+                             corpus["github"]["validation"], n)
 
 
 def _cmd_prune(a: argparse.Namespace) -> None:
@@ -116,7 +138,7 @@ def _cmd_export(a: argparse.Namespace) -> None:
 def _cmd_quickstart(a: argparse.Namespace) -> None:
     from megatron_ast.quickstart import run
 
-    run(a.out, max_windows=a.max_windows)
+    run(a.out, max_windows=a.max_windows, lm_eval_n=a.lm_eval_n)
 
 
 def _positive(v: str) -> int:
@@ -169,6 +191,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=_positive, default=4)
     s.add_argument("--expect", help="N:M pattern every decoder Linear must hold (e.g. 2:4), checked before evaluating")
     s.set_defaults(fn=_cmd_eval_ppl)
+    s = ev.add_parser("lm-eval", help="LM Evaluation Harness tasks (offline local tasks by default), models side by side")
+    s.add_argument("--model", nargs="+", required=True, help="local HF model dirs (dense, pruned, exported, ...)")
+    s.add_argument("--tasks", nargs="+", default=["shakespeare_cloze", "code_next_line"],
+                   help="local tasks, or standard lm-eval task names with --allow-hub")
+    s.add_argument("--allow-hub", action="store_true", help="let standard tasks download their datasets")
+    s.add_argument("--n", type=_positive, default=200, help="examples per local task (built once, cached)")
+    s.add_argument("--limit", type=_positive, help="evaluate only the first LIMIT examples of each task")
+    s.add_argument("--batch-size", type=_positive, default=8)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--expect", help="N:M pattern every decoder Linear must hold (e.g. 2:4), checked first")
+    s.set_defaults(fn=_cmd_eval_lm_eval)
 
     s = sub.add_parser("prune", help="one-shot pruning to N:M or unstructured sparsity")
     s.add_argument("--model", required=True, help="local HF model dir")
@@ -226,6 +259,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("quickstart", help="the main job end to end on the reference model and corpus")
     s.add_argument("--out", default="runs/quickstart")
     s.add_argument("--max-windows", type=_positive, default=32, help="eval windows per domain")
+    s.add_argument("--lm-eval-n", type=_positive, default=100, help="examples per local lm-eval task")
     s.set_defaults(fn=_cmd_quickstart)
     return p
 

@@ -7,8 +7,11 @@ model's perplexity on the same windows, then continue training the 2:4
 student with AST (distilled from the dense teacher, 2 ranks, DeepSpeed ZeRO-3
 on CPU) and report perplexity before and after, then export its checkpoint to a
 Hugging Face dir and report that model's perplexity on the dense model's
-windows. Each stage's figures and
-output paths go to `<out>/report.json`, rewritten after each stage.
+windows, quantize it to int4 (GPTQ, group 128, on top of the 2:4 masks) and
+report its perplexity and stored size, run the offline lm-eval tasks on all four
+models, and print the final table (dense vs one-shot vs AST vs AST+int4). Each
+stage's figures and output paths go to `<out>/report.json`, rewritten after
+each stage; the table is its `final` entry.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from megatron_ast.fsutil import atomic_write_json
 SEQ_LEN = 512
 CALIB_SAMPLES = 32
 AST_STEPS, AST_SEQ, AST_RANKS = 12, 256, 2
+LM_EVAL_N = 100  # examples per local lm-eval task
 CPU_DS_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "zero3_cpu.json"  # the checkout's (pip install -e .)
 
 
@@ -89,7 +93,50 @@ class _Stage:
             print(f"      done in {self.fig['seconds']} s", flush=True)
 
 
-def run(out: str | Path = "runs/quickstart", max_windows: int = 32, workers: int | None = None) -> Path:
+def _size_bytes(model_dir: Path) -> int:
+    """What the dir stores for the model: its weight files (a quantized dir: the packed 2:4 int codes instead)."""
+    from megatron_ast.quantization.api import REPORT_FILE as QUANT_REPORT
+
+    if (model_dir / QUANT_REPORT).is_file():
+        return json.loads((model_dir / QUANT_REPORT).read_text())["whole_model"]["stored_bytes"]
+    return sum(f.stat().st_size for f in model_dir.glob("model*.safetensors"))
+
+
+def _group_size(model_dir: Path) -> int:
+    """128 when every decoder Linear's in_features allows it, else their largest common divisor >= 128 that
+    is a multiple of 32 (SmolLM2: 576 and 1536 inputs -> 192), so the int4 scales stay as sparse as the paper's."""
+    import math
+
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    g = math.gcd(c.hidden_size, c.intermediate_size)
+    if g % 128 == 0:
+        return 128
+    return next((d for d in range(128, g + 1, 32) if g % d == 0), g)
+
+
+def _final_table(report: "Report") -> list[dict]:
+    st = report.data["stages"]
+    lm = st["lm_eval"]["results"]
+    rows = []
+    for label, stage in (("dense", "eval_dense"), ("one-shot SparseGPT 2:4", "eval_pruned"),
+                         ("AST 2:4", "export_ast"), ("AST 2:4 + int4", "quantize_ast")):
+        model = st[stage]["model"]
+        r = lm[model]
+        rows.append({"model": label, "dir": model, "ppl": st[stage]["perplexity"]["all"]["ppl"],
+                     "shakespeare_cloze_acc": r["shakespeare_cloze"]["acc"], "code_next_line_acc": r["code_next_line"]["acc"],
+                     "size_mib": _size_bytes(Path(model)) / 2**20})
+    head = f"{'model':24s} {'ppl':>8s} {'cloze acc':>10s} {'code acc':>9s} {'size MiB':>9s}"
+    print("      " + head, flush=True)
+    for r in rows:
+        print(f"      {r['model']:24s} {r['ppl']:8.2f} {r['shakespeare_cloze_acc']:10.3f} {r['code_next_line_acc']:9.3f} "
+              f"{r['size_mib']:9.1f}", flush=True)
+    return rows
+
+
+def run(out: str | Path = "runs/quickstart", max_windows: int = 32, workers: int | None = None,
+        lm_eval_n: int = LM_EVAL_N) -> Path:
     from data_tools.preprocess import preprocess
     from megatron_ast.eval.perplexity import perplexity, token_windows
     from megatron_ast.export.hf import export_checkpoint
@@ -101,7 +148,7 @@ def run(out: str | Path = "runs/quickstart", max_windows: int = 32, workers: int
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or max(1, min(2, os.cpu_count() or 1))
-    report = Report(out, 7)
+    report = Report(out, 9)
 
     with report.stage("assets", "reference model (SmolLM2-135M) and corpus (Shakespeare + CPython stdlib)") as fig:
         fig.update(assets.ensure_assets())
@@ -152,6 +199,34 @@ def run(out: str | Path = "runs/quickstart", max_windows: int = 32, workers: int
             export_checkpoint(report.data["stages"]["train_ast"]["checkpoint"], exported)
         evaluate(fig, str(exported), "AST 2:4")
 
+    quantized = out / "ast-2of4-int4"
+    group = _group_size(exported)
+    with report.stage("quantize_ast", f"int4 GPTQ (group {group}) on top of the AST 2:4 model -> {quantized}") as fig:
+        from megatron_ast.quantization.api import REPORT_FILE as QUANT_REPORT, quantize_dir
+        from megatron_ast.quantization.groupwise import QuantSpec
+
+        if not (quantized / QUANT_REPORT).is_file():
+            quantize_dir(exported, quantized, QuantSpec(4, group), "gptq", [str(out / "shards" / "train")],
+                         CALIB_SAMPLES, SEQ_LEN)
+        q = json.loads((quantized / QUANT_REPORT).read_text())
+        fig["group_size"] = q["group_size"]
+        fig["compression_vs_fp32"] = {"decoder_linears": q["decoder_linears"]["compression_vs_fp32"],
+                                      "whole_model": q["whole_model"]["compression_vs_fp32"]}
+        print(f"      decoder Linears {fig['compression_vs_fp32']['decoder_linears']:.2f}x, whole model "
+              f"{fig['compression_vs_fp32']['whole_model']:.2f}x smaller than fp32", flush=True)
+        evaluate(fig, str(quantized), "AST 2:4 int4")
+
+    models = [a["model"], str(pruned), str(exported), str(quantized)]
+    with report.stage("lm_eval", f"offline lm-eval tasks ({lm_eval_n} examples each) on the four models") as fig:
+        from megatron_ast.assets import cache_root
+        from megatron_ast.eval.harness import evaluate as lm_evaluate
+        from megatron_ast.eval.local_tasks import TASKS, build_local_tasks
+
+        tasks_dir = build_local_tasks(cache_root() / "lm_eval_tasks" / f"n{lm_eval_n}", a["corpus"]["book"]["validation"],
+                                      a["corpus"]["github"]["validation"], lm_eval_n)
+        fig.update({"tasks": list(TASKS), "n": lm_eval_n, "results": lm_evaluate(models, list(TASKS), tasks_dir)})
+
+    report.data["final"] = _final_table(report)
     report.data["complete"] = True
     atomic_write_json(report.path, report.data)
     print(f"report: {report.path}", flush=True)

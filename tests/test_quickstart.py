@@ -9,9 +9,9 @@ from megatron_ast.cli import main
 @pytest.mark.slow
 def test_main_job_end_to_end_writes_report(reference_assets, tmp_path, capsys):
     out = tmp_path / "qs"
-    assert main(["quickstart", "--out", str(out), "--max-windows", "2"]) == 0
+    assert main(["quickstart", "--out", str(out), "--max-windows", "2", "--lm-eval-n", "8"]) == 0
     printed = capsys.readouterr().out
-    assert f"report: {out / 'report.json'}" in printed and "[7/7] export_ast" in printed
+    assert f"report: {out / 'report.json'}" in printed and "[9/9] lm_eval" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] is True
     st = report["stages"]
@@ -30,3 +30,10 @@ def test_main_job_end_to_end_writes_report(reference_assets, tmp_path, capsys):
     assert (out / "ast" / "checkpoints" / "latest").is_file()
     exported = st["export_ast"]["perplexity"]  # the exported HF dir, on the dense model's windows
     assert exported["all"]["ppl"] < sparse["all"]["ppl"]  # AST improved on its one-shot init
+    q = st["quantize_ast"]
+    assert q["compression_vs_fp32"]["decoder_linears"] >= 10 and q["perplexity"]["all"]["ppl"] < 2 * exported["all"]["ppl"]
+    final = report["final"]
+    assert [r["model"] for r in final] == ["dense", "one-shot SparseGPT 2:4", "AST 2:4", "AST 2:4 + int4"]
+    assert all(0 <= r["code_next_line_acc"] <= 1 and 0 <= r["shakespeare_cloze_acc"] <= 1 for r in final)
+    assert final[0]["ppl"] == ppl["all"]["ppl"] and final[3]["size_mib"] < final[2]["size_mib"] / 4
+    assert "AST 2:4 + int4" in printed  # the table

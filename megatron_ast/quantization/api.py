@@ -57,6 +57,7 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, spec: QuantSpec, me
     if method not in METHODS:
         raise UsageError(f"--method {method!r}: choose {' or '.join(METHODS)}")
     check_model_dir(model_dir)
+    blocksize = max(1, blocksize // spec.group) * spec.group  # GPTQ blocks hold whole scale groups (e.g. group 192)
     masks = _masks(model_dir)
     samples = None
     if method == "gptq":

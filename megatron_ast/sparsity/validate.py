@@ -15,3 +15,16 @@ def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
 
 def sparsity_of(weight: torch.Tensor) -> float:
     return float((weight == 0).sum()) / weight.numel()
+
+
+def require_pattern(weights: dict[str, torch.Tensor], pattern, where: str) -> None:
+    """Raise a UsageError naming the first weight of `weights` that is not `pattern` (an N:M SparsityPattern)."""
+    from megatron_ast.errors import UsageError
+
+    if not pattern.structured:
+        raise UsageError(f"--expect {pattern}: give an N:M pattern such as 2:4")
+    bad = {n: v for n, w in weights.items() if (v := nm_violations(w, pattern.n, pattern.m))}
+    if bad:
+        name = next(iter(bad))
+        raise UsageError(f"{where} is not {pattern}: {name} has {bad[name]} groups with more than {pattern.n} "
+                         f"non-zeros ({len(bad)} Linears fail); evaluate without --expect or prune it first")
