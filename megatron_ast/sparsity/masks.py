@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_ast.blocks import blocks
 from megatron_ast.sparsity.pattern import SparsityPattern
 
 
@@ -24,20 +25,16 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
         raise ValueError(f"in_features {in_f} is not a multiple of M={m}")
     groups = score.reshape(-1, m)
     out = torch.empty(groups.shape, dtype=torch.bool, device=score.device)
-    block = groups.shape[0] if score.is_cuda else _CPU_BLOCK
-    for s in range(0, groups.shape[0], block):
-        g = groups[s : s + block]
+    for sl in blocks(groups.shape[0], score.device):
+        g = groups[sl]
         beaten_by = [torch.zeros(g.shape[0], dtype=torch.uint8, device=g.device) for _ in range(m)]
         for i in range(m):
             for j in range(i + 1, m):
                 i_wins = g[:, i] >= g[:, j]
                 beaten_by[j] += i_wins
                 beaten_by[i] += ~i_wins
-        out[s : s + block] = torch.stack(beaten_by, dim=1) < n
+        out[sl] = torch.stack(beaten_by, dim=1) < n
     return out.reshape(out_f, in_f)
-
-
-_CPU_BLOCK = 1 << 16  # groups per block on the CPU: the block's temporaries stay in cache
 
 
 def unstructured_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_ast.blocks import blocks
+
 
 def srste_lambda(step: int, lam: float, t_inc: int) -> float:
     """lambda_t = lambda * min(1, t / T_inc): the decay ramps up, so masks settle late in training."""
@@ -64,13 +66,9 @@ class SRSTEAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
                 pruned = self._pruned.get(id(p)) if group["srste_lambda"] > 0 else None
-                # on the CPU, element-wise passes over cache-sized blocks: ~1.7x faster than whole-tensor passes
-                # (the temporaries stay in cache); on a GPU one block (every kernel sees the whole tensor)
-                block = p.numel() if p.is_cuda else _CPU_BLOCK
                 flat = [t.view(-1) for t in (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"])]
                 ind = [t.view(-1) for t in pruned] if pruned is not None else None
-                for s in range(0, p.numel(), block):
-                    sl = slice(s, s + block)
+                for sl in blocks(p.numel(), p.device):  # cache-sized blocks on the CPU (megatron_ast/blocks.py)
                     self._update(group, state["step"], *(t[sl] for t in flat), None if ind is None else [t[sl] for t in ind])
         return loss
 
@@ -92,6 +90,3 @@ class SRSTEAdamW(torch.optim.Optimizer):
             denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.addcdiv_(u, denom, value=-group["lr"] / (1 - b1**t))
-
-
-_CPU_BLOCK = 1 << 16
