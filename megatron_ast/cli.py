@@ -125,14 +125,14 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     from megatron_ast.quantization.groupwise import QuantSpec
 
     r = quantize_dir(a.model, a.out, QuantSpec(a.bits, a.group_size), a.method, a.calib, a.nsamples, a.seqlen,
-                     a.seed, a.device)
+                     a.seed, a.device, fmt=a.format)
     print(json.dumps({k: v for k, v in r.items() if k != "layers"}, indent=2))
 
 
 def _cmd_export(a: argparse.Namespace) -> None:
     from megatron_ast.export.hf import export_checkpoint
 
-    print(json.dumps(export_checkpoint(a.checkpoint, a.out, a.dtype), indent=2))
+    print(json.dumps(export_checkpoint(a.checkpoint, a.out, a.dtype, a.format), indent=2))
 
 
 def _cmd_quickstart(a: argparse.Namespace) -> None:
@@ -247,6 +247,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seqlen", type=_positive, default=2048)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")
+    s.add_argument("--format", choices=["hf", "compressed-tensors"], default="hf",
+                   help="hf: dequantized safetensors + our packed 2:4 file; compressed-tensors: what vLLM loads")
     s.add_argument("--out", required=True, help="output model dir (must not exist)")
     s.set_defaults(fn=_cmd_quantize)
 
@@ -254,6 +256,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help="a complete checkpoint dir: <output_dir>/checkpoints/stepN")
     s.add_argument("--out", required=True, help="output model dir (must not exist)")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the source model's")
+    s.add_argument("--format", choices=["hf", "compressed-tensors"], default="hf",
+                   help="hf: dense safetensors (W*M); compressed-tensors: 2:4 as sparse-24-bitmask, what vLLM loads")
     s.set_defaults(fn=_cmd_export)
 
     s = sub.add_parser("quickstart", help="the main job end to end on the reference model and corpus")

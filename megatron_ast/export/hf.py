@@ -8,6 +8,8 @@ the sparse model with no project code. Beside it: `masks.safetensors` (the same
 format `megatron-ast prune` writes, so the dir can seed another run) and, when the
 run trained SLoRB, a PEFT LoRA adapter in `slorb_adapter/` with A = P (d/k x d)
 and B = S (N x d/k) at scaling 1, which `peft` loads onto the exported base.
+With `fmt="compressed-tensors"` the weights are written in vLLM's format instead
+(2:4 Linears as sparse-24-bitmask; export/compressed_tensors.py).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 from megatron_ast.errors import UsageError
+from megatron_ast.export.compressed_tensors import FORMAT, FORMATS, save_compressed_tensors
 from megatron_ast.fsutil import atomic_dir
 from megatron_ast.modeling import check_model_dir
 from megatron_ast.pruning.api import MASKS_FILE, TOKENIZER_FILES
@@ -48,7 +51,7 @@ def _lora(sd: dict, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     return (p if p is not None else group_projection(in_features, in_features // s.shape[1])), s
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = None) -> dict:
+def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = None, fmt: str = "hf") -> dict:
     """Write `out` (must not exist) from the complete checkpoint dir `ckpt`; returns the export report."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import save_file
@@ -59,6 +62,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
         raise UsageError(f"{out} already exists: pass a new --out")
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r}: choose {' or '.join(FORMATS)}")
     _verify(ckpt)
     run = json.loads((ckpt / checkpoint.STATE).read_text())["config"]
     src = run["init"] if run["init"] not in ("magnitude", "wanda") else run["model"]
@@ -92,11 +97,16 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
         raise RuntimeError(f"checkpoint does not match {src}: missing {sorted(set(missing) - tied)}, "
                            f"unexpected {sorted(unexpected)}")
     model.to(target)
-    report = {"checkpoint": str(ckpt), "source_model": src, "pattern": str(pattern), "dtype": str(target),
+    report = {"checkpoint": str(ckpt), "source_model": src, "pattern": str(pattern), "dtype": str(target), "format": fmt,
               "sparse_linears": len(masks), "all_valid": True, "slorb_adapter": ADAPTER_DIR if adapter else None,
               "slorb_params": sum(t.numel() for k, t in adapter.items() if "lora_B" in k)}
+    if fmt == FORMAT and (pattern.n, pattern.m) != (2, 4):
+        raise UsageError(f"--format {FORMAT} stores 2:4 models, this run is {pattern}: export with --format hf")
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if fmt == FORMAT:
+            save_compressed_tensors(model, tmp, {f"{m}.weight": v for m, v in masks.items()})
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         for name in TOKENIZER_FILES:
             if (Path(src) / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(Path(src) / name, tmp / name)

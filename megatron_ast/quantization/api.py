@@ -2,10 +2,12 @@
 
 Every masked decoder Linear is quantized group-wise after its mask (GPTQ with
 calibration through the same sequential pass as pruning, or round-to-nearest),
-so zeros stay zero. Written: an HF dir whose weights are the dequantized values
-(loadable and evaluable anywhere), `quantized_24.safetensors` with what a 2:4
-int kernel stores (kept codes, 2-bit positions, float16 scales; pack24.py), the
-masks, and `compression_report.json` with the bytes counted.
+so zeros stay zero. Written (`fmt="hf"`): an HF dir whose weights are the
+dequantized values (loadable and evaluable anywhere), `quantized_24.safetensors`
+with what a 2:4 int kernel stores (kept codes, 2-bit positions, float16 scales;
+pack24.py), the masks, and `compression_report.json` with the bytes counted.
+`fmt="compressed-tensors"` writes the same codes and scales in the format vLLM
+loads (export/compressed_tensors.py) instead of the first two.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 from megatron_ast.errors import UsageError
+from megatron_ast.export.compressed_tensors import FORMAT, FORMATS, save_compressed_tensors
 from megatron_ast.fsutil import atomic_dir
 from megatron_ast.modeling import check_model_dir, load_causal_lm
 from megatron_ast.pruning.api import MASKS_FILE, TOKENIZER_FILES
@@ -26,7 +29,7 @@ from megatron_ast.pruning.calibration import calibration_samples
 from megatron_ast.pruning.pipeline import walk_layers
 from megatron_ast.quantization.gptq import gptq
 from megatron_ast.quantization.groupwise import QuantSpec, dequantize, rtn
-from megatron_ast.quantization.pack24 import nbytes, pack
+from megatron_ast.quantization.pack24 import nbytes, pack, unpack
 from megatron_ast.sparsity import nm_violations
 
 PACKED_FILE = "quantized_24.safetensors"
@@ -50,10 +53,12 @@ def _masks(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def quantize_dir(model_dir: str | Path, out_dir: str | Path, spec: QuantSpec, method: str = "gptq",
                  calib: list[str] | None = None, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
-                 device: str = "cpu", blocksize: int = 128, damp: float = 0.01) -> dict:
+                 device: str = "cpu", blocksize: int = 128, damp: float = 0.01, fmt: str = "hf") -> dict:
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.exists():
         raise UsageError(f"{out_dir} already exists: pass a new --out")
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r}: choose {' or '.join(FORMATS)}")
     if method not in METHODS:
         raise UsageError(f"--method {method!r}: choose {' or '.join(METHODS)}")
     check_model_dir(model_dir)
@@ -95,7 +100,7 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, spec: QuantSpec, me
     other = sum(p.numel() for n, p in model.named_parameters() if n.removesuffix(".weight") not in
                 {r["name"] for r in rows})
     report = {
-        "method": method, "bits": spec.bits, "group_size": spec.group, "source_model": str(model_dir),
+        "method": method, "format": fmt, "bits": spec.bits, "group_size": spec.group, "source_model": str(model_dir),
         "calibration": None if samples is None else {"data": calib, "nsamples": nsamples, "seqlen": seqlen},
         "seconds": round(time.perf_counter() - t0, 1),
         "decoder_linears": {"count": len(rows), "fp32_bytes": linear_fp32, "stored_bytes": linear_stored,
@@ -109,14 +114,23 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, spec: QuantSpec, me
     from safetensors.torch import save_file
 
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if fmt == FORMAT:
+            codes = {k: (unpack({"values": packed[f"{k}.values"], "positions": packed[f"{k}.positions"]}, spec),
+                         packed[f"{k}.scales"]) for k in (r["name"] for r in rows)}
+            sizes = save_compressed_tensors(model, tmp, masks, codes, spec)
+            report[FORMAT] = {"sparse_linears_bytes": sizes["sparse_linears"],
+                              "compression_vs_fp32": linear_fp32 / sizes["sparse_linears"],
+                              "note": "pack-quantized stores the pruned zeros as codes (no 2:4 index)"}
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+            save_file(packed, str(tmp / PACKED_FILE), metadata={
+                "format": "2:4 kept codes + 2-bit positions + fp16 scales", "bits": str(spec.bits),
+                "group_size": str(spec.group)})
         for name in TOKENIZER_FILES:
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, tmp / name)
         shutil.copy2(model_dir / MASKS_FILE, tmp / MASKS_FILE)
-        save_file(packed, str(tmp / PACKED_FILE), metadata={"format": "2:4 kept codes + 2-bit positions + fp16 scales",
-                                                             "bits": str(spec.bits), "group_size": str(spec.group)})
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     print(f"quantized {len(rows)} Linears to int{spec.bits} ({method}, group {spec.group}): decoder Linears "
-          f"{report['decoder_linears']['compression_vs_fp32']:.2f}x smaller than fp32 -> {out_dir}", file=sys.stderr)
+          f"{report['decoder_linears']['compression_vs_fp32']:.2f}x smaller than fp32 -> {out_dir} ({fmt})", file=sys.stderr)
     return report

@@ -10,15 +10,7 @@ from megatron_ast.cli import main
 from megatron_ast.sparsity import nm_violations
 from megatron_ast.sparsity.sparse_linear import sparsify_
 from megatron_ast.sparsity.slorb import SLoRBConfig
-from tests.training.conftest import ckpt_masks, config_file, consolidated, train
-
-
-@pytest.fixture(scope="module")
-def trained(run_dir):
-    out = run_dir / "export_run"
-    train(config_file(run_dir, output_dir=str(out), steps=3, mask_interval=2, srste={"lam": 2e-4, "t_inc": 2},
-                      eval={"every": 0, "windows": 2}))
-    return out / "checkpoints" / "step3"
+from tests.training.conftest import ckpt_masks, consolidated
 
 
 def _sparse_forward(run_dir, ckpt, x, with_slorb: bool) -> torch.Tensor:
