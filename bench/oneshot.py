@@ -8,7 +8,8 @@ to bench/results/oneshot-<host>.json after every run, so a partial run still rec
 
     python bench/oneshot.py [--nsamples 128 --seqlen 512 --windows 32 --device cpu] [--methods ...] [--patterns ...]
 
-A run with the same settings as the recorded file replaces only the rows it re-measures.
+A run with the same settings as the recorded file replaces only the rows it re-measures;
+each row names the CPU and date it was measured on (the file's `machine` is the latest run's).
 """
 from __future__ import annotations
 
@@ -70,9 +71,11 @@ def main() -> None:
     if out_path.exists():  # same settings: a run of some methods replaces only their rows
         old = json.loads(out_path.read_text())
         if all(old.get(k) == results[k] for k in ("nsamples", "seqlen", "eval", "device")):
-            results["runs"] = old["runs"]
+            # rows measured earlier keep the machine and date they were measured on
+            results["runs"] = [{"cpu": old["machine"]["cpu"], "date": old["date"], **r} for r in old["runs"]]
 
     def record(row: dict) -> None:
+        row.update({"cpu": results["machine"]["cpu"], "date": results["date"]})
         results["runs"] = [r for r in results["runs"] if (r["method"], r["pattern"]) != (row["method"], row["pattern"])]
         results["runs"].append(row)
         out_path.write_text(json.dumps(results, indent=2) + "\n")
