@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from megatron_ast.errors import UsageError
 from megatron_ast.quantization.groupwise import QuantSpec
 
 FORMAT = "compressed-tensors"
@@ -72,6 +73,15 @@ def quantization_config(targets: list[str], ignore: list[str], sparsity: float, 
             "sparsity_config": sparsity_config, "transform_config": {}}
 
 
+def require_linears(model: nn.Module, modules: list[str]) -> None:
+    """compressed-tensors targets nn.Linear (out, in) weights; GPT-2's Conv1D stores (in, out)."""
+    other = [m for m in modules if not isinstance(model.get_submodule(m), nn.Linear)]
+    if other:
+        kind = type(model.get_submodule(other[0])).__name__
+        raise UsageError(f"--format {FORMAT} stores nn.Linear weights, {other[0]} is a {kind} "
+                         f"({len(other)} such): use --format hf for this model")
+
+
 def save_compressed_tensors(model: nn.Module, out: Path, masks: dict[str, torch.Tensor],
                             quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
                             spec: QuantSpec | None = None) -> dict:
@@ -83,6 +93,7 @@ def save_compressed_tensors(model: nn.Module, out: Path, masks: dict[str, torch.
     from safetensors.torch import save_file
 
     targets = sorted(k.removesuffix(".weight") for k in masks)
+    require_linears(model, targets)
     if quantized is not None and set(quantized) != set(targets):
         raise ValueError("quantized modules and masks differ")
     tensors: dict[str, torch.Tensor] = {}

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from megatron_ast.errors import UsageError
-from megatron_ast.export.compressed_tensors import FORMAT, FORMATS, save_compressed_tensors
+from megatron_ast.export.compressed_tensors import FORMAT, FORMATS, require_linears, save_compressed_tensors
 from megatron_ast.fsutil import atomic_dir
 from megatron_ast.modeling import check_model_dir, load_causal_lm
 from megatron_ast.pruning.api import MASKS_FILE, TOKENIZER_FILES
@@ -71,6 +71,8 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, spec: QuantSpec, me
         samples = calibration_samples(calib, model_dir, nsamples, seqlen, seed)
     t0 = time.perf_counter()
     model = load_causal_lm(model_dir)
+    if fmt == FORMAT:
+        require_linears(model, [k.removesuffix(".weight") for k in masks])
     arch = architecture_of(model)
     packed, rows = {}, []
 

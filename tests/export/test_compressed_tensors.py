@@ -97,3 +97,17 @@ def test_export_to_compressed_tensors_decompresses_to_the_hf_export(trained, tmp
     assert (tmp_path / "ct" / "slorb_adapter" / "adapter_model.safetensors").is_file()
     qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert qc["sparsity_config"]["format"] == "sparse-24-bitmask" and qc["config_groups"] == {}
+
+
+def test_a_conv1d_model_is_refused_with_nothing_written(tmp_path, tiny, hf_tokenizer_dir, calib_file, capsys):  # noqa: F811
+    src = tmp_path / "gpt2"
+    tiny("gpt2").save_pretrained(src)
+    for f in hf_tokenizer_dir.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    assert main(["prune", "--model", str(src), "--method", "magnitude", "--out", str(tmp_path / "pruned")]) == 0
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(tmp_path / "pruned"), "--method", "rtn", "--group-size", "32",
+                 "--format", "compressed-tensors", "--out", str(tmp_path / "ct")]) == 2
+    err = capsys.readouterr().err
+    assert "is a Conv1D" in err and "use --format hf" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ct").exists()
