@@ -101,8 +101,11 @@ def test_zero3_equals_single_process_reference(zero3_run):
     for name, p in ref.items():
         if name.endswith(".mask"):
             assert torch.equal(got[name], p.bool()), name
-        else:  # float32 reductions run in another order on 3 ranks: ~1e-5 at worst, ~1e-8 typically
-            assert torch.allclose(got[name], p, atol=1e-5, rtol=1e-3), (name, (got[name] - p).abs().max())
+        else:  # float32 reductions run in another order on 3 ranks: ~1e-8 typically; Adam's step is ~lr whatever
+            # the gradient's size, so where a gradient is near 0 that order moves a weight by a fraction of lr
+            # (1.9e-5 seen on an AMD EPYC): within 1% of one step, and a wrong update rule is off by ~lr everywhere
+            tol = 1e-2 * SPEC["opt"]["lr"]
+            assert torch.allclose(got[name], p, atol=tol, rtol=1e-3), (name, (got[name] - p).abs().max())
             assert (got[name] - p).abs().mean() < 1e-6, name
 
 
