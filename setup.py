@@ -23,7 +23,7 @@ setup(
     extras_require={
         "mpi": ["mpi4py>=4"],
         "eval": ["lm-eval>=0.4.9"],
-        "dev": ["pytest", "megatron-core", "mpi4py>=4", "mpich", "psutil", "peft", "lm-eval>=0.4.9",
+        "dev": ["pytest", "megatron-core", "mpi4py>=4", "mpich", "psutil", "peft", "lm-eval>=0.4.9", "matplotlib",
                 # compressed-tensors' one import the --no-deps install of README's test command lacks
                 "loguru"],
     },

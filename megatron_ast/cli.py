@@ -44,11 +44,19 @@ def _cmd_eval_ppl(a: argparse.Namespace) -> None:
 
     check_model_dir(a.model)
     windows = token_windows(a.data, a.tokenizer or a.model, a.seq_len, a.max_windows)
-    model = load_causal_lm(a.model)
+    model = load_causal_lm(a.model, adapter=a.adapter)
     if a.expect:
         _expect(model, a.expect, a.model)
     result = perplexity(model, windows, batch_size=a.batch_size)
-    print(json.dumps({"model": a.model, "seq_len": a.seq_len, "perplexity": result}, indent=2))
+    print(json.dumps({"model": a.model, "slorb_adapter": _adapter_used(a.model, a.adapter), "seq_len": a.seq_len,
+                      "perplexity": result}, indent=2))
+
+
+def _adapter_used(model_dir: str, wanted: bool) -> str | None:
+    from megatron_ast.sparsity.slorb_adapter import adapter_dir
+
+    found = adapter_dir(model_dir)
+    return str(found) if found is not None and wanted else None
 
 
 def _expect(model, pattern: str, where: str) -> None:
@@ -68,10 +76,11 @@ def _cmd_eval_lm_eval(a: argparse.Namespace) -> None:
 
         for m in a.model:
             check_model_dir(m)
-            _expect(load_causal_lm(m), a.expect, m)
-    results = evaluate(a.model, a.tasks, _local_tasks_dir(a.n), a.allow_hub, a.batch_size, a.limit, a.device)
+            _expect(load_causal_lm(m, adapter=False), a.expect, m)
+    results = evaluate(a.model, a.tasks, _local_tasks_dir(a.n), a.allow_hub, a.batch_size, a.limit, a.device, a.adapter)
     print(table(results), file=sys.stderr)
-    print(json.dumps({"tasks": a.tasks, "limit": a.limit, "results": results}, indent=2))
+    print(json.dumps({"tasks": a.tasks, "limit": a.limit, "results": results,
+                      "slorb_adapters": {m: _adapter_used(m, a.adapter) for m in a.model}}, indent=2))
 
 
 def _local_tasks_dir(n: int):
@@ -101,7 +110,7 @@ def _cmd_train(a: argparse.Namespace) -> None:
     cfg = load_config(a.config)  # validated before any rank starts DeepSpeed
     if a.resume is not None:
         cfg.resume = a.resume
-        cfg.validate()
+        cfg.validate().resolve_paths()
     if a.dry_run:
         from megatron_ast.training.plan import plan
 
@@ -125,7 +134,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     from megatron_ast.quantization.groupwise import QuantSpec
 
     r = quantize_dir(a.model, a.out, QuantSpec(a.bits, a.group_size), a.method, a.calib, a.nsamples, a.seqlen,
-                     a.seed, a.device, fmt=a.format)
+                     a.seed, a.device, fmt=a.format, adapter=a.adapter)
     print(json.dumps({k: v for k, v in r.items() if k != "layers"}, indent=2))
 
 
@@ -190,6 +199,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-windows", type=_positive, help="per domain, evenly spaced (default: all)")
     s.add_argument("--batch-size", type=_positive, default=4)
     s.add_argument("--expect", help="N:M pattern every decoder Linear must hold (e.g. 2:4), checked before evaluating")
+    s.add_argument("--no-adapter", dest="adapter", action="store_false",
+                   help="leave a dir's SLoRB adapter (slorb_adapter/) off: measure the 2:4 base alone")
     s.set_defaults(fn=_cmd_eval_ppl)
     s = ev.add_parser("lm-eval", help="LM Evaluation Harness tasks (offline local tasks by default), models side by side")
     s.add_argument("--model", nargs="+", required=True, help="local HF model dirs (dense, pruned, exported, ...)")
@@ -201,6 +212,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=_positive, default=8)
     s.add_argument("--device", default="cpu")
     s.add_argument("--expect", help="N:M pattern every decoder Linear must hold (e.g. 2:4), checked first")
+    s.add_argument("--no-adapter", dest="adapter", action="store_false",
+                   help="leave a dir's SLoRB adapter (slorb_adapter/) off: measure the 2:4 base alone")
     s.set_defaults(fn=_cmd_eval_lm_eval)
 
     s = sub.add_parser("prune", help="one-shot pruning to N:M or unstructured sparsity")
@@ -250,6 +263,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["hf", "compressed-tensors"], default="hf",
                    help="hf: dequantized safetensors + our packed 2:4 file; compressed-tensors: what vLLM loads")
     s.add_argument("--out", required=True, help="output model dir (must not exist)")
+    s.add_argument("--no-adapter", dest="adapter", action="store_false",
+                   help="leave a dir's SLoRB adapter (slorb_adapter/) off: quantize and write the 2:4 base alone")
     s.set_defaults(fn=_cmd_quantize)
 
     s = sub.add_parser("export", help="a training checkpoint -> Hugging Face safetensors (W*M) + masks + SLoRB as PEFT LoRA")

@@ -17,13 +17,56 @@ def check_model_dir(path: str | Path) -> Path:
     return p
 
 
-def load_causal_lm(path: str | Path, dtype=None, trust_remote_code: bool = False):
+def load_causal_lm(path: str | Path, dtype=None, trust_remote_code: bool = False, adapter: bool = True):
+    """The model in a local dir; with its SLoRB adapter (`slorb_adapter/`) when it has one and `adapter`:
+    a run with SLoRB is its 2:4 base plus that branch, and is measured as such. Says on stderr which."""
+    import sys
+
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
+    from megatron_ast.sparsity import slorb_adapter
+
     logging.disable_progress_bar()  # our own progress bars say what is going on
     p = check_model_dir(path)
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         p, dtype=dtype or torch.float32, local_files_only=True, trust_remote_code=trust_remote_code
     )
+    found = slorb_adapter.adapter_dir(p)
+    if found is not None and adapter:
+        n = slorb_adapter.attach_(model, found)
+        print(f"[model] {p} + SLoRB adapter {found.name}/ ({n:,} parameters)", file=sys.stderr)
+    elif found is not None:
+        print(f"[model] {p} without its SLoRB adapter (--no-adapter)", file=sys.stderr)
+    return model
+
+
+class WeightReader:
+    """Tensors of a local HF dir's safetensors weights by name, one at a time (sharded dirs too): the dense
+    values a one-shot init keeps under its masks, read one Linear at a time."""
+
+    def __init__(self, path: str | Path):
+        import json
+
+        p = check_model_dir(path)
+        index = p / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = {k: p / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        elif (p / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(p / "model.safetensors"), framework="pt") as h:
+                self.files = {k: p / "model.safetensors" for k in h.keys()}
+        else:
+            raise UsageError(f"{p} stores its weights as pytorch_model.bin: re-save it with safetensors "
+                             "(save_pretrained(..., safe_serialization=True))")
+        self.path = p
+
+    def get(self, name: str):
+        from safetensors import safe_open
+
+        if name not in self.files:
+            raise UsageError(f"{self.path} has no tensor {name}: is it the dense model the pruned dir was made from?")
+        with safe_open(str(self.files[name]), framework="pt") as h:
+            return h.get_tensor(name)

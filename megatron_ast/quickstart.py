@@ -58,8 +58,13 @@ def _train_ast(out: Path, dense: str, pruned: Path) -> dict:
     cmd = [launcher, "--num_gpus", str(AST_RANKS), "--master_port", str(port), cli, "train", "--config", str(run / "run.yaml")]
     print(f"      $ {' '.join(cmd)}", flush=True)
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-    with open(run / "train.log", "w") as logf:
-        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+    with open(run / "train.log", "w") as logf:  # everything to the log; the ranks' progress lines here too
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1)
+        for line in proc.stdout:
+            logf.write(line)
+            if line.startswith("[train]"):
+                print(f"      {line.rstrip()}", flush=True)
+        proc.wait()
     if proc.returncode != 0:
         raise RuntimeError(f"AST training failed (exit {proc.returncode}); see {run / 'train.log'}")
     summary = json.loads((run / "summary.json").read_text())
@@ -93,13 +98,16 @@ class _Stage:
             print(f"      done in {self.fig['seconds']} s", flush=True)
 
 
-def _size_bytes(model_dir: Path) -> int:
-    """What the dir stores for the model: its weight files (a quantized dir: the packed 2:4 int codes instead)."""
+def _size_bytes(model_dir: Path, adapter: bool) -> int:
+    """What the dir stores for the model: its weight files, and its SLoRB adapter's when measured with it (a
+    quantized dir: the packed 2:4 int codes and float16 rest its report counts, adapter included)."""
     from megatron_ast.quantization.api import REPORT_FILE as QUANT_REPORT
+    from megatron_ast.sparsity.slorb_adapter import ADAPTER_DIR, WEIGHTS
 
     if (model_dir / QUANT_REPORT).is_file():
         return json.loads((model_dir / QUANT_REPORT).read_text())["whole_model"]["stored_bytes"]
-    return sum(f.stat().st_size for f in model_dir.glob("model*.safetensors"))
+    extra = (model_dir / ADAPTER_DIR / WEIGHTS).stat().st_size if adapter else 0
+    return sum(f.stat().st_size for f in model_dir.glob("model*.safetensors")) + extra
 
 
 def _group_size(model_dir: Path) -> int:
@@ -121,12 +129,14 @@ def _final_table(report: "Report") -> list[dict]:
     lm = st["lm_eval"]["results"]
     rows = []
     for label, stage in (("dense", "eval_dense"), ("one-shot SparseGPT 2:4", "eval_pruned"),
-                         ("AST 2:4", "export_ast"), ("AST 2:4 + int4", "quantize_ast")):
+                         ("AST 2:4 + SLoRB", "export_ast"), ("AST 2:4, no adapter", "eval_ast_base"),
+                         ("AST 2:4 + int4 + SLoRB", "quantize_ast")):
         model = st[stage]["model"]
-        r = lm[model]
-        rows.append({"model": label, "dir": model, "ppl": st[stage]["perplexity"]["all"]["ppl"],
+        r = lm[f"{model} (no adapter)" if stage == "eval_ast_base" else model]
+        rows.append({"model": label, "dir": model, "slorb_adapter": st[stage]["slorb_adapter"],
+                     "ppl": st[stage]["perplexity"]["all"]["ppl"],
                      "shakespeare_cloze_acc": r["shakespeare_cloze"]["acc"], "code_next_line_acc": r["code_next_line"]["acc"],
-                     "size_mib": _size_bytes(Path(model)) / 2**20})
+                     "size_mib": _size_bytes(Path(model), bool(st[stage]["slorb_adapter"])) / 2**20})
     head = f"{'model':24s} {'ppl':>8s} {'cloze acc':>10s} {'code acc':>9s} {'size MiB':>9s}"
     print("      " + head, flush=True)
     for r in rows:
@@ -148,7 +158,7 @@ def run(out: str | Path = "runs/quickstart", max_windows: int = 32, workers: int
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or max(1, min(2, os.cpu_count() or 1))
-    report = Report(out, 9)
+    report = Report(out, 10)
 
     with report.stage("assets", "reference model (SmolLM2-135M) and corpus (Shakespeare + CPython stdlib)") as fig:
         fig.update(assets.ensure_assets())
@@ -164,9 +174,12 @@ def run(out: str | Path = "runs/quickstart", max_windows: int = 32, workers: int
     a = report.data["stages"]["assets"]
     windows = token_windows([str(out / "shards" / "validation")], a["tokenizer"], SEQ_LEN, max_windows)
 
-    def evaluate(fig: dict, model_dir: str, label: str) -> None:
-        fig.update({"model": model_dir, "seq_len": SEQ_LEN,
-                    "perplexity": perplexity(load_causal_lm(model_dir), windows, desc=f"{label} ppl")})
+    def evaluate(fig: dict, model_dir: str, label: str, adapter: bool = True) -> None:
+        from megatron_ast.sparsity.slorb_adapter import adapter_dir
+
+        found = adapter_dir(model_dir)
+        fig.update({"model": model_dir, "seq_len": SEQ_LEN, "slorb_adapter": str(found) if found and adapter else None,
+                    "perplexity": perplexity(load_causal_lm(model_dir, adapter=adapter), windows, desc=f"{label} ppl")})
         for dom, r in fig["perplexity"].items():
             print(f"      {dom}: ppl {r['ppl']:.2f} over {r['tokens']:,} tokens", flush=True)
 
@@ -194,10 +207,14 @@ def run(out: str | Path = "runs/quickstart", max_windows: int = 32, workers: int
               flush=True)
 
     exported = out / "ast-2of4-hf"
-    with report.stage("export_ast", f"AST checkpoint -> Hugging Face dir {exported}; its perplexity as above") as fig:
+    with report.stage("export_ast", f"AST checkpoint -> Hugging Face dir {exported}; its perplexity (2:4 base + "
+                                    "SLoRB adapter) as above") as fig:
         if not (exported / "export_report.json").is_file():
             export_checkpoint(report.data["stages"]["train_ast"]["checkpoint"], exported)
         evaluate(fig, str(exported), "AST 2:4")
+
+    with report.stage("eval_ast_base", "the same AST model without its SLoRB adapter: what the branch adds") as fig:
+        evaluate(fig, str(exported), "AST 2:4 base", adapter=False)
 
     quantized = out / "ast-2of4-int4"
     group = _group_size(exported)
@@ -217,14 +234,16 @@ def run(out: str | Path = "runs/quickstart", max_windows: int = 32, workers: int
         evaluate(fig, str(quantized), "AST 2:4 int4")
 
     models = [a["model"], str(pruned), str(exported), str(quantized)]
-    with report.stage("lm_eval", f"offline lm-eval tasks ({lm_eval_n} examples each) on the four models") as fig:
+    with report.stage("lm_eval", f"offline lm-eval tasks ({lm_eval_n} examples each) on the five models") as fig:
         from megatron_ast.assets import cache_root
         from megatron_ast.eval.harness import evaluate as lm_evaluate
         from megatron_ast.eval.local_tasks import TASKS, build_local_tasks
 
         tasks_dir = build_local_tasks(cache_root() / "lm_eval_tasks" / f"n{lm_eval_n}", a["corpus"]["book"]["validation"],
                                       a["corpus"]["github"]["validation"], lm_eval_n)
-        fig.update({"tasks": list(TASKS), "n": lm_eval_n, "results": lm_evaluate(models, list(TASKS), tasks_dir)})
+        results = lm_evaluate(models, list(TASKS), tasks_dir)
+        results[f"{exported} (no adapter)"] = lm_evaluate([exported], list(TASKS), tasks_dir, adapter=False)[str(exported)]
+        fig.update({"tasks": list(TASKS), "n": lm_eval_n, "results": results})
 
     report.data["final"] = _final_table(report)
     report.data["complete"] = True

@@ -11,7 +11,7 @@ def test_main_job_end_to_end_writes_report(reference_assets, tmp_path, capsys):
     out = tmp_path / "qs"
     assert main(["quickstart", "--out", str(out), "--max-windows", "2", "--lm-eval-n", "8"]) == 0
     printed = capsys.readouterr().out
-    assert f"report: {out / 'report.json'}" in printed and "[9/9] lm_eval" in printed
+    assert f"report: {out / 'report.json'}" in printed and "[10/10] lm_eval" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] is True
     st = report["stages"]
@@ -28,12 +28,16 @@ def test_main_job_end_to_end_writes_report(reference_assets, tmp_path, capsys):
     assert ast["steps"] == 12 and ast["tokens"] == 12 * 4 * 256 and ast["teacher_unchanged"] is True
     assert ast["ppl_after"]["all"]["ppl"] < 2 * ast["ppl_before"]["all"]["ppl"]
     assert (out / "ast" / "checkpoints" / "latest").is_file()
-    exported = st["export_ast"]["perplexity"]  # the exported HF dir, on the dense model's windows
+    exported = st["export_ast"]["perplexity"]  # the exported HF dir with its adapter, on the dense model's windows
+    assert st["export_ast"]["slorb_adapter"] and st["eval_ast_base"]["slorb_adapter"] is None
     assert exported["all"]["ppl"] < sparse["all"]["ppl"]  # AST improved on its one-shot init
+    assert exported["all"]["ppl"] != st["eval_ast_base"]["perplexity"]["all"]["ppl"]  # the branch is measured
     q = st["quantize_ast"]
     assert q["compression_vs_fp32"]["decoder_linears"] >= 10 and q["perplexity"]["all"]["ppl"] < 2 * exported["all"]["ppl"]
     final = report["final"]
-    assert [r["model"] for r in final] == ["dense", "one-shot SparseGPT 2:4", "AST 2:4", "AST 2:4 + int4"]
+    assert [r["model"] for r in final] == ["dense", "one-shot SparseGPT 2:4", "AST 2:4 + SLoRB", "AST 2:4, no adapter",
+                                           "AST 2:4 + int4 + SLoRB"]
     assert all(0 <= r["code_next_line_acc"] <= 1 and 0 <= r["shakespeare_cloze_acc"] <= 1 for r in final)
-    assert final[0]["ppl"] == ppl["all"]["ppl"] and final[3]["size_mib"] < final[2]["size_mib"] / 4
-    assert "AST 2:4 + int4" in printed  # the table
+    assert final[0]["ppl"] == ppl["all"]["ppl"] and final[4]["size_mib"] < final[2]["size_mib"] / 4
+    assert final[3]["size_mib"] < final[2]["size_mib"] and st["quantize_ast"]["slorb_adapter"]
+    assert "AST 2:4 + int4 + SLoRB" in printed and "[train] step 12/12 loss" in printed  # the table; live progress

@@ -1,8 +1,9 @@
 """`megatron-ast eval lm-eval`: EleutherAI's LM Evaluation Harness as a library, offline by default.
 
-Each model dir is loaded by lm-eval's own HF model class (`AutoModelForCausalLM`
-from the dir, so an exported or pruned 2:4 model is evaluated with its sparse
-weights as stored). Our local tasks (eval/local_tasks.py) run with no network;
+Each model dir is loaded as every other measurement loads it (modeling.load_causal_lm:
+`AutoModelForCausalLM` from the dir, with its SLoRB adapter when it has one unless
+`adapter=False`) and handed to lm-eval's own HF model class, so an exported or
+pruned 2:4 model is evaluated with its sparse weights as stored, plus its branch. Our local tasks (eval/local_tasks.py) run with no network;
 a standard task name (hellaswag, piqa, ...) needs its dataset from the Hugging
 Face hub and is passed through only with `allow_hub=True`.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from megatron_ast.errors import UsageError
 from megatron_ast.eval.local_tasks import TASKS
-from megatron_ast.modeling import check_model_dir
+from megatron_ast.modeling import check_model_dir, load_causal_lm
 
 METRICS = ("acc", "acc_norm", "perplexity")
 
@@ -36,7 +37,7 @@ def check_tasks(tasks: list[str], allow_hub: bool) -> None:
 
 
 def evaluate(models: list[str | Path], tasks: list[str], tasks_dir: Path | None, allow_hub: bool = False,
-             batch_size: int = 8, limit: int | None = None, device: str = "cpu") -> dict:
+             batch_size: int = 8, limit: int | None = None, device: str = "cpu", adapter: bool = True) -> dict:
     """{model dir: {task: {metric: value}}} for every model, the same tasks and documents."""
     check_tasks(tasks, allow_hub)
     for m in models:
@@ -46,6 +47,7 @@ def evaluate(models: list[str | Path], tasks: list[str], tasks_dir: Path | None,
     if unknown:
         raise UsageError(f"unknown lm-eval task(s) {', '.join(unknown)}: see `lm-eval ls tasks`")
     import lm_eval
+    from lm_eval.models.huggingface import HFLM
 
     if not allow_hub:
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -53,8 +55,9 @@ def evaluate(models: list[str | Path], tasks: list[str], tasks_dir: Path | None,
     for m in models:
         print(f"[lm-eval] {m}: {', '.join(tasks)}", file=sys.stderr)
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries our JSON only
-            res = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(m), "dtype": "float32", "device": device},
-                                          tasks=list(tasks), task_manager=manager, batch_size=batch_size, limit=limit,
+            lm = HFLM(pretrained=load_causal_lm(m, adapter=adapter).to(device), tokenizer=str(m), batch_size=batch_size,
+                      device=device)
+            res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, batch_size=batch_size, limit=limit,
                                           log_samples=False, bootstrap_iters=0)
         out[str(m)] = {t: {k.split(",")[0]: float(v) for k, v in r.items()
                            if k.split(",")[0] in METRICS and isinstance(v, (int, float))}

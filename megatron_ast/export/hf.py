@@ -25,12 +25,12 @@ from megatron_ast.export.compressed_tensors import FORMAT, FORMATS, save_compres
 from megatron_ast.fsutil import atomic_dir
 from megatron_ast.modeling import check_model_dir
 from megatron_ast.pruning.api import MASKS_FILE, TOKENIZER_FILES
-from megatron_ast.sparsity import SparsityPattern, nm_violations
+from megatron_ast.sparsity import SparsityPattern, nm_violations, slorb_adapter
 from megatron_ast.sparsity.slorb import group_projection
+from megatron_ast.sparsity.slorb_adapter import ADAPTER_DIR
 from megatron_ast.training import checkpoint
 from megatron_ast.training.mask_partitions import masks_from_rank_files
 
-ADAPTER_DIR = "slorb_adapter"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -71,7 +71,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
     pattern = SparsityPattern.parse(run["pattern"])
     sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     masks = masks_from_rank_files(checkpoint.rank_files(ckpt))
-    base, adapter, ranks = {}, {}, {}
+    base, adapter = {}, {}
     for k, v in sd.items():
         if ".slorb." in k:
             continue
@@ -83,10 +83,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
             raise RuntimeError(f"{module}: {bad} groups are not {pattern} after masking")
         lora = _lora(sd, module)
         if lora is not None:
-            a, b = lora
-            adapter[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
-            adapter[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
-            ranks[module] = a.shape[0]
+            adapter[module] = lora
     config = AutoConfig.from_pretrained(src, local_files_only=True)
     target = DTYPES[dtype] if dtype else getattr(config, "dtype", None) or torch.float32
     target = DTYPES.get(target, torch.float32) if isinstance(target, str) else target
@@ -99,7 +96,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
     model.to(target)
     report = {"checkpoint": str(ckpt), "source_model": src, "pattern": str(pattern), "dtype": str(target), "format": fmt,
               "sparse_linears": len(masks), "all_valid": True, "slorb_adapter": ADAPTER_DIR if adapter else None,
-              "slorb_params": sum(t.numel() for k, t in adapter.items() if "lora_B" in k)}
+              "slorb_params": sum(b.numel() for _, b in adapter.values())}
     if fmt == FORMAT and (pattern.n, pattern.m) != (2, 4):
         raise UsageError(f"--format {FORMAT} stores 2:4 models, this run is {pattern}: export with --format hf")
     with atomic_dir(out) as tmp:
@@ -113,13 +110,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
         save_file({f"{m}.weight": v.contiguous() for m, v in masks.items()}, str(tmp / MASKS_FILE),
                   metadata={"pattern": str(pattern), "method": f"{run['method']} (exported from {ckpt.name})"})
         if adapter:
-            (tmp / ADAPTER_DIR).mkdir()
-            save_file({k: v.to(target) for k, v in adapter.items()}, str(tmp / ADAPTER_DIR / "adapter_model.safetensors"))
-            (tmp / ADAPTER_DIR / "adapter_config.json").write_text(json.dumps({
-                "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(out.resolve()),
-                "target_modules": sorted(ranks), "r": max(ranks.values()), "lora_alpha": max(ranks.values()),
-                "rank_pattern": ranks, "alpha_pattern": ranks,  # alpha = r per module: scaling 1, y = W x + S (P x)
-                "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True}, indent=2) + "\n")
+            slorb_adapter.save(tmp / ADAPTER_DIR, adapter, target, out)
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"exported {ckpt} -> {out}: {len(masks)} sparse Linears, all {pattern}"
           + (f", SLoRB adapter in {ADAPTER_DIR}/" if adapter else ""), file=sys.stderr)

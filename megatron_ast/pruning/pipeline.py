@@ -127,7 +127,8 @@ def walk_layers(model: nn.Module, calib: torch.Tensor | None, device: str, desc:
             _outside_layers_to(model, arch.layers_path, device)
             inps, args, kwargs = _capture_inputs(model, layers[0], calib, device)
             _outside_layers_to(model, arch.layers_path, "cpu")
-        for i, layer in enumerate(tqdm(layers, desc=desc, file=sys.stderr, disable=None)):
+        # shown in a log file too (a bar redrawn at most every 5 s): minutes of silence look like a hang
+        for i, layer in enumerate(tqdm(layers, desc=desc, file=sys.stderr, mininterval=0 if sys.stderr.isatty() else 5)):
             layer.to(device)
             linears = prunable_linears(layer)
             hessians = ffn_io = None

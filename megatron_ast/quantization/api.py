@@ -7,7 +7,10 @@ dequantized values (loadable and evaluable anywhere), `quantized_24.safetensors`
 with what a 2:4 int kernel stores (kept codes, 2-bit positions, float16 scales;
 pack24.py), the masks, and `compression_report.json` with the bytes counted.
 `fmt="compressed-tensors"` writes the same codes and scales in the format vLLM
-loads (export/compressed_tensors.py) instead of the first two.
+loads (export/compressed_tensors.py) instead of the first two. A dir with a SLoRB
+adapter is quantized as the model it is: calibrated with its branch attached, the
+2:4 base weights quantized, and the adapter carried along in float16 (its bytes
+counted in the report).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from megatron_ast.pruning.pipeline import walk_layers
 from megatron_ast.quantization.gptq import gptq
 from megatron_ast.quantization.groupwise import QuantSpec, dequantize, rtn
 from megatron_ast.quantization.pack24 import nbytes, pack, unpack
-from megatron_ast.sparsity import nm_violations
+from megatron_ast.sparsity import nm_violations, slorb_adapter
 
 PACKED_FILE = "quantized_24.safetensors"
 REPORT_FILE = "compression_report.json"
@@ -53,7 +56,8 @@ def _masks(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def quantize_dir(model_dir: str | Path, out_dir: str | Path, spec: QuantSpec, method: str = "gptq",
                  calib: list[str] | None = None, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
-                 device: str = "cpu", blocksize: int = 128, damp: float = 0.01, fmt: str = "hf") -> dict:
+                 device: str = "cpu", blocksize: int = 128, damp: float = 0.01, fmt: str = "hf",
+                 adapter: bool = True) -> dict:
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.exists():
         raise UsageError(f"{out_dir} already exists: pass a new --out")
@@ -70,7 +74,7 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, spec: QuantSpec, me
             raise UsageError("--method gptq needs calibration data: pass --calib SHARD_DIRS_OR_FILES (or --method rtn)")
         samples = calibration_samples(calib, model_dir, nsamples, seqlen, seed)
     t0 = time.perf_counter()
-    model = load_causal_lm(model_dir)
+    model = load_causal_lm(model_dir, adapter=adapter)
     if fmt == FORMAT:
         require_linears(model, [k.removesuffix(".weight") for k in masks])
     arch = architecture_of(model)
@@ -95,21 +99,30 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, spec: QuantSpec, me
                          "rel_error": float(((q - w * mask) ** 2).sum() / ((w * mask) ** 2).sum().clamp_min(1e-30))})
 
     walk_layers(model, samples, device, f"quantize {method} int{spec.bits}", visit)
+    branches = slorb_adapter.detach_(model)  # the base is saved alone; the adapter beside it
     if len(rows) != len(masks):
         raise UsageError(f"{MASKS_FILE} names {len(masks)} weights, {len(rows)} of them are decoder Linears here")
     linear_fp32 = sum(r["fp32_bytes"] for r in rows)
     linear_stored = sum(r["stored_bytes"] for r in rows)
     other = sum(p.numel() for n, p in model.named_parameters() if n.removesuffix(".weight") not in
                 {r["name"] for r in rows})
+    loras = {k: b.lora() for k, b in branches.items()}
+    adapter_bytes = sum(a.numel() + b.numel() for a, b in loras.values()) * 2  # as written: A and B in float16
     report = {
         "method": method, "format": fmt, "bits": spec.bits, "group_size": spec.group, "source_model": str(model_dir),
         "calibration": None if samples is None else {"data": calib, "nsamples": nsamples, "seqlen": seqlen},
         "seconds": round(time.perf_counter() - t0, 1),
         "decoder_linears": {"count": len(rows), "fp32_bytes": linear_fp32, "stored_bytes": linear_stored,
                             "compression_vs_fp32": linear_fp32 / linear_stored},
-        "whole_model": {"fp32_bytes": (linear_fp32 // 4 + other) * 4, "stored_bytes": linear_stored + other * 2,
-                        "note": "decoder Linears packed as above; embeddings, norms and lm_head in float16",
-                        "compression_vs_fp32": (linear_fp32 // 4 + other) * 4 / (linear_stored + other * 2)},
+        "slorb_adapter": {"dir": slorb_adapter.ADAPTER_DIR, "linears": len(branches), "float16_bytes": adapter_bytes,
+                          "note": "A (the group projection) and B (S) as the PEFT file stores them"}
+                         if branches else None,
+        "whole_model": {"fp32_bytes": (linear_fp32 // 4 + other) * 4 + adapter_bytes * 2,
+                        "stored_bytes": linear_stored + other * 2 + adapter_bytes,
+                        "note": "decoder Linears packed as above; embeddings, norms, lm_head and any SLoRB adapter "
+                                "in float16",
+                        "compression_vs_fp32": ((linear_fp32 // 4 + other) * 4 + adapter_bytes * 2)
+                                               / (linear_stored + other * 2 + adapter_bytes)},
         "all_zeros_kept": all(r["zeros_kept"] for r in rows),
         "layers": rows,
     }
@@ -132,6 +145,8 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, spec: QuantSpec, me
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, tmp / name)
         shutil.copy2(model_dir / MASKS_FILE, tmp / MASKS_FILE)
+        if branches:
+            slorb_adapter.save(tmp / slorb_adapter.ADAPTER_DIR, loras, torch.float16, out_dir)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     print(f"quantized {len(rows)} Linears to int{spec.bits} ({method}, group {spec.group}): decoder Linears "
           f"{report['decoder_linears']['compression_vs_fp32']:.2f}x smaller than fp32 -> {out_dir} ({fmt})", file=sys.stderr)

@@ -2,7 +2,10 @@
 
 For a Linear W (N x d) with mask M and group size k:  y = (W*M) x + S (P x), where
 P (d/k x d) sums each group of k consecutive inputs and S (N x d/k) starts from the
-pruned weights: S[i, g] = mean (or sum) over the group of (W * (1-M))[i, g*k:(g+1)*k].
+pruned weights: S[i, g] = mean (or sum) over the group of (W * (1-M))[i, g*k:(g+1)*k],
+W the dense values (a one-shot init keeps them at pruned positions: training/engines.py).
+`zero` starts the branch at 0 (the forward is then the masked model's); `xavier` randomises
+both S and P, as the reference code does (P then stays a tensor).
 With P frozen, P x is a reshape-and-sum (P is never materialised). As a LoRA
 adapter: A = P (d/k x d), B = S (N x d/k). Extra parameters: N * d / k (+1/k).
 """
@@ -15,7 +18,7 @@ from torch import nn
 
 from megatron_ast.errors import UsageError
 
-INITS = ("mean", "sum", "xavier")
+INITS = ("mean", "sum", "zero", "xavier")
 
 
 @dataclass(frozen=True)
@@ -33,26 +36,46 @@ class SLoRBConfig:
 
 def group_projection(in_features: int, group: int) -> torch.Tensor:
     """P with P[g, g*k:(g+1)*k] = 1."""
-    p = torch.zeros(in_features // group, in_features)
-    for g in range(in_features // group):
-        p[g, g * group : (g + 1) * group] = 1.0
-    return p
+    return torch.eye(in_features // group).repeat_interleave(group, dim=1)
 
 
 class SLoRB(nn.Module):
     def __init__(self, weight: torch.Tensor, mask: torch.Tensor, cfg: SLoRBConfig):
+        """S from what the mask took away: the pruned entries of `weight` (the dense values the student's
+        master keeps at pruned positions). xavier, as the reference: S and P both random."""
         super().__init__()
         out_f, in_f = weight.shape
         if in_f % cfg.group:
             raise UsageError(f"in_features {in_f} is not a multiple of the SLoRB group size {cfg.group}")
         self.group = cfg.group
         pruned = (weight.detach().float() * (1 - mask.float())).reshape(out_f, in_f // cfg.group, cfg.group)
+        p = group_projection(in_f, cfg.group)
         if cfg.init == "xavier":
             s = nn.init.xavier_uniform_(torch.empty(out_f, in_f // cfg.group))
+            p = nn.init.xavier_uniform_(p)
+        elif cfg.init == "zero":
+            s = torch.zeros(out_f, in_f // cfg.group)
         else:
             s = pruned.mean(-1) if cfg.init == "mean" else pruned.sum(-1)
         self.S = nn.Parameter(s.to(weight.dtype))
-        self.P = nn.Parameter(group_projection(in_f, cfg.group).to(weight.dtype)) if cfg.trainable_projection else None
+        # the plain group projection needs no tensor unless it trains (P x is then a reshape-and-sum)
+        self.P = (nn.Parameter(p.to(weight.dtype), requires_grad=cfg.trainable_projection)
+                  if cfg.trainable_projection or cfg.init == "xavier" else None)
+
+    @classmethod
+    def from_lora(cls, a: torch.Tensor, b: torch.Tensor) -> "SLoRB":
+        """The branch y = B (A x) of a LoRA adapter (as `lora` writes it), frozen; A is recognised as the
+        plain group projection when it is one, so the forward is the trainer's to the bit."""
+        self = nn.Module.__new__(cls)
+        nn.Module.__init__(self)
+        rank, in_f = a.shape
+        if in_f % rank:
+            raise UsageError(f"SLoRB adapter: A is {rank} x {in_f}, and {in_f} inputs do not split into {rank} groups")
+        self.group = in_f // rank
+        self.S = nn.Parameter(b.detach().clone(), requires_grad=False)
+        plain = torch.equal(a, group_projection(in_f, self.group).to(a.dtype))
+        self.P = None if plain else nn.Parameter(a.detach().clone(), requires_grad=False)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.P is None:

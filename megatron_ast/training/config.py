@@ -20,6 +20,7 @@ from megatron_ast.training.distillation import DistillConfig
 
 METHODS = ("ast", "naive", "gmp", "dense")
 INIT_METRICS = ("magnitude", "wanda")
+PRUNED_VALUES = ("dense", "zero")
 
 
 @dataclass
@@ -42,7 +43,8 @@ class LRConfig:
 class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # decoupled, on matrices only (not norm gains or biases), as nanoGPT and the reference
+    slorb_weight_decay: bool = True  # SLoRB's S is a matrix too; false exempts it
 
 
 @dataclass
@@ -84,6 +86,9 @@ class TrainConfig:
     # dense model) | a one-shot pruned model dir (weights + masks.safetensors)
     init: str = "magnitude"
     init_calib_samples: int = 32
+    # init a pruned dir: what the master holds where its masks prune: the dense model's values (the AST
+    # reference starts dense: SLoRB's init, SR-STE and regrowth need them) or the pruned dir's zeros
+    pruned_values: str = "dense"
     pattern: str = "2:4"
     steps: int = 1000
     mask_interval: int = 10
@@ -128,6 +133,8 @@ class TrainConfig:
         if self.init not in INIT_METRICS and not (Path(self.init) / "masks.safetensors").is_file():
             raise UsageError(f"init {self.init!r} is neither 'magnitude', 'wanda' nor a pruned model dir "
                              "with masks.safetensors")
+        if self.pruned_values not in PRUNED_VALUES:
+            raise UsageError(f"pruned_values {self.pruned_values!r}: choose {' or '.join(PRUNED_VALUES)}")
         if self.method == "gmp":
             if self.init != "magnitude":
                 raise UsageError("method gmp starts from the dense model and prunes by magnitude: drop `init`")
@@ -135,6 +142,25 @@ class TrainConfig:
                 self.gmp.end = max(1, self.steps // 2)
             if not 0 <= self.gmp.start < self.gmp.end <= self.steps:
                 raise UsageError(f"gmp needs 0 <= start < end <= steps, got start {self.gmp.start} end {self.gmp.end}")
+        return self
+
+    def resolve_paths(self, base: Path | None = None) -> "TrainConfig":
+        """Every path made absolute (against `base`, default the working directory), so the run config and
+        its checkpoints name the same files wherever a later export, eval or resume is started."""
+        base = Path.cwd() if base is None else base
+
+        def absolute(p: str) -> str:
+            return str((base / Path(p).expanduser()).resolve())
+
+        self.model, self.deepspeed, self.output_dir = absolute(self.model), absolute(self.deepspeed), absolute(self.output_dir)
+        if self.init not in INIT_METRICS:
+            self.init = absolute(self.init)
+        if self.resume not in ("none", "auto"):
+            self.resume = absolute(self.resume)
+        self.data.train = [absolute(p) for p in self.data.train]
+        self.data.validation = [absolute(p) for p in self.data.validation]
+        if self.data.blend:
+            self.data.blend = absolute(self.data.blend)
         return self
 
     @property
@@ -173,7 +199,7 @@ def load_config(path: str | Path) -> TrainConfig:
     cfg = _build(TrainConfig, read_config_file(path, "config"), Path(path).name)
     if isinstance(cfg.optimizer.betas, list):
         cfg.optimizer.betas = tuple(cfg.optimizer.betas)
-    return cfg.validate()
+    return cfg.validate().resolve_paths()
 
 
 def load_ds_config(path: str | Path, world_size: int) -> dict:

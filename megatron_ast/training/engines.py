@@ -78,26 +78,40 @@ def input_norms_zero3(engine, batches: list[torch.Tensor]) -> dict[str, torch.Te
 
 
 def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None, slorb: SLoRBConfig | None = None,
-                    input_norms: dict[str, torch.Tensor] | None = None, dense: bool = False) -> dict[str, torch.Tensor]:
+                    input_norms: dict[str, torch.Tensor] | None = None, dense: bool = False,
+                    dense_values: str | Path | None = None) -> dict[str, torch.Tensor]:
     """Make every decoder Linear sparse; returns this rank's mask slices (for PartitionedMasks). Masks: from
     `masks_file` (a one-shot pruned dir's), else by Wanda when `input_norms` are given, else by magnitude;
-    `dense` starts with all-ones masks (gmp)."""
+    `dense` starts with all-ones masks (gmp). `dense_values`: the dense model dir whose values the weights
+    under a stored mask's pruned positions take (kept ones stay the pruned dir's reconstruction), so the
+    forward is the one-shot model's while SLoRB's init, SR-STE and regrowth see the dense weights."""
     import deepspeed
+
+    from megatron_ast.modeling import WeightReader
 
     stored = None
     if masks_file is not None:
         from safetensors import safe_open
 
         stored = safe_open(str(masks_file), framework="pt")
+    reader = WeightReader(dense_values) if dense_values is not None and stored is not None else None
     local = {}
     for name, mod in decoder_linears(model).items():
-        with deepspeed.zero.GatheredParameters([mod.weight]):
+        # all ranks compute the same weight; rank 0's is re-partitioned when it was changed
+        with deepspeed.zero.GatheredParameters([mod.weight], modifier_rank=0 if reader is not None else None):
             if mod.weight.shape[1] % m:
                 raise UsageError(f"{name}: in_features {mod.weight.shape[1]} is not a multiple of M={m}")
             if stored is not None:
                 if f"{name}.weight" not in stored.keys():
                     raise UsageError(f"{masks_file} has no mask for {name}: was it pruned from this model?")
                 mask = stored.get_tensor(f"{name}.weight").bool()
+                if reader is not None:
+                    values = reader.get(f"{name}.weight")
+                    if values.shape != mod.weight.shape:
+                        raise UsageError(f"{dense_values}: {name}.weight is {tuple(values.shape)}, the pruned model's "
+                                         f"{tuple(mod.weight.shape)}: give the dense model the pruned dir was made from")
+                    mod.weight.data.copy_(torch.where(mask.to(mod.weight.device), mod.weight.data,
+                                                      values.to(mod.weight.device, mod.weight.dtype)))
             elif dense:
                 mask = torch.ones(mod.weight.shape, dtype=torch.bool)
             else:

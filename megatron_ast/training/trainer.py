@@ -49,6 +49,33 @@ def _tensorboard(path: Path):
     return SummaryWriter(str(path))
 
 
+def param_groups(model, weight_decay: float, slorb_decay: bool = True) -> list[dict]:
+    """Decoupled weight decay on matrices only (embeddings and Linears), not on norm gains or biases, as
+    nanoGPT and the AST reference group them; `slorb_decay=False` exempts SLoRB's S as well. Shapes are
+    read through ZeRO-3's partitioning (`ds_shape`)."""
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        matrix = len(getattr(p, "ds_shape", p.shape)) >= 2 and (slorb_decay or ".slorb." not in name)
+        (decay if matrix else plain).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0})
+            if g["params"]]
+
+
+LOCAL_RANKS_ENV = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                   "MPI_LOCALNRANKS")  # torchrun, the deepspeed launcher, Slurm, Open MPI, MPICH
+
+
+def cpu_threads_per_rank() -> int | None:
+    """This rank's share of the node's cores, when the user set no OMP_NUM_THREADS (None then). torch's default,
+    every core in every rank, oversubscribes a node that runs several ranks (4 threads on 2 cores here)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    local = next((int(os.environ[k]) for k in LOCAL_RANKS_ENV if os.environ.get(k, "").isdigit()), 1)
+    return max(1, len(os.sched_getaffinity(0)) // max(1, local))
+
+
 def _rank0_print(*args) -> None:
     if torch.distributed.get_rank() == 0:
         print(*args, file=sys.stderr, flush=True)
@@ -59,6 +86,9 @@ class Trainer:
         import deepspeed
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        threads = cpu_threads_per_rank()
+        if threads is not None:
+            torch.set_num_threads(threads)
         # under mpirun/mpiexec with no RANK set, DeepSpeed discovers the world through mpi4py
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl",
                                    timeout=timedelta(seconds=cfg.dist_timeout_s),
@@ -99,14 +129,14 @@ class Trainer:
         student = load_zero3(cfg.student_dir, self.ds, dtype)
         masks_file = None if cfg.init in ("magnitude", "wanda") else Path(cfg.init) / "masks.safetensors"
         local_masks = {} if cfg.method == "dense" else sparsify_zero3_(
-            student, pattern.n, pattern.m, masks_file, cfg.slorb, input_norms=norms, dense=cfg.method == "gmp")
+            student, pattern.n, pattern.m, masks_file, cfg.slorb, input_norms=norms, dense=cfg.method == "gmp",
+            dense_values=cfg.model if cfg.pruned_values == "dense" else None)
         self.n_sparse = len(local_masks)
         if cfg.activation_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        trainable = [p for p in student.parameters() if p.requires_grad]
         o = cfg.optimizer
         lam = cfg.srste.lam if cfg.method == "ast" else 0.0
-        opt = SRSTEAdamW(trainable, lr=cfg.lr.peak, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+        opt = SRSTEAdamW(param_groups(student, o.weight_decay, o.slorb_weight_decay), lr=cfg.lr.peak, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                          srste_lambda=lam, srste_t_inc=cfg.srste.t_inc)
         self.srste = opt  # DeepSpeed wraps it; the wrapper hands it the flat fp32 partitions
         self.student, self.optimizer, _, _ = deepspeed.initialize(model=student, optimizer=opt, config=self.ds)
@@ -240,13 +270,15 @@ class Trainer:
         log = open(self.out / "log.jsonl", "a") if self.rank == 0 else None
         tb = _tensorboard(self.out / "tensorboard") if self.rank == 0 else None
         summary = {"method": cfg.method, "sparse_linears": self.n_sparse, "slorb_params": self.slorb_params,
-                   "world_size": self.world, "micro_batch": self.micro, "grad_accum": self.gas}
+                   "world_size": self.world, "micro_batch": self.micro, "grad_accum": self.gas,
+                   "cpu_threads_per_rank": torch.get_num_threads()}
         if self.step == 0:
             self.ppl_before = self.evaluate() if self.windows else None
         summary["ppl_before"] = self.ppl_before
         self._install_signal_handlers()
+        lines = not sys.stderr.isatty()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method} {cfg.pattern}",
-                   disable=self.rank != 0 or None, file=sys.stderr)
+                   disable=self.rank != 0 or lines, file=sys.stderr)
         t0, start, rec = time.perf_counter(), self.step, {}
         while self.step < cfg.steps:
             rec = self.train_step()
@@ -261,6 +293,11 @@ class Trainer:
                             tb.add_scalar(k, v, self.step)
             bar.update(1)
             bar.set_postfix_str(f"loss {rec['loss']:.3f} lr {rec['lr']:.2e}", refresh=False)
+            if lines:  # no terminal (a launcher's pipe, a log file): one line per step instead of a bar
+                done = self.step - start
+                eta = (time.perf_counter() - t0) / done * (cfg.steps - self.step)
+                _rank0_print(f"[train] step {self.step}/{cfg.steps} loss {rec['loss']:.3f} "
+                             f"{rec['tokens_per_s']:.0f} tokens/s ETA {eta / 60:.1f} min")
             stop = self._should_stop()
             if stop or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.steps):
                 path = self.save()

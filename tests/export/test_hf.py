@@ -13,11 +13,12 @@ from megatron_ast.sparsity.slorb import SLoRBConfig
 from tests.training.conftest import ckpt_masks, consolidated
 
 
-def _sparse_forward(run_dir, ckpt, x, with_slorb: bool) -> torch.Tensor:
+def _sparse_forward(run_dir, ckpt, x, with_slorb: bool, trainable_projection: bool = False) -> torch.Tensor:
     """The trainer's forward (SparseLinear: W*M via the STE, + SLoRB) on the consolidated checkpoint."""
     sd, masks = consolidated(ckpt), ckpt_masks(ckpt)
     model = LlamaForCausalLM(LlamaConfig.from_pretrained(run_dir / "dense"))
-    sparsify_(model, {f"{k}.weight": v for k, v in masks.items()}, SLoRBConfig(group=16))
+    sparsify_(model, {f"{k}.weight": v for k, v in masks.items()},
+              SLoRBConfig(group=16, trainable_projection=trainable_projection))
     model.load_state_dict({**sd, **{f"{k}.mask": v.float() for k, v in masks.items()}}, strict=True)
     if not with_slorb:
         for name in masks:
@@ -46,6 +47,58 @@ def test_export_round_trip_with_and_without_the_slorb_adapter(run_dir, trained, 
     assert torch.allclose(boosted, expected, atol=1e-5) and not torch.allclose(boosted, plain, atol=1e-3)
     report = json.loads((out / "export_report.json").read_text())
     assert report["all_valid"] and report["sparse_linears"] == 14 and report["slorb_adapter"] == "slorb_adapter"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("projection", [False, True])
+def test_our_loader_gives_the_trainers_student_with_and_without_the_adapter(run_dir, trained, trained_projection,
+                                                                           projection, tmp_path, capsys):
+    from megatron_ast.modeling import load_causal_lm
+
+    ckpt = trained_projection if projection else trained
+    out = tmp_path / "hf"
+    assert main(["export", str(ckpt), "--out", str(out)]) == 0
+    x = torch.randint(0, 600, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        boosted = load_causal_lm(out).eval()(input_ids=x).logits
+        plain = load_causal_lm(out, adapter=False).eval()(input_ids=x).logits
+    assert "+ SLoRB adapter slorb_adapter/" in capsys.readouterr().err
+    assert torch.allclose(boosted, _sparse_forward(run_dir, ckpt, x, True, projection), atol=1e-5, rtol=0)
+    assert torch.allclose(plain, _sparse_forward(run_dir, ckpt, x, False, projection), atol=1e-5, rtol=0)
+    assert not torch.allclose(boosted, plain, atol=1e-3)
+    if projection:  # the trained A is not the plain group sum any more
+        from megatron_ast.sparsity.slorb_adapter import read
+
+        a, _ = read(out / "slorb_adapter")["model.layers.0.mlp.up_proj"]
+        assert not torch.equal(a, (a > 0.5).float())
+
+
+@pytest.mark.slow
+def test_quantize_carries_the_adapter_and_eval_reports_it(run_dir, trained, tmp_path, capsys):
+    from megatron_ast.modeling import load_causal_lm
+
+    out, q = tmp_path / "hf", tmp_path / "int8"
+    assert main(["export", str(trained), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(out), "--bits", "8", "--group-size", "32", "--method", "rtn",
+                 "--out", str(q)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    exported = load_causal_lm(out)
+    branch_numel = sum(m.slorb.S.numel() + m.slorb.lora()[0].numel() for m in exported.modules() if hasattr(m, "slorb"))
+    assert report["slorb_adapter"]["float16_bytes"] == 2 * branch_numel
+    assert (q / "slorb_adapter" / "adapter_model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(q / "slorb_adapter" / "adapter_model.safetensors")).values()} == {torch.float16}
+    assert not any(".slorb." in k for k in load_file(str(q / "model.safetensors")))  # the base alone
+    ppl = {}
+    for flag in ([], ["--no-adapter"]):
+        assert main(["eval", "ppl", "--model", str(q), "--data", str(run_dir / "val_shards"), "--seq-len", "64",
+                     "--max-windows", "4", *flag]) == 0
+        r = json.loads(capsys.readouterr().out)
+        assert (r["slorb_adapter"] is None) == bool(flag)
+        ppl[bool(flag)] = r["perplexity"]["all"]["ppl"]
+    assert ppl[False] != ppl[True]
 
 
 def test_export_refuses_incomplete_or_corrupt_checkpoints(run_dir, trained, tmp_path, capsys):

@@ -71,6 +71,34 @@ def test_slorb_init_forward_lora_and_size():
     assert ((lost - SLoRB(w, m, SLoRBConfig(group=8))(xc)) ** 2).sum() < 0.1 * (lost**2).sum()
 
 
+def test_zero_and_xavier_inits_follow_the_reference():
+    torch.manual_seed(0)
+    w = torch.randn(12, 32)
+    m = mask_from_score(w.abs(), SparsityPattern.parse("2:4"))
+    zero = SLoRB(w, m, SLoRBConfig(group=8, init="zero"))
+    assert torch.count_nonzero(zero.S) == 0 and zero.P is None
+    xavier = SLoRB(w, m, SLoRBConfig(group=8, init="xavier"))  # the reference randomises S and the projection
+    assert xavier.S.abs().sum() > 0 and xavier.P is not None and not xavier.P.requires_grad
+    assert not torch.equal(xavier.P, group_projection(32, 8))
+    x = torch.randn(3, 32)
+    a, b = xavier.lora()
+    assert torch.allclose(xavier(x), x @ a.t() @ b.t(), atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [SLoRBConfig(group=8), SLoRBConfig(group=8, trainable_projection=True),
+                                 SLoRBConfig(group=8, init="xavier")])
+def test_from_lora_gives_the_branch_back_to_the_bit(cfg):
+    torch.manual_seed(1)
+    w = torch.randn(12, 32)
+    branch = SLoRB(w, mask_from_score(w.abs(), SparsityPattern.parse("2:4")), cfg)
+    again = SLoRB.from_lora(*branch.lora())
+    assert (again.P is None) == (cfg.init != "xavier")  # the plain projection is recognised: a reshape-and-sum
+    x = torch.randn(5, 32)
+    same_path = (again.P is None) == (branch.P is None)  # a trainable P still plain is summed instead: rounding
+    assert torch.equal(again(x), branch(x)) if same_path else torch.allclose(again(x), branch(x), atol=1e-6)
+    assert not any(p.requires_grad for p in again.parameters())
+
+
 def test_slorb_bad_config():
     with pytest.raises(UsageError, match="not one of"):
         SLoRBConfig(init="zeros")

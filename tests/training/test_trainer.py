@@ -1,5 +1,6 @@
 """`megatron-ast train` end to end: 2 ranks, ZeRO-3 student and teacher, CPU, gloo, real text."""
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from megatron_ast.cli import main
-from tests.training.conftest import ckpt_masks, config_file, consolidated, train
+from tests.training.conftest import TRAIN_ENV, ckpt_masks, config_file, consolidated, train, train_cmd
 
 
 @pytest.mark.slow
@@ -109,3 +110,81 @@ def test_inconsistent_deepspeed_configs(tmp_path, ds, match):
     p.write_text(json.dumps(ds))
     with pytest.raises(UsageError, match=match):
         load_ds_config(p, world_size=1)
+
+
+@pytest.fixture(scope="module")
+def pruned(run_dir):
+    """The tiny dense model pruned to 2:4 by SparseGPT (its kept weights are reconstructed, not dense)."""
+    out = run_dir / "pruned-sparsegpt"
+    assert main(["prune", "--model", str(run_dir / "dense"), "--method", "sparsegpt", "--pattern", "2:4",
+                 "--calib", str(run_dir / "shards"), "--nsamples", "8", "--seqlen", "64", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("values", ["dense", "zero"])
+def test_a_pruned_init_keeps_the_dense_values_under_its_masks(run_dir, pruned, values, tmp_path, monkeypatch):
+    """lr 0: the checkpoint holds the student as it started. Paths relative to the launch dir; export elsewhere."""
+    from safetensors.torch import load_file
+
+    from megatron_ast.eval.perplexity import perplexity, token_windows
+    from megatron_ast.modeling import load_causal_lm
+
+    out = run_dir / f"out_pruned_{values}"
+    cfg = config_file(run_dir, init=pruned.name, pruned_values=values, output_dir=out.name, steps=1, lr={"peak": 0.0, "min": 0.0,
+                      "warmup": 0}, slorb={"group": 16, "init": "zero" if values == "dense" else "mean"},
+                      eval={"every": 0, "windows": 4})
+    proc = subprocess.run(train_cmd(cfg), capture_output=True, text=True, timeout=900, env=TRAIN_ENV, cwd=run_dir)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    state, masks = consolidated(summary["checkpoint"]), ckpt_masks(summary["checkpoint"])
+    dense, oneshot = load_file(str(run_dir / "dense" / "model.safetensors")), load_file(str(pruned / "model.safetensors"))
+    assert len(masks) == 14
+    for name, mask in masks.items():
+        w = state[f"{name}.weight"]
+        assert torch.equal(w[mask], oneshot[f"{name}.weight"][mask]), name  # kept: the pruner's reconstruction
+        assert torch.equal(w[~mask], dense[f"{name}.weight"][~mask] if values == "dense" else torch.zeros_like(w[~mask]))
+    # the forward is the one-shot model's (SLoRB starts at 0 with init zero; with mean over zeros too)
+    assert all(torch.count_nonzero(v) == 0 for k, v in state.items() if k.endswith(".slorb.S"))
+    windows = token_windows([str(run_dir / "val_shards")], run_dir / "dense", 64, 4)
+    direct = perplexity(load_causal_lm(pruned), windows)
+    assert summary["ppl_before"]["all"]["ppl"] == pytest.approx(direct["all"]["ppl"], rel=1e-5)
+    run = json.loads((Path(summary["checkpoint"]) / "trainer_state.json").read_text())["config"]
+    assert run["init"] == str(pruned) and run["output_dir"] == str(out)  # stored absolute
+    monkeypatch.chdir(tmp_path)  # export from another working directory, as on a cluster
+    assert main(["export", summary["checkpoint"], "--out", "hf"]) == 0 and (tmp_path / "hf" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_slorb_mean_init_is_taken_from_the_dense_values(run_dir, pruned):
+    out = run_dir / "out_pruned_mean"
+    train(config_file(run_dir, init=str(pruned), output_dir=str(out), steps=1, lr={"peak": 0.0, "min": 0.0, "warmup": 0},
+                      slorb={"group": 16, "init": "mean"}, eval={"every": 0, "windows": 2}))
+    ckpt = json.loads((out / "summary.json").read_text())["checkpoint"]
+    state, masks = consolidated(ckpt), ckpt_masks(ckpt)
+    dense = LlamaForCausalLM.from_pretrained(run_dir / "dense").state_dict()
+    for name, mask in masks.items():
+        w = dense[f"{name}.weight"]
+        expected = (w * ~mask).reshape(w.shape[0], -1, 16).mean(-1)
+        assert torch.allclose(state[f"{name}.slorb.S"], expected, atol=1e-7), name
+
+
+def test_weight_decay_goes_to_matrices_only():
+    from transformers import LlamaConfig
+
+    from megatron_ast.sparsity import nm_mask
+    from megatron_ast.sparsity.slorb import SLoRBConfig
+    from megatron_ast.sparsity.sparse_linear import sparsify_
+    from megatron_ast.training.trainer import param_groups
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True))
+    sparsify_(model, {"model.layers.0.mlp.up_proj.weight": nm_mask(model.model.layers[0].mlp.up_proj.weight.abs(), 2, 4)},
+              SLoRBConfig(group=8))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, plain = ({names[id(p)] for p in g["params"]} for g in param_groups(model, 0.1))
+    assert "model.layers.0.mlp.up_proj.slorb.S" in decay and "model.embed_tokens.weight" in decay
+    assert "model.layers.0.self_attn.q_proj.weight" in decay and "model.layers.0.mlp.up_proj.mask" not in decay | plain
+    assert plain == {n for n in names.values() if n.endswith((".bias", "norm.weight"))} and len(plain) == 7
+    _, plain = ({names[id(p)] for p in g["params"]} for g in param_groups(model, 0.1, slorb_decay=False))
+    assert "model.layers.0.mlp.up_proj.slorb.S" in plain

@@ -1,0 +1,49 @@
+"""bench/ast_ablation.py's arithmetic, table and plots (the runs themselves are the bench's, not a test's)."""
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "ast_ablation.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("ast_ablation", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _ppl(v: float) -> dict:
+    return {"book": {"ppl": v * 2}, "github": {"ppl": v / 2}, "all": {"ppl": v}}
+
+
+def test_gap_closed_is_in_log_perplexity(bench):
+    assert bench.gap_closed(100.0, 100.0, 10.0) == 0.0 and bench.gap_closed(100.0, 10.0, 10.0) == pytest.approx(1.0)
+    assert bench.gap_closed(100.0, math.sqrt(1000.0), 10.0) == pytest.approx(0.5)  # halfway in log space
+    assert bench.gap_closed(100.0, 200.0, 10.0) < 0  # worse than the start
+
+
+def test_every_ablation_changes_one_thing(bench):
+    assert bench.METHODS["ast"][1] == {} and len(bench.METHODS) == 9
+    for name, (_, over) in bench.METHODS.items():
+        if name.startswith("ast_"):
+            assert len(over) == 1, name
+
+
+def test_table_and_plots(bench, tmp_path):
+    curve = [{"step": s, "tokens": 1024 * s, "ppl": _ppl(40 - s)} for s in (0, 8, 16)]
+    results = {"model": "m", "seq_len": 256, "dense_ppl": _ppl(20.0), "init_ppl": _ppl(40.0), "methods": {
+        "ast": {"label": "AST", "curve": curve, "final_ppl": _ppl(24.0), "gap_closed": 0.74, "tokens": 16384,
+                "train_seconds": 10.0, "final_flip_rate_init": 0.01,
+                "flips": [{"step": 4, "flip_rate_prev": 0.01, "flip_rate_init": 0.01, "sparsity": 0.5}]},
+        "naive": {"label": "naive", "curve": curve, "final_ppl": _ppl(30.0), "gap_closed": 0.4, "tokens": 16384,
+                  "train_seconds": 9.0, "final_flip_rate_init": None, "flips": []}}}
+    bench.plot(results, tmp_path / "a.png", tmp_path / "f.png")
+    for png in ("a.png", "f.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = bench.table(results).splitlines()
+    assert len(rows) == 2 + 4 and "| AST | 48.00 | 12.00 | 24.00 | 74.0% | 0.0100 | 16,384 | 10 |" in rows
+    assert rows[-1].startswith("| dense (target) | 40.00")
