@@ -9,7 +9,8 @@ perplexity on those windows is the target, the one-shot model's the start:
     gap closed = ln(ppl_init / ppl_final) / ln(ppl_init / ppl_dense)
 
 Methods: AST with all parts; AST without SR-STE; without distillation (task loss
-only); without SLoRB; with the masks frozen at the init; AST whose master starts
+only); without SLoRB; with SLoRB starting at 0 instead of the pruned weights' group
+means; with the masks frozen at the init; AST whose master starts
 with zeros under the pruned positions (`pruned_values: zero`); `naive` (fixed
 mask, task loss, plain AdamW); `gmp` (gradual magnitude pruning from the dense
 model: it cannot start from the one-shot init); `dense` distillation without
@@ -46,6 +47,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "ast_no_srste": ("AST without SR-STE", {"srste": {"lam": 0.0, "t_inc": 1}}),
     "ast_no_distill": ("AST without distillation", {"distill": {"w_task": 1.0, "w_kl": 0.0, "w_sq": 0.0}}),
     "ast_no_slorb": ("AST without SLoRB", {"slorb": None}),
+    "ast_slorb_zero": ("AST, SLoRB starts at 0", {"slorb": {**SLORB, "init": "zero"}}),
     "ast_frozen_masks": ("AST, masks frozen at init", {"mask_interval": 10**9}),
     "ast_pruned_zero": ("AST, pruned weights start at 0", {"pruned_values": "zero"}),
     "naive": ("naive (fixed mask, CE)", {"method": "naive", "slorb": None}),
@@ -62,6 +64,54 @@ def _free_port() -> int:
 
 def _log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()] if (run / "log.jsonl").is_file() else []
+
+
+def ast_config(model: str, pruned: Path, shards: dict, run: Path, args) -> dict:
+    """run.yaml of AST with all parts from the one-shot init (`args`: steps, seq_len, lr, eval and checkpoint
+    intervals, windows, ds_config)."""
+    return {"model": model, "init": str(pruned), "deepspeed": args.ds_config, "output_dir": str(run), "method": "ast",
+            "data": {"train": [str(shards["train"])], "validation": [str(shards["validation"])],
+                     "seq_len": args.seq_len, "seed": 1234},
+            "steps": args.steps, "mask_interval": 4, "mask_score": "magnitude", "slorb": SLORB,
+            "lr": {"peak": args.lr, "min": args.lr / 10, "warmup": max(1, args.steps // 20)},
+            "srste": {"lam": 6e-5, "t_inc": max(1, args.steps // 4)}, "gmp": {"start": 0, "end": max(1, args.steps // 2)},
+            "eval": {"every": args.eval_every, "windows": args.windows},
+            "checkpoint": {"every": args.checkpoint_every, "keep": 1}}
+
+
+def one_shot_init(work: Path, calib: int) -> tuple[dict, dict, Path]:
+    """(assets, shard dirs, the SparseGPT 2:4 dir every method starts from), made once under `work`."""
+    from megatron_ast.pruning.api import REPORT_FILE, prune_to_dir
+    from megatron_ast.pruning.pipeline import PruneConfig
+    from megatron_ast.sparsity import SparsityPattern
+
+    a, shards = reference_shards(work)
+    pruned = work / "pruned-sparsegpt-2of4"
+    if not (pruned / REPORT_FILE).is_file():
+        prune_to_dir(a["model"], pruned, PruneConfig("sparsegpt", SparsityPattern.parse("2:4")), [str(shards["train"])],
+                     calib, 512)
+    return a, shards, pruned
+
+
+def train(run: Path, cfg: dict, ranks: int, threads: int | None = None) -> tuple[dict, list[dict]]:
+    """`megatron-ast train` on `cfg` under torch.distributed.run (resuming a killed run), its progress lines
+    relayed; (summary, log records). `threads`: OMP_NUM_THREADS per rank, default the trainer's own share."""
+    (run / "run.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={_free_port()}",
+           "-m", "megatron_ast.cli", "train", "--config", str(run / "run.yaml"), "--resume", "auto"]
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    env.pop("OMP_NUM_THREADS", None)  # torchrun would set 1; the trainer gives each rank its share of the cores
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    with open(run / "train.log", "a") as logf:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1)
+        for line in proc.stdout:
+            logf.write(line)
+            if line.startswith("[train] step"):
+                print(f"  {line.rstrip()}", flush=True)
+        if proc.wait() != 0:
+            raise SystemExit(f"training failed (exit {proc.returncode}); see {run / 'train.log'}")
+    return json.loads((run / "summary.json").read_text()), _log(run)
 
 
 def gap_closed(start: float, final: float, dense: float) -> float:
@@ -141,16 +191,9 @@ def main() -> None:
 
     from megatron_ast.eval.perplexity import perplexity, token_windows
     from megatron_ast.modeling import load_causal_lm
-    from megatron_ast.pruning.api import REPORT_FILE, prune_to_dir
-    from megatron_ast.pruning.pipeline import PruneConfig
-    from megatron_ast.sparsity import SparsityPattern
 
+    a, shards, pruned = one_shot_init(Path(args.work).resolve(), args.calib)
     work = Path(args.work).resolve()
-    a, shards = reference_shards(work)
-    pruned = work / "pruned-sparsegpt-2of4"
-    if not (pruned / REPORT_FILE).is_file():
-        prune_to_dir(a["model"], pruned, PruneConfig("sparsegpt", SparsityPattern.parse("2:4")), [str(shards["train"])],
-                     args.calib, 512)
     ds = json.loads(Path(args.ds_config).read_text())
     per_step = args.seq_len * ds["train_micro_batch_size_per_gpu"] * ds.get("gradient_accumulation_steps", 1) * args.ranks
     windows = token_windows([str(shards["validation"])], a["tokenizer"], args.seq_len, args.windows)
@@ -177,35 +220,12 @@ def main() -> None:
         label, over = METHODS[name]
         run = work / name
         run.mkdir(parents=True, exist_ok=True)
-        cfg = {"model": a["model"], "init": str(pruned), "deepspeed": args.ds_config, "output_dir": str(run),
-               "method": "ast", "data": {"train": [str(shards["train"])], "validation": [str(shards["validation"])],
-                                         "seq_len": args.seq_len, "seed": 1234},
-               "steps": args.steps, "mask_interval": 4, "mask_score": "magnitude", "slorb": SLORB,
-               "lr": {"peak": args.lr, "min": args.lr / 10, "warmup": max(1, args.steps // 20)},
-               "srste": {"lam": 6e-5, "t_inc": max(1, args.steps // 4)},
-               "gmp": {"start": 0, "end": max(1, args.steps // 2)},
-               "eval": {"every": args.eval_every, "windows": args.windows},
-               "checkpoint": {"every": args.checkpoint_every, "keep": 1}}
-        cfg.update(over)
+        cfg = {**ast_config(a["model"], pruned, shards, run, args), **over}
         if cfg["method"] != "gmp":
             cfg.pop("gmp")
-        (run / "run.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.ranks}",
-               f"--master_port={_free_port()}", "-m", "megatron_ast.cli", "train", "--config", str(run / "run.yaml"),
-               "--resume", "auto"]
-        env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-        env.pop("OMP_NUM_THREADS", None)  # each rank takes its share of the cores (trainer.cpu_threads_per_rank)
         t0 = time.perf_counter()
         print(f"{name}: {label}", flush=True)
-        with open(run / "train.log", "a") as logf:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1)
-            for line in proc.stdout:
-                logf.write(line)
-                if line.startswith("[train] step"):
-                    print(f"  {line.rstrip()}", flush=True)
-            if proc.wait() != 0:
-                raise SystemExit(f"{name} failed (exit {proc.returncode}); see {run / 'train.log'}")
-        summary, log = json.loads((run / "summary.json").read_text()), _log(run)
+        summary, log = train(run, cfg, args.ranks)
         curve = [{"step": 0, "tokens": 0, "ppl": summary["ppl_before"]}]
         curve += [{"step": r["step"], "tokens": r["tokens"], "ppl": r["val"]} for r in log if "val" in r]
         if curve[-1]["step"] != args.steps:

@@ -27,7 +27,7 @@ def test_gap_closed_is_in_log_perplexity(bench):
 
 
 def test_every_ablation_changes_one_thing(bench):
-    assert bench.METHODS["ast"][1] == {} and len(bench.METHODS) == 9
+    assert bench.METHODS["ast"][1] == {} and len(bench.METHODS) == 10
     for name, (_, over) in bench.METHODS.items():
         if name.startswith("ast_"):
             assert len(over) == 1, name
