@@ -8,10 +8,12 @@ perplexity on those windows is the target, the one-shot model's the start:
 
     gap closed = ln(ppl_init / ppl_final) / ln(ppl_init / ppl_dense)
 
-Methods: AST with all parts; AST without SR-STE; without distillation (task loss
-only); without SLoRB; with SLoRB starting at 0 instead of the pruned weights' group
-means; with the masks frozen at the init; AST whose master starts
-with zeros under the pruned positions (`pruned_values: zero`); `naive` (fixed
+Methods: AST with all parts (the trainer's defaults: the master holds the one-shot
+model's zeros where it prunes, so SLoRB's mean init is 0 too); AST without SR-STE;
+without distillation (task loss only); without SLoRB; with the masks frozen at the
+init; AST whose master holds the dense values under the pruned positions
+(`pruned_values: dense`: SLoRB then starts from their group means), and the same
+with SLoRB from 0; `naive` (fixed
 mask, task loss, plain AdamW); `gmp` (gradual magnitude pruning from the dense
 model: it cannot start from the one-shot init); `dense` distillation without
 masks, the ceiling. Resumable: a finished method is kept (same settings), an
@@ -47,9 +49,10 @@ METHODS: dict[str, tuple[str, dict]] = {
     "ast_no_srste": ("AST without SR-STE", {"srste": {"lam": 0.0, "t_inc": 1}}),
     "ast_no_distill": ("AST without distillation", {"distill": {"w_task": 1.0, "w_kl": 0.0, "w_sq": 0.0}}),
     "ast_no_slorb": ("AST without SLoRB", {"slorb": None}),
-    "ast_slorb_zero": ("AST, SLoRB starts at 0", {"slorb": {**SLORB, "init": "zero"}}),
     "ast_frozen_masks": ("AST, masks frozen at init", {"mask_interval": 10**9}),
-    "ast_pruned_zero": ("AST, pruned weights start at 0", {"pruned_values": "zero"}),
+    "ast_pruned_dense": ("AST, pruned weights at dense values", {"pruned_values": "dense"}),
+    "ast_dense_slorb_zero": ("AST, dense values, SLoRB from 0",
+                             {"pruned_values": "dense", "slorb": {**SLORB, "init": "zero"}}),
     "naive": ("naive (fixed mask, CE)", {"method": "naive", "slorb": None}),
     "gmp": ("gmp (from dense, CE)", {"method": "gmp", "init": "magnitude", "slorb": None}),
     "dense": ("dense distillation (ceiling)", {"method": "dense", "slorb": None}),

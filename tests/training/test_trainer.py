@@ -158,8 +158,9 @@ def test_a_pruned_init_keeps_the_dense_values_under_its_masks(run_dir, pruned, v
 @pytest.mark.slow
 def test_slorb_mean_init_is_taken_from_the_dense_values(run_dir, pruned):
     out = run_dir / "out_pruned_mean"
-    train(config_file(run_dir, init=str(pruned), output_dir=str(out), steps=1, lr={"peak": 0.0, "min": 0.0, "warmup": 0},
-                      slorb={"group": 16, "init": "mean"}, eval={"every": 0, "windows": 2}))
+    train(config_file(run_dir, init=str(pruned), pruned_values="dense", output_dir=str(out), steps=1,
+                      lr={"peak": 0.0, "min": 0.0, "warmup": 0}, slorb={"group": 16, "init": "mean"},
+                      eval={"every": 0, "windows": 2}))
     ckpt = json.loads((out / "summary.json").read_text())["checkpoint"]
     state, masks = consolidated(ckpt), ckpt_masks(ckpt)
     dense = LlamaForCausalLM.from_pretrained(run_dir / "dense").state_dict()
