@@ -16,7 +16,8 @@ init; AST whose master holds the dense values under the pruned positions
 with SLoRB from 0; `naive` (fixed
 mask, task loss, plain AdamW); `gmp` (gradual magnitude pruning from the dense
 model: it cannot start from the one-shot init); `dense` distillation without
-masks, the ceiling. Resumable: a finished method is kept (same settings), an
+masks from the same one-shot weights (no 2:4 constraint: recovery's ceiling at
+these tokens). Resumable: a finished method is kept (same settings), an
 interrupted one resumes from its last checkpoint. Writes
 bench/results/ast_ablation-<name>.json, a perplexity-vs-tokens PNG of every
 method and a flip-rate PNG of the AST runs, after each method.
@@ -55,7 +56,7 @@ METHODS: dict[str, tuple[str, dict]] = {
                              {"pruned_values": "dense", "slorb": {**SLORB, "init": "zero"}}),
     "naive": ("naive (fixed mask, CE)", {"method": "naive", "slorb": None}),
     "gmp": ("gmp (from dense, CE)", {"method": "gmp", "init": "magnitude", "slorb": None}),
-    "dense": ("dense distillation (ceiling)", {"method": "dense", "slorb": None}),
+    "dense": ("dense distillation, no masks", {"method": "dense", "slorb": None}),
 }
 
 
