@@ -7,9 +7,10 @@ model's perplexity on the same windows, then continue training the 2:4
 student with AST (distilled from the dense teacher, 2 ranks, DeepSpeed ZeRO-3
 on CPU) and report perplexity before and after, then export its checkpoint to a
 Hugging Face dir and report that model's perplexity on the dense model's
-windows, quantize it to int4 (GPTQ, group 128, on top of the 2:4 masks) and
-report its perplexity and stored size, run the offline lm-eval tasks on all four
-models, and print the final table (dense vs one-shot vs AST vs AST+int4). Each
+windows (with its SLoRB adapter, and without it), quantize it to int4 (GPTQ, on
+top of the 2:4 masks, the adapter carried along) and report its perplexity and
+stored size, run the offline lm-eval tasks on all five, and print the final table
+(dense vs one-shot vs AST + SLoRB vs AST without adapter vs AST+int4 + SLoRB). Each
 stage's figures and output paths go to `<out>/report.json`, rewritten after
 each stage; the table is its `final` entry.
 """
