@@ -31,7 +31,6 @@ import json
 import math
 import os
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -107,14 +106,11 @@ def train(run: Path, cfg: dict, ranks: int, threads: int | None = None) -> tuple
     env.pop("OMP_NUM_THREADS", None)  # torchrun would set 1; the trainer gives each rank its share of the cores
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    with open(run / "train.log", "a") as logf:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1)
-        for line in proc.stdout:
-            logf.write(line)
-            if line.startswith("[train] step"):
-                print(f"  {line.rstrip()}", flush=True)
-        if proc.wait() != 0:
-            raise SystemExit(f"training failed (exit {proc.returncode}); see {run / 'train.log'}")
+    from megatron_ast.quickstart import run_relayed
+
+    code = run_relayed(cmd, env, run / "train.log", "[train] step", "  ")
+    if code != 0:
+        raise SystemExit(f"training failed (exit {code}); see {run / 'train.log'}")
     return json.loads((run / "summary.json").read_text()), _log(run)
 
 

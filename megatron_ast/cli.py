@@ -48,15 +48,15 @@ def _cmd_eval_ppl(a: argparse.Namespace) -> None:
     if a.expect:
         _expect(model, a.expect, a.model)
     result = perplexity(model, windows, batch_size=a.batch_size)
-    print(json.dumps({"model": a.model, "slorb_adapter": _adapter_used(a.model, a.adapter), "seq_len": a.seq_len,
+    print(json.dumps({"model": a.model, "slorb_adapter": _adapter_used_by(a.model, a.adapter), "seq_len": a.seq_len,
                       "perplexity": result}, indent=2))
 
 
-def _adapter_used(model_dir: str, wanted: bool) -> str | None:
-    from megatron_ast.sparsity.slorb_adapter import adapter_dir
 
-    found = adapter_dir(model_dir)
-    return str(found) if found is not None and wanted else None
+def _adapter_used_by(model_dir: str, wanted: bool) -> str | None:
+    from megatron_ast.sparsity.slorb_adapter import used
+
+    return used(model_dir, wanted)
 
 
 def _expect(model, pattern: str, where: str) -> None:
@@ -80,7 +80,7 @@ def _cmd_eval_lm_eval(a: argparse.Namespace) -> None:
     results = evaluate(a.model, a.tasks, _local_tasks_dir(a.n), a.allow_hub, a.batch_size, a.limit, a.device, a.adapter)
     print(table(results), file=sys.stderr)
     print(json.dumps({"tasks": a.tasks, "limit": a.limit, "results": results,
-                      "slorb_adapters": {m: _adapter_used(m, a.adapter) for m in a.model}}, indent=2))
+                      "slorb_adapters": {m: _adapter_used_by(m, a.adapter) for m in a.model}}, indent=2))
 
 
 def _local_tasks_dir(n: int):

@@ -31,11 +31,24 @@ LM_EVAL_N = 100  # examples per local lm-eval task
 CPU_DS_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "zero3_cpu.json"  # the checkout's (pip install -e .)
 
 
+def run_relayed(cmd: list[str], env: dict, log: Path, keep: str, indent: str) -> int:
+    """Run `cmd` with all its output appended to `log`, echoing the lines that start with `keep` (the training
+    ranks' progress); returns the exit code."""
+    import subprocess
+
+    with open(log, "a") as logf:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1)
+        for line in proc.stdout:
+            logf.write(line)
+            if line.startswith(keep):
+                print(f"{indent}{line.rstrip()}", flush=True)
+        return proc.wait()
+
+
 def _train_ast(out: Path, dense: str, pruned: Path) -> dict:
     """A short AST run under the deepspeed launcher, as a user would start it."""
     import shutil
     import socket
-    import subprocess
     import sys
 
     import yaml
@@ -59,15 +72,9 @@ def _train_ast(out: Path, dense: str, pruned: Path) -> dict:
     cmd = [launcher, "--num_gpus", str(AST_RANKS), "--master_port", str(port), cli, "train", "--config", str(run / "run.yaml")]
     print(f"      $ {' '.join(cmd)}", flush=True)
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-    with open(run / "train.log", "w") as logf:  # everything to the log; the ranks' progress lines here too
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1)
-        for line in proc.stdout:
-            logf.write(line)
-            if line.startswith("[train]"):
-                print(f"      {line.rstrip()}", flush=True)
-        proc.wait()
-    if proc.returncode != 0:
-        raise RuntimeError(f"AST training failed (exit {proc.returncode}); see {run / 'train.log'}")
+    code = run_relayed(cmd, env, run / "train.log", "[train]", "      ")
+    if code != 0:
+        raise RuntimeError(f"AST training failed (exit {code}); see {run / 'train.log'}")
     summary = json.loads((run / "summary.json").read_text())
     return {**summary, "run_dir": str(run), "config": str(run / "run.yaml"), "log": str(run / "log.jsonl")}
 
@@ -176,10 +183,9 @@ def run(out: str | Path = "runs/quickstart", max_windows: int = 32, workers: int
     windows = token_windows([str(out / "shards" / "validation")], a["tokenizer"], SEQ_LEN, max_windows)
 
     def evaluate(fig: dict, model_dir: str, label: str, adapter: bool = True) -> None:
-        from megatron_ast.sparsity.slorb_adapter import adapter_dir
+        from megatron_ast.sparsity.slorb_adapter import used
 
-        found = adapter_dir(model_dir)
-        fig.update({"model": model_dir, "seq_len": SEQ_LEN, "slorb_adapter": str(found) if found and adapter else None,
+        fig.update({"model": model_dir, "seq_len": SEQ_LEN, "slorb_adapter": used(model_dir, adapter),
                     "perplexity": perplexity(load_causal_lm(model_dir, adapter=adapter), windows, desc=f"{label} ppl")})
         for dom, r in fig["perplexity"].items():
             print(f"      {dom}: ppl {r['ppl']:.2f} over {r['tokens']:,} tokens", flush=True)

@@ -32,6 +32,12 @@ def adapter_dir(model_dir: str | Path) -> Path | None:
     return d if (d / CONFIG).is_file() else None
 
 
+def used(model_dir: str | Path, wanted: bool) -> str | None:
+    """The adapter dir a measurement of `model_dir` loads (for reports): its adapter when it has one and `wanted`."""
+    found = adapter_dir(model_dir)
+    return str(found) if found is not None and wanted else None
+
+
 def save(out_dir: Path, loras: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype, base: Path) -> int:
     """Write `out_dir` (created) from {Linear name: (A, B)}; returns the bytes of its tensors."""
     from safetensors.torch import save_file

@@ -28,8 +28,12 @@ def test_gap_closed_is_in_log_perplexity(bench):
 
 def test_every_ablation_changes_one_thing(bench):
     assert bench.METHODS["ast"][1] == {} and len(bench.METHODS) == 10
+    pruned_dense = bench.METHODS["ast_pruned_dense"][1]
     for name, (_, over) in bench.METHODS.items():
-        if name.startswith("ast_"):
+        if name == "ast_dense_slorb_zero":  # one change on top of the dense-values row
+            assert {k: v for k, v in over.items() if k not in pruned_dense} == {"slorb": {**bench.SLORB, "init": "zero"}}
+            assert all(over[k] == v for k, v in pruned_dense.items())
+        elif name.startswith("ast_"):
             assert len(over) == 1, name
 
 
