@@ -82,11 +82,9 @@ class SRSTEAdamW(torch.optim.Optimizer):
             lam = srste_lambda(t, group["srste_lambda"], group["srste_t_inc"])
             u = torch.addcmul(m, p, decay, value=lam)
             sq = torch.where(masked, u, g).square_()
-            v.mul_(b2).add_(sq, alpha=1 - b2)
-            denom = torch.div(v, 1 - b2**t, out=sq).sqrt_().add_(group["eps"])
-        else:  # plain AdamW
-            u = m
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
+        else:  # plain AdamW, with the same roundings: a tensor's update does not depend on how it was grouped
+            u, sq = m, g.square()
+        v.mul_(b2).add_(sq, alpha=1 - b2)
+        denom = torch.div(v, 1 - b2**t, out=sq).sqrt_().add_(group["eps"])
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.addcdiv_(u, denom, value=-group["lr"] / (1 - b1**t))

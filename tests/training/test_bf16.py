@@ -1,0 +1,137 @@
+"""The bf16 path every GPU run takes (bf16 working weights, fp32 master), on 2 CPU ranks against one process.
+
+DeepSpeed's ZeRO-3 in bf16: each rank's forward/backward in bf16, the bf16 gradients divided by the world size
+and summed across ranks in bf16 (one rounding: the sum of two bf16 values is exact in fp32, then rounded),
+cast to fp32 and handed to our optimizer with the fp32 master partitions; the working partitions are then
+bf16(master) * M. The single-process reference below does each of those operations in the same order and
+the same dtypes, one thread like the ranks, so the bound we hold it to is zero: bit for bit.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from megatron_ast.sparsity import nm_mask
+from megatron_ast.sparsity.sparse_linear import sparse_linears, sparsify_
+from megatron_ast.training.sr_ste import SRSTEAdamW
+from tests.training.conftest import free_port
+
+pytestmark = pytest.mark.slow
+WORLD = 2
+SPEC = {"micro": 2, "steps": 6, "interval": 2, "dtype": "bfloat16",
+        "opt": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "srste_lambda": 0.3, "srste_t_inc": 4}}
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bf16")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(d / "model")
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, SPEC["steps"] + 1):
+        torch.save(torch.randint(0, 256, (WORLD * SPEC["micro"], 24), generator=g), d / "model" / f"batch{step}.pt")
+    out = d / "result.safetensors"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    worker = Path(__file__).with_name("zero3_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", f"--master_port={free_port()}",
+           str(worker), str(d / "model"), str(out), json.dumps(SPEC)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return d, load_file(str(out)), json.loads(Path(f"{out}.json").read_text())
+
+
+def _reference(model_dir: Path, run_masks: dict) -> tuple[dict, dict]:
+    """(fp32 masters, bf16 working weights) after the run's steps, in one process. At each recompute the
+    masks are computed from the fp32 master and must equal the run's."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks run one thread each: the same reduction order inside every matmul
+    try:
+        model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        masks = {f"{n}.weight": nm_mask(m.weight.detach().float().abs(), 2, 4)
+                 for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+        sparsify_(model, masks)
+        master = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        opt = SRSTEAdamW(list(master.values()), **SPEC["opt"])
+        lin = sparse_linears(model)
+        for name, mod in lin.items():
+            opt.set_pruned(master[f"{name}.weight"], 1 - mod.mask.float())
+        mb = SPEC["micro"]
+        for step in range(1, SPEC["steps"] + 1):
+            batch = torch.load(model_dir / f"batch{step}.pt", weights_only=True)
+            summed: dict[str, torch.Tensor] = {}
+            for r in range(WORLD):  # rank r's micro-batch; its bf16 gradient / world, summed in bf16
+                x = batch[r * mb : (r + 1) * mb]
+                model.zero_grad(set_to_none=True)
+                model(input_ids=x, labels=x).loss.backward()
+                for n in master:
+                    g = model.get_parameter(n).grad / WORLD
+                    summed[n] = g if n not in summed else summed[n] + g
+            for n, p in master.items():
+                p.grad = summed[n].float()
+            opt.step()
+            with torch.no_grad():
+                for n, p in master.items():
+                    model.get_parameter(n).copy_(p)  # bf16(master); the SparseLinears multiply by M
+                if step % SPEC["interval"] == 0:
+                    for name, mod in lin.items():
+                        ours = nm_mask(master[f"{name}.weight"].abs(), 2, 4)
+                        assert torch.equal(ours, run_masks[f"step{step}/{name}"].bool()), (step, name)
+                        mod.mask.copy_(ours)
+                        opt.set_pruned(master[f"{name}.weight"], (~ours).float())
+        working = {n: (p.detach() * lin[n.removesuffix(".weight")].mask if n.removesuffix(".weight") in lin
+                       else p.detach()) for n, p in model.named_parameters()}
+        return master, working
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_two_ranks_equal_the_single_process_bf16_reference_bit_for_bit(bf16_run):
+    d, got, info = bf16_run
+    assert info["working_dtype"] == "torch.bfloat16" and info["optimizer_dtypes"] == ["torch.float32"]
+    master, working = _reference(d / "model", {k: v for k, v in got.items() if k.startswith("step")})
+    for name, p in master.items():
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], p), (name, (got[name] - p).abs().max())
+        assert got[f"working/{name}"].dtype == torch.bfloat16 and torch.equal(got[f"working/{name}"], working[name]), name
+
+
+def test_after_every_step_working_is_bf16_master_times_mask_and_the_master_stays_dense(bf16_run):
+    _, got, info = bf16_run
+    assert len(info["checks"]) == SPEC["steps"]
+    assert all(c == {"working_is_master_times_mask": True, "master_dense": True} for c in info["checks"])
+    for name in (n for n in got if n.endswith(".mask") and not n.startswith("step")):  # and gathered, at the end
+        weight = name.replace(".mask", ".weight")
+        mask = got[name]
+        assert torch.equal(got[f"working/{weight}"], got[weight].bfloat16() * mask), name
+        assert (got[weight][~mask] != 0).all(), name
+
+
+def test_sr_ste_decays_the_fp32_master(bf16_run):
+    """The tensors SRSTEAdamW steps are DeepSpeed's fp32 master partitions themselves, and what they hold is
+    not bf16-representable: updates (the decay among them) accumulate in fp32, never in a bf16 copy."""
+    _, got, info = bf16_run
+    assert info["optimizer_steps_fp32_masters"] and info["optimizer_dtypes"] == ["torch.float32"]
+    for name in (n for n in got if n.endswith(".mask") and not n.startswith("step")):
+        master = got[name.replace(".mask", ".weight")]
+        pruned = master[~got[name]]
+        assert (pruned.bfloat16().float() != pruned).float().mean() > 0.9, name
+
+
+def test_mask_recompute_reads_the_fp32_master(bf16_run):
+    """At every recompute the masks are the 2:4 of |fp32 master| (the reference checks this step by step too);
+    from the bf16 working copy they would differ in groups whose values round together."""
+    _, got, _ = bf16_run
+    differs = 0
+    for key in (k for k in got if k.startswith("step") and "/master/" in k):
+        step, name = key.split("/master/")
+        master, mask = got[key], got[f"{step}/{name}"].bool()
+        assert torch.equal(mask, nm_mask(master.abs(), 2, 4)), key
+        differs += int((nm_mask(master.bfloat16().float().abs(), 2, 4) != mask).sum())
+    assert differs > 0  # so the check above can tell the two apart
