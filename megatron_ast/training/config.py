@@ -213,6 +213,9 @@ def load_ds_config(path: str | Path, world_size: int) -> dict:
         if section in ds:
             raise UsageError(f"{p} has a '{section}' section: AST uses its own SR-STE AdamW and cosine schedule; "
                              "remove it and set lr/optimizer in run.yaml")
+    if ds.get("fp16", {}).get("enabled") is True:
+        raise UsageError(f"{p} enables fp16: AST runs in bf16 (Ampere or newer) or fp32 (V100-class GPUs), not fp16 "
+                         "with loss scaling (untested: DeepSpeed's CPU accelerator has no fp16); set bf16 or remove fp16")
     if any(v == "auto" for v in (ds.get("train_batch_size"), ds.get("train_micro_batch_size_per_gpu"),
                                  ds.get("gradient_accumulation_steps"))):
         raise UsageError(f"{p} uses 'auto' batch sizes (a Hugging Face Trainer convention): give numbers")

@@ -228,6 +228,15 @@ class Trainer:
         progress = min(1.0, max(0.0, (self.step - g.start) / (g.end - g.start)))
         return 1.0 - (1.0 - progress) ** 3
 
+    def _dtypes(self) -> dict[str, str]:
+        """What each copy is held in: the working weights ZeRO-3 gathers, the master the optimizer steps, the teacher."""
+        name = lambda t: str(t.dtype).removeprefix("torch.")  # noqa: E731
+        out = {"student_working": name(next(self.student.module.parameters()).ds_tensor),
+               "student_master": name(self.student.optimizer.fp32_partitioned_groups_flat[0])}
+        if self.teacher is not None:
+            out["teacher"] = name(next(self.teacher.module.parameters()).ds_tensor)
+        return out
+
     def _teacher_checksum(self) -> str:
         """sha256 of this rank's teacher partitions: a frozen teacher must stay bit-identical."""
         h = hashlib.sha256()
@@ -271,7 +280,7 @@ class Trainer:
         tb = _tensorboard(self.out / "tensorboard") if self.rank == 0 else None
         summary = {"method": cfg.method, "sparse_linears": self.n_sparse, "slorb_params": self.slorb_params,
                    "world_size": self.world, "micro_batch": self.micro, "grad_accum": self.gas,
-                   "cpu_threads_per_rank": torch.get_num_threads()}
+                   "cpu_threads_per_rank": torch.get_num_threads(), "dtypes": self._dtypes()}
         if self.step == 0:
             self.ppl_before = self.evaluate() if self.windows else None
         summary["ppl_before"] = self.ppl_before

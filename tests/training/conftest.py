@@ -37,9 +37,10 @@ def run_dir(tmp_path_factory, hf_tokenizer_dir):
     write_jsonl(d / "val" / "github" / "validation.jsonl", texts[55:])
     preprocess([str(d / "corpus")], d / "shards", d / "dense")
     preprocess([str(d / "val")], d / "val_shards", d / "dense")
-    (d / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
-                                           "gradient_clipping": 1.0, "zero_optimization": {"stage": 3},
-                                           "steps_per_print": 10**9}))
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
+          "zero_optimization": {"stage": 3}, "steps_per_print": 10**9}
+    (d / "ds.json").write_text(json.dumps(ds))
+    (d / "ds_bf16.json").write_text(json.dumps({**ds, "bf16": {"enabled": True}}))  # the GPU runs' precision
     return d
 
 

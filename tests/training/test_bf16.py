@@ -1,4 +1,5 @@
-"""The bf16 path every GPU run takes (bf16 working weights, fp32 master), on 2 CPU ranks against one process.
+"""The bf16 path every GPU run takes (bf16 working weights, fp32 master), on CPU ranks: the ZeRO-3 step against
+one process, then the trainer end to end (teacher, SIGKILL and resume, elastic resume, export).
 
 DeepSpeed's ZeRO-3 in bf16: each rank's forward/backward in bf16, the bf16 gradients divided by the world size
 and summed across ranks in bf16 (one rounding: the sum of two bf16 values is exact in fp32, then rounded),
@@ -15,12 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from megatron_ast.sparsity import nm_mask
+from megatron_ast.sparsity import nm_mask, nm_violations
 from megatron_ast.sparsity.sparse_linear import sparse_linears, sparsify_
 from megatron_ast.training.sr_ste import SRSTEAdamW
-from tests.training.conftest import free_port
+from tests.training.conftest import REPO, TRAIN_ENV, ckpt_masks, consolidated, free_port, train
+from tests.training.test_checkpoint import STEPS, _cfg, elastic_resume, kill_then_resume
 
 pytestmark = pytest.mark.slow
 WORLD = 2
@@ -135,3 +137,45 @@ def test_mask_recompute_reads_the_fp32_master(bf16_run):
         assert torch.equal(mask, nm_mask(master.abs(), 2, 4)), key
         differs += int((nm_mask(master.bfloat16().float().abs(), 2, 4) != mask).sum())
     assert differs > 0  # so the check above can tell the two apart
+
+
+# --- the trainer, end to end, on the GPU runs' precision (ds config with "bf16": {"enabled": true}) ---------------
+def _bf16(run_dir) -> dict:
+    return {"deepspeed": str(run_dir / "ds_bf16.json")}
+
+
+@pytest.fixture(scope="module")
+def bf16_trained(run_dir):
+    """An uninterrupted bf16 AST run with SLoRB and a teacher (the reference of the resume test)."""
+    train(_cfg(run_dir, "bf16-ref", **_bf16(run_dir)))
+    return run_dir / "bf16-ref"
+
+
+def test_the_teacher_runs_in_bf16_and_stays_bit_identical(bf16_trained):
+    summary = json.loads((bf16_trained / "summary.json").read_text())
+    assert summary["dtypes"] == {"student_working": "bfloat16", "student_master": "float32", "teacher": "bfloat16"}
+    assert summary["teacher_unchanged"] is True and summary["steps"] == STEPS
+
+
+def test_sigkill_then_resume_auto_is_bit_identical_in_bf16(run_dir, bf16_trained):
+    kill_then_resume(run_dir, bf16_trained, "bf16-killed", **_bf16(run_dir))
+
+
+def test_elastic_resume_2_to_1_keeps_the_masks_in_bf16(run_dir):
+    elastic_resume(run_dir, "bf16-elastic2to1", 2, 1, **_bf16(run_dir))
+
+
+def test_export_bfloat16_of_a_bf16_run_loads_in_plain_transformers_exact_2of4(run_dir, bf16_trained, tmp_path):
+    ckpt = bf16_trained / "checkpoints" / f"step{STEPS}"
+    proc = subprocess.run([sys.executable, "-m", "megatron_ast.cli", "export", str(ckpt), "--out", str(tmp_path / "hf"),
+                           "--dtype", "bfloat16"], capture_output=True, text=True, timeout=600, env=TRAIN_ENV, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)  # transformers alone
+    master, masks = consolidated(ckpt), ckpt_masks(ckpt)
+    assert len(masks) == 14
+    for name, mask in masks.items():
+        w = model.get_parameter(f"{name}.weight")
+        assert w.dtype == torch.bfloat16 and nm_violations(w, 2, 4) == 0, name
+        assert torch.equal(w, master[f"{name}.weight"].bfloat16() * mask), name  # what the run's forward used
+    x = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
+    assert torch.isfinite(model(input_ids=x).logits).all()

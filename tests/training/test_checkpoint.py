@@ -31,11 +31,11 @@ def _steps_logged(out) -> int:
         return 0
 
 
-def _interrupt(run_dir, out: str, sig: int, at_step: int) -> tuple[int, str]:
+def _interrupt(run_dir, out: str, sig: int, at_step: int, **over) -> tuple[int, str]:
     """Start a run, send `sig` to its whole process group once `at_step` steps are logged; (exit code, stderr)."""
     err = run_dir / f"{out}.stderr"
     with open(err, "w") as f:
-        proc = subprocess.Popen(train_cmd(_cfg(run_dir, out)), env=TRAIN_ENV, cwd=REPO, start_new_session=True,
+        proc = subprocess.Popen(train_cmd(_cfg(run_dir, out, **over)), env=TRAIN_ENV, cwd=REPO, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=f)
         deadline = time.time() + 600
         while _steps_logged(run_dir / out) < at_step and proc.poll() is None and time.time() < deadline:
@@ -66,14 +66,19 @@ def _assert_same_run(ref, out) -> None:
 
 @pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_auto_is_bit_identical(run_dir, reference):
+    kill_then_resume(run_dir, reference, "killed")
+
+
+def kill_then_resume(run_dir, reference, name: str, **over) -> None:
+    """SIGKILL every process of a run at a random step, `--resume auto`: the same run as `reference`, bit for bit."""
     # at >= 3: once step 3 is logged the step-2 save has completed (rank 0 writes complete.json before
     # the next step); the save of the step it was killed at may or may not have
     at = random.Random().randint(3, STEPS - 1)
     print(f"killing at step {at}")
-    _interrupt(run_dir, "killed", signal.SIGKILL, at)
-    out = run_dir / "killed"
+    _interrupt(run_dir, name, signal.SIGKILL, at, **over)
+    out = run_dir / name
     assert not (out / "summary.json").exists()
-    proc = train(_cfg(run_dir, "killed"), "--resume", "auto")
+    proc = train(_cfg(run_dir, name, **over), "--resume", "auto")
     resumed = json.loads((out / "summary.json").read_text())["resumed_at_step"]
     assert resumed % 2 == 0 and 2 <= resumed and abs(resumed - at) <= 2 and f"resumed from {out / 'checkpoints'}/step{resumed}" in proc.stderr
     _assert_same_run(reference, out)
@@ -120,9 +125,14 @@ def test_corrupt_and_incomplete_checkpoints_are_named_and_skipped(run_dir, refer
 @pytest.mark.slow
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (2, 3)])
 def test_elastic_resume_on_another_world_size_keeps_masks_and_sampler_position(run_dir, before, after):
-    out = run_dir / f"elastic{before}to{after}"
-    train(_cfg(run_dir, out.name, steps=4), ranks=before)
-    proc = train(_cfg(run_dir, out.name, steps=5), "--resume", "auto", ranks=after)
+    elastic_resume(run_dir, f"elastic{before}to{after}", before, after)
+
+
+def elastic_resume(run_dir, name: str, before: int, after: int, **over) -> None:
+    """4 steps on `before` ranks, a 5th on `after`: the masks, the sampler position and the log carry over."""
+    out = run_dir / name
+    train(_cfg(run_dir, name, steps=4, **over), ranks=before)
+    proc = train(_cfg(run_dir, name, steps=5, **over), "--resume", "auto", ranks=after)
     assert f"converting {out / 'checkpoints' / 'step4'} to a universal checkpoint" in proc.stderr
     assert json.loads((out / "summary.json").read_text())["resumed_at_step"] == 4
     a, b = consolidated(out / "checkpoints" / "step4"), consolidated(out / "checkpoints" / "step5")

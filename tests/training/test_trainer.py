@@ -101,6 +101,8 @@ def test_bad_configs_fail_at_load(run_dir, change, match, capsys):
     ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}, "set zero_optimization.stage to 3"),
     ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}},
      "has a 'optimizer' section"),
+    ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}, "fp16": {"enabled": True}},
+     "enables fp16: AST runs in bf16"),
 ])
 def test_inconsistent_deepspeed_configs(tmp_path, ds, match):
     from megatron_ast.errors import UsageError
