@@ -91,8 +91,11 @@ def one_shot_init(work: Path, calib: int) -> tuple[dict, dict, Path]:
     a, shards = reference_shards(work)
     pruned = work / "pruned-sparsegpt-2of4"
     if not (pruned / REPORT_FILE).is_file():
-        prune_to_dir(a["model"], pruned, PruneConfig("sparsegpt", SparsityPattern.parse("2:4")), [str(shards["train"])],
-                     calib, 512)
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        prune_to_dir(a["model"], pruned, PruneConfig("sparsegpt", SparsityPattern.parse("2:4"), device=device),
+                     [str(shards["train"])], calib, 512)
     return a, shards, pruned
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from pathlib import Path
 
 
 def machine_info() -> dict:
@@ -35,6 +36,15 @@ def machine_info() -> dict:
     return info
 
 
+def _tree_rss(proc) -> list[int]:
+    import psutil
+
+    try:
+        return [proc.memory_info().rss] + [c.memory_info().rss for c in proc.children(recursive=True)]
+    except psutil.Error:
+        return [0]
+
+
 def peak_rss_of(fn_args, target) -> tuple[object, float, float]:
     """Run `target(*fn_args)` in a child process; sample RSS of it and its children.
 
@@ -52,10 +62,7 @@ def peak_rss_of(fn_args, target) -> tuple[object, float, float]:
     peak_total = peak_one = 0.0
     proc = psutil.Process(p.pid)
     while p.is_alive():
-        try:
-            rss = [proc.memory_info().rss] + [c.memory_info().rss for c in proc.children(recursive=True)]
-        except psutil.Error:
-            rss = [0]
+        rss = _tree_rss(proc)
         peak_total, peak_one = max(peak_total, sum(rss)), max(peak_one, max(rss))
         if not q.empty():
             break
@@ -65,6 +72,28 @@ def peak_rss_of(fn_args, target) -> tuple[object, float, float]:
     if isinstance(result, BaseException):
         raise result
     return result, peak_total / 2**30, peak_one / 2**30
+
+
+def run_process(cmd: list[str], log: Path, env: dict | None = None) -> dict:
+    """Run `cmd` as a whole process (start-up included), its output to `log`; its wall seconds and the peak RSS
+    of its process tree (sampled every 20 ms) and of its largest process, in GiB. Raises on a non-zero exit."""
+    import subprocess
+    import time
+
+    import psutil
+
+    with open(log, "w") as out:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc, peak_total, peak_one = psutil.Process(p.pid), 0, 0
+        while p.poll() is None:
+            rss = _tree_rss(proc)
+            peak_total, peak_one = max(peak_total, sum(rss)), max(peak_one, max(rss))
+            time.sleep(0.02)
+        seconds = time.perf_counter() - t0
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... exited {p.returncode}: {Path(log).read_text()[-2000:]}")
+    return {"seconds": seconds, "peak_rss_gib_tree": peak_total / 2**30, "peak_rss_gib_max_process": peak_one / 2**30}
 
 
 def _child(q, target, args):

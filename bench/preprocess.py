@@ -1,110 +1,119 @@
-"""Tokenization throughput: our preprocess vs the way Megatron-LM's tools/preprocess_data.py does it.
+"""Tokenization to Megatron .bin/.idx: `megatron-ast preprocess` vs NVIDIA/Megatron-LM's own tools/preprocess_data.py.
 
-Both tokenize the same >= 50 MB jsonl (the reference corpus repeated) with the same
-number of worker processes and the same tokenizer, each in its own child process:
-- baseline: a multiprocessing pool mapping a per-document encoder over lines
-  (json.loads + HF tokenizer call per document, chunksize 32), megatron-core's
-  IndexedDatasetBuilder writing, as in Megatron-LM's script;
-- ours: `data_tools.preprocess` (byte-range work units, native batch encoding).
-Prints tokens/s, MB/s, peak RSS and the speed ratio; checks the outputs are
-byte-identical; writes bench/results/preprocess-<host>.json.
+Both run as whole processes, start-up included, one after the other on the same RedPajama-style
+jsonl (the reference corpus repeated to --mb), with the same worker count, the same SmolLM2
+tokenizer and an end-of-document token after each document (Megatron: `--append-eod`), the
+file already in the page cache. Megatron-LM runs from a checkout (`--megatron-lm`, e.g. the
+`fetch` tool's copy or a `git clone`) through bench/megatron_preprocess.py (two import shims
+for Python 3.11 and a CPU torch, nothing on the tokenizing path). Prints wall seconds, tokens/s
+and the peak RSS of each process tree; checks both outputs are the same tokens in the same
+documents, byte for byte; writes bench/results/preprocess-<name>.json.
 
-    python bench/preprocess.py [--mb 50] [--workers 2]
+    python bench/preprocess.py --megatron-lm DIR [--mb 63 500] [--workers 2] [--name vm]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import platform
+import os
+import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info, peak_rss_of  # noqa: E402
-
-_TOK = None
-_EOD = None
-
-
-def _baseline_init(tok_dir: str) -> None:
-    global _TOK, _EOD
-    from transformers import AutoTokenizer
-
-    _TOK = AutoTokenizer.from_pretrained(tok_dir)
-    _EOD = _TOK.eos_token_id
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+from machine import machine_info, run_process  # noqa: E402
+from megatron_preprocess import triton_modules  # noqa: E402
 
 
-def _baseline_encode(line: str):
-    text = json.loads(line)["text"]
-    ids = _TOK(text, add_special_tokens=False).input_ids + [_EOD]
-    return ids, len(line)
+def corpus(work: Path, mb: float, parts: list[Path]) -> Path:
+    """A jsonl of at least `mb` MB: the reference corpus' files repeated (made once, kept under `work`)."""
+    src = work / f"corpus-{mb:g}MB.jsonl"
+    if not src.is_file():
+        data = [p.read_bytes() for p in parts]
+        tmp = src.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            while f.tell() < mb * 1e6:
+                for d in data:
+                    f.write(d)
+        tmp.rename(src)
+    return src
 
 
-def run_baseline(src: str, prefix: str, tok_dir: str, workers: int) -> dict:
-    import numpy as np
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    t0 = time.perf_counter()
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    tokens = 0
-    with open(src, encoding="utf-8") as fin, mp.get_context("fork").Pool(workers, _baseline_init, (tok_dir,)) as pool:
-        for ids, _ in pool.imap(_baseline_encode, fin, 32):
-            builder.add_document(torch.tensor(ids), [len(ids)])
-            tokens += len(ids)
-    builder.finalize(prefix + ".idx")
-    return {"seconds": time.perf_counter() - t0, "tokens": tokens}
+def run_megatron(checkout: Path, src: Path, out: Path, tok: str, workers: int, log: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(checkout), "MEGATRON_STUBS": ",".join(triton_modules(checkout))}
+    cmd = [sys.executable, str(HERE / "megatron_preprocess.py"), str(checkout / "tools" / "preprocess_data.py"),
+           "--input", str(src), "--output-prefix", str(out / "megatron"), "--tokenizer-type", "HuggingFaceTokenizer",
+           "--tokenizer-model", tok, "--workers", str(workers), "--append-eod", "--log-interval", "1000000"]
+    return {**run_process(cmd, log, env), "prefix": str(out / "megatron_text_document")}
 
 
-def run_ours(src: str, out_dir: str, tok_dir: str, workers: int) -> dict:
-    from data_tools.preprocess import preprocess
+def run_ours(src: Path, out: Path, tok: str, workers: int, log: Path) -> dict:
+    cli = shutil.which("megatron-ast", path=str(Path(sys.executable).parent)) or "megatron-ast"
+    cmd = [cli, "preprocess", "--input", str(src), "--output-dir", str(out / "ours"), "--tokenizer", tok,
+           "--workers", str(workers), "--domain", "bench"]
+    return {**run_process(cmd, log), "prefix": str(out / "ours" / f"bench__{src.stem}")}
 
-    t0 = time.perf_counter()
-    m = preprocess([src], out_dir, tok_dir, workers=workers)
-    return {"seconds": time.perf_counter() - t0, "tokens": m["tokens"]}
+
+def compare(a: str, b: str) -> dict:
+    """Same documents of the same tokens (read through our reader), and the same bytes on disk."""
+    from megatron_ast.data.indexed import IndexedShard
+
+    x, y = IndexedShard(a), IndexedShard(b)
+    same_docs = x.num_documents == y.num_documents and all(
+        (x.document(i) == y.document(i)).all() for i in range(x.num_documents))
+    return {"documents": x.num_documents, "tokens": x.num_tokens, "token_identical": bool(same_docs),
+            **{f"{ext} byte-identical": Path(a + ext).read_bytes() == Path(b + ext).read_bytes() for ext in (".bin", ".idx")}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mb", type=float, default=50)
+    ap.add_argument("--megatron-lm", default=os.environ.get("MEGATRON_LM"), help="a NVIDIA/Megatron-LM checkout")
+    ap.add_argument("--mb", type=float, nargs="+", default=[63])
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--work", default="runs/bench_preprocess")
+    ap.add_argument("--name", default="vm", help="results file suffix: the machine kind")
     args = ap.parse_args()
+    if not args.megatron_lm or not (Path(args.megatron_lm) / "tools" / "preprocess_data.py").is_file():
+        sys.exit("bench/preprocess.py: give --megatron-lm DIR (a NVIDIA/Megatron-LM checkout with tools/preprocess_data.py)")
     from megatron_ast.assets import ensure_assets
 
     a = ensure_assets()
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "bench" / "corpus.jsonl"
-        src.parent.mkdir()
-        parts = [Path(a["corpus"][d]["train"]).read_bytes() for d in ("book", "github")]
-        with open(src, "wb") as f:
-            while f.tell() < args.mb * 1e6:
-                for p in parts:
-                    f.write(p)
+    checkout, work = Path(args.megatron_lm).resolve(), Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for mb in args.mb:
+        src = corpus(work, mb, [Path(a["corpus"][d]["train"]) for d in ("book", "github")])
         size = src.stat().st_size
+        src.read_bytes()  # into the page cache: both runs read it warm
+        out = work / f"out-{mb:g}MB"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
         print(f"input: {size / 1e6:.1f} MB jsonl, {args.workers} workers, tokenizer {a['tokenizer']}")
-        base, base_rss, base_one = peak_rss_of((str(src), f"{tmp}/baseline", a["tokenizer"], args.workers), run_baseline)
-        ours, our_rss, our_one = peak_rss_of((str(src), f"{tmp}/ours", a["tokenizer"], args.workers), run_ours)
-        ours_prefix = f"{tmp}/ours/bench__corpus"
-        identical = {ext: Path(f"{tmp}/baseline{ext}").read_bytes() == Path(ours_prefix + ext).read_bytes()
-                     for ext in (".bin", ".idx")}
-    rows = {}
-    for name, r, rss, one in (("baseline (Megatron-LM style)", base, base_rss, base_one), ("ours", ours, our_rss, our_one)):
-        rows[name] = {"seconds": round(r["seconds"], 2), "tokens": r["tokens"],
-                      "tokens_per_s": round(r["tokens"] / r["seconds"]), "mb_per_s": round(size / 1e6 / r["seconds"], 2),
-                      "peak_rss_gib_tree": round(rss, 3), "peak_rss_gib_max_process": round(one, 3)}
-        print(f"{name:30s} {rows[name]['tokens_per_s']:>10,} tok/s {rows[name]['mb_per_s']:>7.2f} MB/s "
-              f"peak RSS {rss:.2f} GiB (tree), {one:.2f} GiB (largest process)")
-    speedup = base["seconds"] / ours["seconds"]
-    print(f"speedup (ours / baseline tokens/s): {speedup:.2f}x   byte-identical output: {identical}")
-    result = {"input_mb": round(size / 1e6, 1), "workers": args.workers, "runs": rows,
-              "speedup": round(speedup, 2), "identical_output": identical, "machine": machine_info(),
-              "date": time.strftime("%Y-%m-%d")}
-    out = Path(__file__).resolve().parent / "results" / f"preprocess-{platform.node() or 'host'}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+        runs = {"megatron-lm": run_megatron(checkout, src, out, a["tokenizer"], args.workers, out / "megatron.log"),
+                "ours": run_ours(src, out, a["tokenizer"], args.workers, out / "ours.log")}
+        same = compare(runs["megatron-lm"]["prefix"], runs["ours"]["prefix"])
+        for name, r in runs.items():
+            r.update(tokens_per_s=round(same["tokens"] / r["seconds"]), mb_per_s=round(size / 1e6 / r["seconds"], 2))
+            r.update({k: round(v, 3) for k, v in r.items() if isinstance(v, float)})
+            print(f"  {name:12s} {r['seconds']:7.2f} s {r['tokens_per_s']:>10,} tok/s {r['mb_per_s']:6.2f} MB/s  peak RSS "
+                  f"{r['peak_rss_gib_tree']:.2f} GiB (tree), {r['peak_rss_gib_max_process']:.2f} GiB (largest process)")
+        speedup = runs["megatron-lm"]["seconds"] / runs["ours"]["seconds"]
+        print(f"  ours is {speedup:.2f}x Megatron-LM's wall time; {same}")
+        rows.append({"input_mb": round(size / 1e6, 1), "workers": args.workers, "runs": runs,
+                     "speedup_wall": round(speedup, 2), **same})
+    import subprocess
+
+    commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if not commit and (checkout / "COMMIT").is_file():  # an exported tree (git archive) records it beside
+        commit = (checkout / "COMMIT").read_text().strip()
+    result = {"megatron_lm": str(checkout), "megatron_lm_commit": commit or None, "rows": rows,
+              "machine": machine_info(), "date": time.strftime("%Y-%m-%d")}
+    path = HERE / "results" / f"preprocess-{args.name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

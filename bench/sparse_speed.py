@@ -3,8 +3,9 @@
 1. Linear shapes (Llama-7B-like and SmolLM2's): y = x W^T with W dense vs W
    converted by torch.sparse.to_sparse_semi_structured (cuSPARSELt/CUTLASS 2:4
    kernels), for 1..4096 tokens.
-2. A whole forward of a causal LM (default: the reference SmolLM2-135M) with
-   2:4 magnitude masks, dense vs every decoder Linear's weight converted.
+2. A whole causal LM (default: the reference SmolLM2-135M) with 2:4 magnitude
+   masks, dense vs every decoder Linear's weight converted: prefill of t tokens,
+   and decode of one token over a KV cache of t.
 Prints times and speedups, checks the outputs agree; writes
 bench/results/sparse_speed-<gpu>.json. Needs a CUDA GPU with sparse tensor
 cores (Ampere or newer); without one it says so and exits 0.
@@ -61,7 +62,9 @@ def cuda_time(fn, repeat: int = 50) -> float:
 
 
 def _whole_forward(model_dir: str | None, tokens: list[int], cuda_graph: bool) -> list[dict]:
-    """One causal-LM forward over `t` tokens (batch 1), dense 2:4-masked weights vs semi-structured ones."""
+    """A causal LM (batch 1) with dense 2:4-masked weights vs semi-structured ones: prefill of `t` tokens, and
+    decode of one token over a KV cache of `t` (each timed call appends one entry to HF's DynamicCache, so
+    decode runs eager: a growing cache is nothing a CUDA graph can replay)."""
     from torch.sparse import to_sparse_semi_structured
 
     from megatron_ast.modeling import load_causal_lm
@@ -77,25 +80,39 @@ def _whole_forward(model_dir: str | None, tokens: list[int], cuda_graph: bool) -
     with torch.no_grad():
         for m in linears:
             m.weight.mul_(nm_mask(m.weight.float().abs(), 2, 4))
+    dense_weights = [m.weight for m in linears]
+    sparse_weights = [torch.nn.Parameter(to_sparse_semi_structured(w), requires_grad=False) for w in dense_weights]
+
+    def use(weights) -> None:
+        for m, w in zip(linears, weights):
+            m.weight = w
+
     rows = []
     for t in tokens:
-        x = torch.randint(0, model.config.vocab_size, (1, t), device="cuda")
-        fn = lambda: model(input_ids=x).logits  # noqa: E731
-        with torch.no_grad():
-            ref = fn().float()
-            td = cuda_time(graphed(fn) if cuda_graph else fn, repeat=20)
-            dense_weights = [m.weight for m in linears]
-            for m in linears:
-                m.weight = torch.nn.Parameter(to_sparse_semi_structured(m.weight), requires_grad=False)
-            got = fn().float()
-            ts = cuda_time(graphed(fn) if cuda_graph else fn, repeat=20)
-            for m, w in zip(linears, dense_weights):
-                m.weight = w
-        err = float((got - ref).abs().max() / ref.abs().max())
-        rows.append({"model": str(model_dir), "tokens": t, "dense_ms": td * 1e3, "sparse_ms": ts * 1e3,
-                     "speedup": td / ts, "max_rel_err": err})
-        print(f"forward {Path(model_dir).name} tokens {t:5d}: dense {td * 1e3:8.3f} ms  2:4 {ts * 1e3:8.3f} ms  "
-              f"speedup {td / ts:5.2f}x  (max rel err {err:.1e})")
+        x = torch.randint(0, model.config.vocab_size, (1, t + 1), device="cuda")
+        for phase in ("prefill", "decode"):
+            times, outs = {}, {}
+            for kind, weights in (("dense", dense_weights), ("sparse", sparse_weights)):
+                use(weights)
+                with torch.no_grad():
+                    if phase == "prefill":
+                        fn = lambda: model(input_ids=x[:, :t]).logits  # noqa: E731
+                        outs[kind] = fn().float()
+                        times[kind] = cuda_time(graphed(fn) if cuda_graph else fn, repeat=20)
+                    else:
+                        cache = model(input_ids=x[:, :t], use_cache=True).past_key_values
+                        fn = lambda: model(input_ids=x[:, t:], past_key_values=cache, use_cache=True).logits  # noqa: E731
+                        outs[kind] = fn().float()
+                        times[kind] = cuda_time(fn, repeat=20)
+            use(dense_weights)
+            ref, got = outs["dense"], outs["sparse"]
+            err = float((got - ref).abs().max() / ref.abs().max())
+            td, ts = times["dense"], times["sparse"]
+            graph = cuda_graph and phase == "prefill"
+            rows.append({"model": str(model_dir), "phase": phase, "tokens": t, "cuda_graph": graph,
+                         "dense_ms": td * 1e3, "sparse_ms": ts * 1e3, "speedup": td / ts, "max_rel_err": err})
+            print(f"{phase:7s} {Path(model_dir).name} {'(graph) ' if graph else ''}tokens {t:5d}: dense {td * 1e3:8.3f} ms"
+                  f"  2:4 {ts * 1e3:8.3f} ms  speedup {td / ts:5.2f}x  (max rel err {err:.1e})")
     return rows
 
 

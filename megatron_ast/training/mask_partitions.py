@@ -127,9 +127,9 @@ class PartitionedMasks:
         """Give the optimizer the flat indicator of every sub-group: 1 - M on masked weights, -1 elsewhere."""
         for g, flat in enumerate(self.zero.fp32_partitioned_groups_flat):
             mine = [it for it in self.items if it.group == g]
-            ind = torch.full_like(flat, -1.0) if mine else None  # None: plain AdamW, no per-element select
+            ind = torch.full(flat.shape, -1, dtype=torch.int8, device=flat.device) if mine else None  # None: plain AdamW
             for it in mine:
-                ind[it.offset : it.offset + it.valid] = (~self._local_mask(it)).to(ind.dtype)
+                ind[it.offset : it.offset + it.valid] = ~self._local_mask(it)
             self.zero.optimizer.set_pruned(flat, ind)
 
     def _record_inputs(self, name: str):

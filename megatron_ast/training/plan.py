@@ -2,10 +2,10 @@
 
 The world as the launcher gave it (torchrun/deepspeed, Slurm, or MPI environment
 variables; `--world-size`/`--nodes` to plan for another), the batch arithmetic from
-the user's DeepSpeed JSON, and DeepSpeed's ZeRO-3 estimate of model-state memory
-for the student (params counted on the meta device: nothing is loaded), plus what
-AST adds beside it: the frozen teacher and the masks, each partitioned like the
-student's parameters.
+the user's DeepSpeed JSON, and the memory each rank holds for the run's model states,
+part by part (params counted on the meta device: nothing is loaded): the student's
+ZeRO-3 partitions, what AST adds beside them (SR-STE indicator, masks) and the frozen
+teacher, each partitioned like the student; DeepSpeed's own estimate beside it.
 """
 from __future__ import annotations
 
@@ -44,13 +44,13 @@ def resolve_world(world_size: int | None = None, nodes: int | None = None) -> di
     return found
 
 
-def _param_counts(model_dir: str) -> tuple[int, int, int]:
-    """(total params, largest module's own params, params of the decoder Linears AST masks), on the meta device."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def param_counts(config) -> tuple[int, int, int]:
+    """(total params, largest module's own params, params of the decoder Linears AST masks) of a transformers
+    config, counted on the meta device: nothing is allocated, so a 70B config costs nothing."""
+    from transformers import AutoModelForCausalLM
 
     from megatron_ast.training.engines import decoder_linears
 
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
@@ -59,37 +59,91 @@ def _param_counts(model_dir: str) -> tuple[int, int, int]:
     return total, largest, masked
 
 
-def plan(cfg: TrainConfig, world_size: int | None = None, nodes: int | None = None) -> dict:
+def memory_per_rank(total: int, largest: int, masked: int, world: int, bf16: bool = True, offload_optimizer: bool = False,
+                    offload_params: bool = False, teacher: bool = True, sparse: bool = True,
+                    sub_group_size: int = 10**9) -> dict:
+    """Bytes one rank holds for the run's model states, by part and by where it lives (what DeepSpeed ZeRO-3
+    stage 3 and our hooks allocate; activations and the CUDA context are not counted):
+
+    student: 16-bit (or fp32) working partition; gradient partition in the same dtype (DeepSpeed's
+    grad_partitions_flat_buffer); fp32 master and Adam's two moments; the fp32 gradient of one optimizer
+    sub-group while it steps (at most `sub_group_size` elements); the largest layer gathered with its
+    gradient. AST: the SR-STE indicator (int8, one per element of the master) and the current + initial
+    mask slices (bool) live beside the master. Teacher: its own partition, no optimizer."""
+    bw = 2 if bf16 else 4
+    part, part_masked = -(-total // world), -(-masked // world)
+    master_on = "cpu" if offload_optimizer else "gpu"
+    params_on = "cpu" if offload_params else "gpu"
+    parts = {  # name: (bytes, where)
+        "student_working_params": (bw * part, params_on),
+        "student_grad_partition": (bw * part, master_on),
+        "student_fp32_master": (4 * part, master_on),
+        "student_adam_moments": (8 * part, master_on),
+        "student_fp32_grad_of_one_subgroup": (4 * min(part, sub_group_size), master_on),
+        "gathered_largest_layer_and_grad": (2 * bw * largest, "gpu"),
+        "srste_indicator_int8": (part if sparse else 0, master_on),
+        "masks_current_and_initial": (2 * part_masked if sparse else 0, master_on),
+        "teacher_params": (bw * part if teacher else 0, params_on),
+    }
+    states = [k for k in parts if k.startswith(("student_", "gathered_"))]
+    return {"parts": {k: {"bytes": b, "on": on} for k, (b, on) in parts.items()},
+            "student_model_states_gpu": sum(parts[k][0] for k in states if parts[k][1] == "gpu"),
+            "gpu": sum(b for b, on in parts.values() if on == "gpu"),
+            "cpu": sum(b for b, on in parts.values() if on == "cpu")}
+
+
+def deepspeed_estimate(total: int, largest: int, per_node: int, nodes: int, offload_optimizer: bool,
+                       offload_params: bool) -> dict:
+    """DeepSpeed's own ZeRO-3 model-state estimate (per GPU, and CPU per node), for comparison."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, per_node, nodes, cpu_offload=offload_optimizer,
+                                                        cpu_offload_params=offload_params)
+    return {"gpu": gpu, "cpu_per_node": cpu}
+
+
+def gpus_needed(total: int, largest: int, masked: int, gpu_gib: float = 80.0, reserve_gib: float = 16.0,
+                offload: bool = False, per_node: int = 8, cpu_node_gib: float = 1024.0) -> int:
+    """The fewest GPUs (whole nodes of `per_node`) whose per-rank model states fit `gpu_gib` less `reserve_gib`
+    (activations, the CUDA context, allocator slack) and, offloaded, whose node's ranks fit `cpu_node_gib`."""
+    world = per_node
+    while world < 2**20:
+        mem = memory_per_rank(total, largest, masked, world, offload_optimizer=offload, offload_params=offload)
+        if mem["gpu"] <= (gpu_gib - reserve_gib) * 2**30 and mem["cpu"] * per_node <= cpu_node_gib * 2**30:
+            return world
+        world += per_node
+    raise UsageError(f"{total:,} parameters do not fit any world size")
+
+
+def plan(cfg: TrainConfig, world_size: int | None = None, nodes: int | None = None) -> dict:
+    from transformers import AutoConfig
 
     world = resolve_world(world_size, nodes)
     ds = load_ds_config(cfg.deepspeed, world["world_size"])
     micro, gas = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
     global_batch = micro * gas * world["world_size"]
-    total, largest, masked = _param_counts(cfg.student_dir)
+    total, largest, masked = param_counts(AutoConfig.from_pretrained(cfg.student_dir, local_files_only=True))
     zero = ds.get("zero_optimization", {})
     offload_opt = zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
     offload_param = zero.get("offload_param", {}).get("device") in ("cpu", "nvme")
-    cpu_mem, gpu_mem, _ = estimate_zero3_model_states_mem_needs(
-        total, largest, world["per_node"], world["nodes"], cpu_offload=offload_opt, cpu_offload_params=offload_param)
-    bytes_per = 2 if ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled") else 4
+    bf16 = bool(ds.get("bf16", {}).get("enabled"))
+    teacher = cfg.method in ("ast", "dense") and (cfg.distill.w_kl > 0 or cfg.distill.w_sq > 0)
+    mem = memory_per_rank(total, largest, masked, world["world_size"], bf16, offload_opt, offload_param, teacher,
+                          cfg.method != "dense", int(zero.get("sub_group_size", 10**9)))
+    est = deepspeed_estimate(total, largest, world["per_node"], world["nodes"], offload_opt, offload_param)
     gib = lambda b: float(f"{b / 2**30:.4g}")  # noqa: E731
-    per_rank = lambda n: gib(n * bytes_per / world["world_size"])  # noqa: E731
     return {
         "world": world,
         "batch": {"micro_batch_per_rank": micro, "grad_accum": gas, "global_batch": global_batch,
                   "tokens_per_step": global_batch * cfg.data.seq_len, "steps": cfg.steps,
                   "tokens_total": global_batch * cfg.data.seq_len * cfg.steps},
         "model": {"dir": cfg.student_dir, "params": total, "largest_layer_params": largest, "masked_params": masked},
-        "memory_gib": {
-            "student_model_states_per_gpu (DeepSpeed estimate)": gib(gpu_mem),
-            "student_model_states_cpu_per_node (DeepSpeed estimate)": gib(cpu_mem),
-            "teacher_params_per_rank": per_rank(total) if cfg.method in ("ast", "dense")
-            and (cfg.distill.w_kl > 0 or cfg.distill.w_sq > 0) else 0.0,
-            # current + initial mask slices (bool) beside the partitions; the optimizer's SR-STE indicator
-            # (fp32 decay factor + bool) where the fp32 master lives
-            "masks_per_rank": gib(2 * masked / world["world_size"]) if cfg.method != "dense" else 0.0,
-            "srste_indicator_per_rank": gib(5 * masked / world["world_size"]) if cfg.method != "dense" else 0.0,
-        },
+        "memory_gib_per_rank": {**{k: gib(v["bytes"]) for k, v in mem["parts"].items()},
+                                "gpu_total": gib(mem["gpu"]), "cpu_total": gib(mem["cpu"])},
+        "deepspeed_estimate_gib": {"student_model_states_per_gpu": gib(est["gpu"]),
+                                   "student_model_states_cpu_per_node": gib(est["cpu_per_node"]),
+                                   "ours_over_deepspeed": round(mem["student_model_states_gpu"] / est["gpu"], 3)},
         "offload": {"optimizer": offload_opt, "params": offload_param},
+        "not_counted": "activations (micro batch x seq_len x layers; checkpointed with activation_checkpointing), "
+                       "the CUDA context, allocator slack",
     }

@@ -33,19 +33,19 @@ class SRSTEAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         srste_lambda=srste_lambda, srste_t_inc=srste_t_inc)
         super().__init__(params, defaults)
-        self._pruned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pruned: dict[int, torch.Tensor] = {}  # int8 indicators: 1 byte per element beside the fp32 master
 
     def set_pruned(self, tensor: torch.Tensor, pruned: torch.Tensor | None) -> None:
         """Declare the indicator of `tensor` (same shape): 1 - M on masked weights, -1 elsewhere; None = plain AdamW.
 
-        Kept as (decay factor 0/1, is-masked), so the step needs no per-call indicator arithmetic."""
+        Kept as int8 (1 byte per element, a quarter of the fp32 master it sits beside); the step turns each
+        cache-sized block of it into the decay factor and the is-masked select."""
         if pruned is None:
             self._pruned.pop(id(tensor), None)
         else:
             if pruned.shape != tensor.shape:
                 raise ValueError(f"pruned indicator {tuple(pruned.shape)} does not match tensor {tuple(tensor.shape)}")
-            pruned = pruned.to(device=tensor.device)
-            self._pruned[id(tensor)] = (pruned.clamp(min=0).to(tensor.dtype), pruned >= 0)
+            self._pruned[id(tensor)] = pruned.to(device=tensor.device, dtype=torch.int8)
 
     def current_lambda(self) -> float:
         g = self.param_groups[0]
@@ -67,18 +67,18 @@ class SRSTEAdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 pruned = self._pruned.get(id(p)) if group["srste_lambda"] > 0 else None
                 flat = [t.view(-1) for t in (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"])]
-                ind = [t.view(-1) for t in pruned] if pruned is not None else None
+                ind = pruned.view(-1) if pruned is not None else None
                 for sl in blocks(p.numel(), p.device):  # cache-sized blocks on the CPU (megatron_ast/blocks.py)
-                    self._update(group, state["step"], *(t[sl] for t in flat), None if ind is None else [t[sl] for t in ind])
+                    self._update(group, state["step"], *(t[sl] for t in flat), None if ind is None else ind[sl])
         return loss
 
     @staticmethod
     def _update(group: dict, t: int, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
-                pruned: list[torch.Tensor] | None) -> None:
+                pruned: torch.Tensor | None) -> None:
         b1, b2 = group["betas"]
         m.mul_(b1).add_(g, alpha=1 - b1)
-        if pruned is not None:  # two block-sized temporaries: u and the squared term
-            decay, masked = pruned
+        if pruned is not None:  # block-sized temporaries: decay factor, select, u and the squared term
+            decay, masked = (pruned == 1).to(p.dtype), pruned >= 0
             lam = srste_lambda(t, group["srste_lambda"], group["srste_t_inc"])
             u = torch.addcmul(m, p, decay, value=lam)
             sq = torch.where(masked, u, g).square_()

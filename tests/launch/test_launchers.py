@@ -35,7 +35,9 @@ def test_dry_run_prints_the_world_batch_and_memory_without_starting(run_dir, cap
     assert p["world"] == {"launcher": "--world-size", "world_size": 8, "rank": 0, "per_node": 4, "nodes": 2}
     assert p["batch"]["global_batch"] == 2 * 2 * 8 and p["batch"]["tokens_per_step"] == 32 * 64
     assert p["model"]["masked_params"] == 2 * (64 * 64 * 2 + 32 * 64 * 2 + 128 * 64 * 3)
-    assert p["memory_gib"]["teacher_params_per_rank"] > 0 and p["memory_gib"]["masks_per_rank"] > 0
+    mem = p["memory_gib_per_rank"]
+    assert mem["teacher_params"] > 0 and mem["masks_current_and_initial"] > 0 and mem["srste_indicator_int8"] > 0
+    assert mem["gpu_total"] == pytest.approx(sum(v for k, v in mem.items() if not k.endswith("_total")), rel=1e-3)
     assert not (run_dir / "dry").exists()
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "6")
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "3")

@@ -84,3 +84,22 @@ def ckpt_masks(ckpt: str | Path) -> dict:
     from megatron_ast.training.mask_partitions import masks_from_rank_files
 
     return masks_from_rank_files(checkpoint.rank_files(Path(ckpt)))
+
+
+def run_zero3_worker(d: Path, config: "LlamaConfig", world: int, spec: dict) -> tuple[Path, dict, dict]:
+    """`zero3_worker.py` on `world` ranks over a random Llama of `config` and spec["steps"] fixed random
+    batches (saved beside the model for the single-process references); (dir, result tensors, result info)."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(d / "model")
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, spec["steps"] + 1):
+        torch.save(torch.randint(0, config.vocab_size, (world * spec["micro"], 24), generator=g),
+                   d / "model" / f"batch{step}.pt")
+    out = d / "result.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={free_port()}",
+           str(Path(__file__).with_name("zero3_worker.py")), str(d / "model"), str(out), json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=TRAIN_ENV, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return d, load_file(str(out)), json.loads(Path(f"{out}.json").read_text())

@@ -8,20 +8,18 @@ bf16(master) * M. The single-process reference below does each of those operatio
 the same dtypes, one thread like the ranks, so the bound we hold it to is zero: bit for bit.
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from megatron_ast.sparsity import nm_mask, nm_violations
 from megatron_ast.sparsity.sparse_linear import sparse_linears, sparsify_
 from megatron_ast.training.sr_ste import SRSTEAdamW
-from tests.training.conftest import REPO, TRAIN_ENV, ckpt_masks, consolidated, free_port, train
+from tests.training.conftest import REPO, TRAIN_ENV, ckpt_masks, consolidated, run_zero3_worker, train
 from tests.training.test_checkpoint import STEPS, _cfg, elastic_resume, kill_then_resume
 
 pytestmark = pytest.mark.slow
@@ -32,22 +30,9 @@ SPEC = {"micro": 2, "steps": 6, "interval": 2, "dtype": "bfloat16",
 
 @pytest.fixture(scope="module")
 def bf16_run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("bf16")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(d / "model")
-    g = torch.Generator().manual_seed(1)
-    for step in range(1, SPEC["steps"] + 1):
-        torch.save(torch.randint(0, 256, (WORLD * SPEC["micro"], 24), generator=g), d / "model" / f"batch{step}.pt")
-    out = d / "result.safetensors"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    worker = Path(__file__).with_name("zero3_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", f"--master_port={free_port()}",
-           str(worker), str(d / "model"), str(out), json.dumps(SPEC)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env,
-                          cwd=Path(__file__).resolve().parents[2])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return d, load_file(str(out)), json.loads(Path(f"{out}.json").read_text())
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    return run_zero3_worker(tmp_path_factory.mktemp("bf16"), config, WORLD, SPEC)
 
 
 def _reference(model_dir: Path, run_masks: dict) -> tuple[dict, dict]:
@@ -179,3 +164,27 @@ def test_export_bfloat16_of_a_bf16_run_loads_in_plain_transformers_exact_2of4(ru
         assert torch.equal(w, master[f"{name}.weight"].bfloat16() * mask), name  # what the run's forward used
     x = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
     assert torch.isfinite(model(input_ids=x).logits).all()
+
+
+@pytest.mark.assets
+def test_a_bf16_ast_step_on_smollm2_135m(reference_assets, tmp_path):
+    """The integration case: the real model, bf16 ZeRO-3 on 2 CPU ranks, teacher and SLoRB, one AST step."""
+    import yaml
+
+    from data_tools.preprocess import preprocess
+
+    preprocess([reference_assets["corpus"]["github"]["validation"]], tmp_path / "shards", reference_assets["tokenizer"])
+    (tmp_path / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                                                  "bf16": {"enabled": True}, "zero_optimization": {"stage": 3},
+                                                  "steps_per_print": 10**9}))
+    cfg = {"model": reference_assets["model"], "deepspeed": str(tmp_path / "ds.json"), "output_dir": str(tmp_path / "out"),
+           "data": {"train": [str(tmp_path / "shards")], "seq_len": 32}, "steps": 1, "mask_interval": 1,
+           "slorb": {"group": 16}, "eval": {"every": 0, "windows": 0}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    train(tmp_path / "run.yaml")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["dtypes"] == {"student_working": "bfloat16", "student_master": "float32", "teacher": "bfloat16"}
+    assert summary["teacher_unchanged"] is True and summary["sparse_linears"] == 30 * 7
+    assert summary["steps"] == 1 and 0 < summary["final_loss"] < 20
+    masks = ckpt_masks(tmp_path / "out" / "checkpoints" / "step1")
+    assert len(masks) == 210 and all(m.reshape(-1, 4).sum(-1).eq(2).all() for m in masks.values())

