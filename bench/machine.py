@@ -36,6 +36,17 @@ def machine_info() -> dict:
     return info
 
 
+def write_result(bench: str, name: str, result: dict) -> Path:
+    """bench/results/<bench>-<name>.json: `result` with the machine it ran on and the date."""
+    import json
+    import time
+
+    path = Path(__file__).resolve().parent / "results" / f"{bench}-{name}.json"
+    path.write_text(json.dumps({**result, "machine": machine_info(), "date": time.strftime("%Y-%m-%d")}, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
 def _tree_rss(proc) -> list[int]:
     import psutil
 
@@ -75,13 +86,17 @@ def peak_rss_of(fn_args, target) -> tuple[object, float, float]:
 
 
 def run_process(cmd: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run `cmd` as a whole process (start-up included), its output to `log`; its wall seconds and the peak RSS
-    of its process tree (sampled every 20 ms) and of its largest process, in GiB. Raises on a non-zero exit."""
+    """Run `cmd` as a whole process (start-up included), its output to `log`; its wall seconds, the CPU seconds
+    of its process tree (user + system), and the peak RSS of the tree (sampled every 20 ms) and of its largest
+    process, in GiB. Raises on a non-zero exit."""
     import subprocess
     import time
 
     import psutil
 
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as out:
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -91,9 +106,12 @@ def run_process(cmd: list[str], log: Path, env: dict | None = None) -> dict:
             peak_total, peak_one = max(peak_total, sum(rss)), max(peak_one, max(rss))
             time.sleep(0.02)
         seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the process and every child it waited for
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if p.returncode:
         raise RuntimeError(f"{' '.join(cmd[:3])} ... exited {p.returncode}: {Path(log).read_text()[-2000:]}")
-    return {"seconds": seconds, "peak_rss_gib_tree": peak_total / 2**30, "peak_rss_gib_max_process": peak_one / 2**30}
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_gib_tree": peak_total / 2**30,
+            "peak_rss_gib_max_process": peak_one / 2**30}
 
 
 def _child(q, target, args):

@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from machine import machine_info  # noqa: E402
+from machine import write_result  # noqa: E402
 
 
 def _rss() -> int:
@@ -149,14 +149,10 @@ def main() -> None:
         h1, h2 = (sum(runs[w]["held_bytes"].values()) for w in (1, 2))
         r1, r2 = runs[1]["rss_after_step"], runs[2]["rss_after_step"]
         print(f"\n2 ranks / 1 rank, per rank: model states held {h2 / h1:.4f} (1/world = 0.5), RSS after the step {r2 / r1:.3f}")
-    res = {"model": {"params": total, "largest_layer_params": largest, "masked_params": masked,
-                     "hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers},
-           "seq_len": args.seq_len, "precision": "bf16 working, fp32 master", "runs": runs,
-           "machine": machine_info(), "date": time.strftime("%Y-%m-%d")}
-    path = HERE / "results" / f"memory_plan-{args.name}.json"
-    path.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {path}")
-
+    write_result("memory_plan", args.name, {
+        "model": {"params": total, "largest_layer_params": largest, "masked_params": masked, "hidden": args.hidden,
+                  "intermediate": args.intermediate, "layers": args.layers},
+        "seq_len": args.seq_len, "precision": "bf16 working, fp32 master", "runs": runs})
 
 if __name__ == "__main__":
     main()

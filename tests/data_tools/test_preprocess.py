@@ -160,3 +160,42 @@ def test_mpi_two_ranks_match_one_process(corpus, hf_tokenizer_dir, tmp_path):
     assert "[rank 1]" in proc.stderr or "tokenize[1]" in proc.stderr
     a, b = read_manifest(tmp_path / "single"), read_manifest(tmp_path / "mpi")
     assert {k: v["sha256"] for k, v in a["shards"].items()} == {k: v["sha256"] for k, v in b["shards"].items()}
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_mpi_unbalanced_like_redpajama_then_a_node_lost_halfway(hf_tokenizer_dir, tmp_path):
+    """RedPajama's shape: one huge file (book) beside many small ones (arxiv). On 2 ranks the huge file goes
+    whole to one rank, whose workers split it into byte ranges, the small ones to the other; the shards equal
+    one process's. Then a node dies halfway: its shard half-written (a temp file, no sidecar) and one of the
+    other rank's lost too; the rerun redoes exactly those and ends with the same bytes."""
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    if mpiexec is None:
+        pytest.skip("no mpiexec: pip install mpich (in the dev extra)")
+    texts, root = stdlib_texts(60), tmp_path / "in"
+    write_jsonl(root / "book" / "book.jsonl", texts * 6)
+    for i in range(12):
+        write_jsonl(root / "arxiv" / f"arxiv_{i:03d}.jsonl", texts[5 * i : 5 * i + 5])
+    pp.preprocess([str(root)], tmp_path / "single", hf_tokenizer_dir)
+    sources = pp.find_sources([str(root)])
+    ranks = pp.assign_to_ranks(sources, 2)
+    assert [s.name for s in ranks[0]] == ["book__book"] and len(ranks[1]) == 12
+    assert len(pp.plan_units(ranks[0], 2)) >= 2  # rank 0's workers share the huge file
+    out = tmp_path / "mpi"
+    cmd = [mpiexec, "-n", "2", sys.executable, "-m", "megatron_ast.cli", "preprocess", "--input", str(root),
+           "--output-dir", str(out), "--tokenizer", str(hf_tokenizer_dir), "--workers", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+    def hashes(d):
+        return {k: v["sha256"] for k, v in read_manifest(d)["shards"].items()}
+
+    assert hashes(out) == hashes(tmp_path / "single") and len(hashes(out)) == 13
+    (out / "book__book.meta.json").unlink()
+    (out / "book__book.bin").rename(out / ".book__book.bin.tmp-123")
+    (out / "arxiv__arxiv_007.meta.json").unlink()
+    kept = (out / "arxiv__arxiv_000.bin").stat().st_mtime_ns
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "[rank 1] 11 shard(s) already complete, skipping" in proc.stderr
+    assert hashes(out) == hashes(tmp_path / "single") and (out / "arxiv__arxiv_000.bin").stat().st_mtime_ns == kept

@@ -21,11 +21,11 @@ from megatron_ast.sparsity.sparse_linear import sparse_linears, sparsify_
 from megatron_ast.training.sr_ste import SRSTEAdamW
 from tests.training.conftest import REPO, TRAIN_ENV, ckpt_masks, consolidated, run_zero3_worker, train
 from tests.training.test_checkpoint import STEPS, _cfg, elastic_resume, kill_then_resume
+from tests.training.test_zero3 import SPEC as FP32_SPEC
 
 pytestmark = pytest.mark.slow
 WORLD = 2
-SPEC = {"micro": 2, "steps": 6, "interval": 2, "dtype": "bfloat16",
-        "opt": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "srste_lambda": 0.3, "srste_t_inc": 4}}
+SPEC = {**FP32_SPEC, "dtype": "bfloat16"}  # the fp32 equivalence test's steps and optimizer, in bf16
 
 
 @pytest.fixture(scope="module")
