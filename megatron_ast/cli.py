@@ -124,6 +124,7 @@ def _cmd_train(a: argparse.Namespace) -> None:
         summary = Trainer(cfg).fit()
         if dist.get_rank() == 0:
             print(json.dumps(summary, indent=2))
+        dist.barrier()  # all ranks tear down together: a gloo rank whose peers are gone may abort at exit
     finally:  # a clean teardown: MPI launchers flag a rank that exits with the group still up
         if dist.is_initialized():
             dist.destroy_process_group()
