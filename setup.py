@@ -11,6 +11,7 @@ setup(
         "numpy",
         "transformers>=4.56",
         "tokenizers>=0.20",
+        "tiktoken>=0.7",  # the byte-level BPE fast path of preprocess (megatron_ast/data/fast_bpe.py)
         "sentencepiece",
         "safetensors",
         "gguf",

@@ -53,6 +53,8 @@ METHODS: dict[str, tuple[str, dict]] = {
     "ast_pruned_dense": ("AST, pruned weights at dense values", {"pruned_values": "dense"}),
     "ast_dense_slorb_zero": ("AST, dense values, SLoRB from 0",
                              {"pruned_values": "dense", "slorb": {**SLORB, "init": "zero"}}),
+    "ast_kl_t1": ("AST, KL at temperature 1", {"distill": {"w_task": 0.33, "w_kl": 0.67, "temperature": 1.0}}),
+    "ast_squarehead": ("AST + SquareHead", {"distill": {"w_task": 0.33, "w_kl": 0.67, "w_sq": 1.0}}),
     "naive": ("naive (fixed mask, CE)", {"method": "naive", "slorb": None}),
     "gmp": ("gmp (from dense, CE)", {"method": "gmp", "init": "magnitude", "slorb": None}),
     "dense": ("dense distillation, no masks", {"method": "dense", "slorb": None}),

@@ -20,7 +20,7 @@ def _cmd_preprocess(a: argparse.Namespace) -> None:
     from data_tools.preprocess import preprocess
 
     m = preprocess(a.input, a.output_dir, a.tokenizer, workers=a.workers, strict=a.strict,
-                   eod_token=a.eod_token, domain=a.domain)
+                   eod_token=a.eod_token, domain=a.domain, fast_bpe=not a.no_fast_bpe)
     if m:
         print(f"{len(m['shards'])} shards, {m['documents']} documents, {m['tokens']} tokens -> {a.output_dir}/manifest.json")
 
@@ -176,6 +176,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--strict", action="store_true", help="a bad line is an error instead of being skipped")
     s.add_argument("--eod-token", help="end-of-document token (default: the tokenizer's eos)")
     s.add_argument("--domain", help="domain of every input (default: each file's parent dir name)")
+    s.add_argument("--no-fast-bpe", action="store_true",
+                   help="encode with tokenizers only (default: tiktoken for byte-level BPE, same ids, ~5x faster)")
     s.set_defaults(fn=_cmd_preprocess)
 
     s = sub.add_parser("merge", help="concatenate token shards into one")

@@ -7,11 +7,16 @@ shard manifest records, so shards and models can be checked to agree.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from megatron_ast.data.fast_bpe import ByteLevelBPE
 from megatron_ast.errors import UsageError
+
+CHECK_CHARS = 1 << 16  # the first texts a tokenizer encodes, compared between the fast path and tokenizers
 
 
 @dataclass(frozen=True)
@@ -46,11 +51,12 @@ class Tokenizer:
         raise NotImplementedError
 
     @staticmethod
-    def load(path: str | Path, eod_token: str | None = None) -> "Tokenizer":
-        """`path`: an HF tokenizer dir (tokenizer.json), a SentencePiece `.model`, or a dir holding one."""
+    def load(path: str | Path, eod_token: str | None = None, fast_bpe: bool = True) -> "Tokenizer":
+        """`path`: an HF tokenizer dir (tokenizer.json), a SentencePiece `.model`, or a dir holding one.
+        `fast_bpe`: encode byte-level BPE with tiktoken where it gives the same ids (data/fast_bpe.py)."""
         p = Path(path)
         if p.is_dir() and (p / "tokenizer.json").is_file():
-            return HFTokenizer(p, eod_token)
+            return HFTokenizer(p, eod_token, fast_bpe)
         if p.is_file() and p.suffix == ".model":
             return SentencePieceTokenizer(p, eod_token)
         if p.is_dir() and (p / "tokenizer.model").is_file():
@@ -62,7 +68,7 @@ class Tokenizer:
 
 
 class HFTokenizer(Tokenizer):
-    def __init__(self, path: Path, eod_token: str | None):
+    def __init__(self, path: Path, eod_token: str | None, fast_bpe: bool = True):
         from tokenizers import Tokenizer as RustTokenizer
 
         try:
@@ -80,9 +86,31 @@ class HFTokenizer(Tokenizer):
         self.identity = TokenizerIdentity(
             path.name, "hf", len(vocab), _vocab_hash(pieces), vocab[eod_token]
         )
+        self._fast = ByteLevelBPE.build(json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))) \
+            if fast_bpe else None
+        self._unchecked = True  # the first texts go through both encoders
+
+    @property
+    def engine(self) -> str:
+        """Which encoder runs: 'tiktoken' (byte-level BPE fast path, data/fast_bpe.py) or 'tokenizers'."""
+        return "tiktoken" if self._fast is not None else "tokenizers"
+
+    def _hf_encode(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
+        if self._fast is None:
+            return self._hf_encode(texts)
+        ids = self._fast.encode_batch(texts, self._hf_encode)
+        if self._unchecked:
+            self._unchecked = False
+            n = next((k for k, c in enumerate(itertools.accumulate(map(len, texts))) if c >= CHECK_CHARS), len(texts))
+            if ids[: n + 1] != self._hf_encode(texts[: n + 1]):
+                print(f"[tokenizer] {self.identity.name}: the tiktoken fast path differs from tokenizers on this "
+                      "input; using tokenizers", file=sys.stderr)
+                self._fast = None
+                return self._hf_encode(texts)
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(map(int, ids)), skip_special_tokens=False)
