@@ -27,6 +27,7 @@ from reference import reference_shards  # noqa: E402
 
 PATTERNS = ["2:4", "unstructured:0.7", "unstructured:0.5"]
 METHODS = ["magnitude", "wanda", "sparsegpt", "sparsellm"]
+# also measurable: "<method>/block", SparseGPT's unstructured threshold per 128-column block instead of per row
 
 
 def _prune(model: str, out: str, method: str, pattern: str, train: str, nsamples: int, seqlen: int, device: str) -> dict:
@@ -38,7 +39,8 @@ def _prune(model: str, out: str, method: str, pattern: str, train: str, nsamples
         parsed = SparsityPattern.parse("unstructured", float(pattern.split(":")[1]))
     else:
         parsed = SparsityPattern.parse(pattern)
-    cfg = PruneConfig(method, parsed, device=device)
+    method, _, scope = method.partition("/")
+    cfg = PruneConfig(method, parsed, device=device, scope=scope or "row")
     t0 = time.perf_counter()
     r = prune_to_dir(model, out, cfg, [train], nsamples, seqlen)
     return {"wall_s": round(time.perf_counter() - t0, 1), "mean_reconstruction_error": r["mean_reconstruction_error"],
@@ -87,7 +89,7 @@ def main() -> None:
     record({"method": "dense", "pattern": "-", "ppl": perplexity(load_causal_lm(a["model"]), windows, desc="dense")})
     for pattern in args.patterns:
         for method in args.methods:
-            out = work / f"{method}-{pattern.replace(':', '-')}"
+            out = work / f"{method.replace('/', '-')}-{pattern.replace(':', '-')}"
             shutil.rmtree(out, ignore_errors=True)
             row, rss, _ = peak_rss_of((a["model"], str(out), method, pattern, str(work / "shards" / "train"),
                                        args.nsamples, args.seqlen, args.device), _prune)

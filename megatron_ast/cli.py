@@ -99,7 +99,7 @@ def _cmd_prune(a: argparse.Namespace) -> None:
 
     cfg = PruneConfig(a.method, SparsityPattern.parse(a.pattern, a.sparsity), a.blocksize, a.damp, a.device,
                       SparseLLMConfig(a.sparsellm_rounds, a.sparsellm_alpha, a.sparsellm_beta, a.sparsellm_gamma),
-                      prune_head=a.prune_head, prune_embeddings=a.prune_embeddings)
+                      prune_head=a.prune_head, prune_embeddings=a.prune_embeddings, scope=a.scope)
     r = prune_to_dir(a.model, a.out, cfg, a.calib, a.nsamples, a.seqlen, a.seed, a.tokenizer)
     print(json.dumps({k: v for k, v in r.items() if k != "layers"}, indent=2))
 
@@ -233,6 +233,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="where each layer is pruned: cpu, cuda, cuda:1 ...")
     s.add_argument("--blocksize", type=_positive, default=128, help="SparseGPT column block")
     s.add_argument("--damp", type=float, default=0.01, help="Hessian damping, relative to mean(diag H)")
+    s.add_argument("--scope", choices=["row", "block"], default="row",
+                   help="SparseGPT/SparseLLM unstructured threshold: each row exactly --sparsity (row) or one "
+                        "threshold per --blocksize columns over all rows (block, as the reference code)")
     s.add_argument("--prune-head", action="store_true",
                    help="also prune lm_head (by --method, calibrated on the final hidden states)")
     s.add_argument("--prune-embeddings", action="store_true",

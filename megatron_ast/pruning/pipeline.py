@@ -20,7 +20,7 @@ from megatron_ast.errors import UsageError
 from megatron_ast.pruning.architectures import (architecture_of, prunable_linears, set_weight_out_in,
                                                 weight_out_in)
 from megatron_ast.pruning.hessian import InputHessians, reconstruction_error
-from megatron_ast.pruning.sparsegpt import sparsegpt
+from megatron_ast.pruning.sparsegpt import SCOPES, sparsegpt
 from megatron_ast.pruning.sparsellm import FfnRecorder, sparsellm_ffn
 from megatron_ast.sparsity import SparsityPattern, mask_from_score, magnitude_score, nm_violations, wanda_score
 from megatron_ast.sparsity.validate import sparsity_of
@@ -47,10 +47,13 @@ class PruneConfig:
     sparsellm: SparseLLMConfig = field(default_factory=SparseLLMConfig)
     prune_head: bool = False  # lm_head, by `method` (SparseGPT for sparsellm) on the final hidden states
     prune_embeddings: bool = False  # the input embedding, by magnitude (its inputs are one-hot)
+    scope: str = "row"  # SparseGPT's unstructured threshold: per "row" or per 128-column "block" (pruning/sparsegpt.py)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.scope not in SCOPES:
+            raise UsageError(f"unknown --scope {self.scope!r}: choose one of {', '.join(SCOPES)}")
 
 
 class _Captured(Exception):
@@ -110,7 +113,7 @@ def _prune_linear(method: str, w: torch.Tensor, h: torch.Tensor | None, cfg: Pru
     if method == "wanda":
         keep = mask_from_score(wanda_score(w, torch.diag(h)), cfg.pattern)
         return w * keep, keep
-    return sparsegpt(w, h, cfg.pattern, cfg.blocksize, cfg.damp)
+    return sparsegpt(w, h, cfg.pattern, cfg.blocksize, cfg.damp, cfg.scope)
 
 
 def walk_layers(model: nn.Module, calib: torch.Tensor | None, device: str, desc: str, visit,

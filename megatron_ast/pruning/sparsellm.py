@@ -70,7 +70,7 @@ def _refit(inputs: torch.Tensor, target: torch.Tensor, cfg) -> tuple[torch.Tenso
     """
     gram = inputs.t() @ inputs
     w_ls = _solve_psd(gram, inputs.t() @ target, cfg.damp).t().float()
-    return sparsegpt(w_ls, gram / inputs.shape[0], cfg.pattern, cfg.blocksize, cfg.damp)
+    return sparsegpt(w_ls, gram / inputs.shape[0], cfg.pattern, cfg.blocksize, cfg.damp, cfg.scope)
 
 
 def _ffn_out(kind: str, x, w_up, w_down, w_gate, b_up, b_down):
@@ -167,10 +167,10 @@ def sparsellm_ffn(layer: nn.Module, ffn: Ffn, rec: FfnRecorder, hessians, cfg) -
         h_p.addmm_(p.t(), p)
     h_p /= x.shape[0]
     w, keep = {}, {}
-    w["up"], keep["up"] = sparsegpt(dense["up"], h_x, cfg.pattern, cfg.blocksize, cfg.damp)
-    w["down"], keep["down"] = sparsegpt(dense["down"], h_p, cfg.pattern, cfg.blocksize, cfg.damp)
+    w["up"], keep["up"] = sparsegpt(dense["up"], h_x, cfg.pattern, cfg.blocksize, cfg.damp, cfg.scope)
+    w["down"], keep["down"] = sparsegpt(dense["down"], h_p, cfg.pattern, cfg.blocksize, cfg.damp, cfg.scope)
     if gate is not None:
-        w["gate"], keep["gate"] = sparsegpt(dense["gate"], h_x, cfg.pattern, cfg.blocksize, cfg.damp)
+        w["gate"], keep["gate"] = sparsegpt(dense["gate"], h_x, cfg.pattern, cfg.blocksize, cfg.damp, cfg.scope)
 
     def error(ws):
         num = sum(float(((_ffn_out(ffn.kind, x[r], ws["up"], ws["down"], ws.get("gate"), b_up, b_down) - y[r]) ** 2).sum())

@@ -46,3 +46,21 @@ def test_dead_inputs_and_singular_hessian_are_handled():
     pruned, keep = sparsegpt(w, h, SparsityPattern.parse("2:4"), blocksize=32)
     assert torch.isfinite(pruned).all() and nm_violations(pruned, 2, 4) == 0
     assert (pruned[:, :4] == 0).all()
+
+
+def test_block_scope_prunes_the_same_count_with_uneven_rows():
+    """One threshold per block (the reference's choice) prunes as many weights in all as per-row, but rows whose
+    weights matter less lose more; per-row gives every row exactly s."""
+    w, x, h = _layer()
+    w[:8] *= 0.1  # rows that matter less
+    p = SparsityPattern.parse("unstructured", 0.5)
+    row, keep_row = sparsegpt(w, h, p, blocksize=64, scope="row")
+    block, keep_block = sparsegpt(w, h, p, blocksize=64, scope="block")
+    assert int(keep_row.sum()) == int(keep_block.sum()) == w.numel() // 2
+    assert (keep_row.sum(1) == 128).all()
+    assert keep_block[:8].sum() < 8 * 128 / 2 and len(set(keep_block.sum(1).tolist())) > 1
+    assert bool((block[~keep_block] == 0).all())
+    err = lambda pr: float(((x @ (w - pr).t()) ** 2).sum())  # noqa: E731
+    assert err(block) < err(row)  # free to spend the budget where it matters
+    with pytest.raises(ValueError, match="scope"):
+        sparsegpt(w, h, p, scope="column")

@@ -33,11 +33,11 @@ def test_parts_match_direct_formulas():
     assert out["loss"] == pytest.approx(0.3 * float(ce) + 0.5 * 4 * out["kl"].item() + 0.2 * float(sq), rel=1e-5)
 
 
-def test_kl_is_zero_for_identical_logits_and_defaults_are_the_papers():
+def test_kl_is_zero_for_identical_logits_and_defaults_are_the_papers_but_t1():
     s = torch.randn(1, 5, 7)
     out = distillation_loss(s, torch.zeros(1, 5, dtype=torch.long), DistillConfig(), s.clone())
     assert abs(float(out["kl"])) < 1e-6
-    assert DistillConfig() == DistillConfig(0.33, 0.67, 0.0, 2.0)
+    assert DistillConfig() == DistillConfig(0.33, 0.67, 0.0, 1.0)
 
 
 def test_bad_configs():
