@@ -5,7 +5,8 @@ P (d/k x d) sums each group of k consecutive inputs and S (N x d/k) starts from 
 pruned weights: S[i, g] = mean (or sum) over the group of (W * (1-M))[i, g*k:(g+1)*k],
 W the dense values (a one-shot init keeps them at pruned positions: training/engines.py).
 `zero` starts the branch at 0 (the forward is then the masked model's); `xavier` randomises
-both S and P, as the reference code does (P then stays a tensor).
+P and starts S at 0, as the reference code does (the forward is again the masked model's;
+P then stays a tensor).
 With P frozen, P x is a reshape-and-sum (P is never materialised). As a LoRA
 adapter: A = P (d/k x d), B = S (N x d/k). Extra parameters: N * d / k (+1/k).
 """
@@ -42,7 +43,7 @@ def group_projection(in_features: int, group: int) -> torch.Tensor:
 class SLoRB(nn.Module):
     def __init__(self, weight: torch.Tensor, mask: torch.Tensor, cfg: SLoRBConfig):
         """S from what the mask took away: the pruned entries of `weight` (the dense values the student's
-        master keeps at pruned positions). xavier, as the reference: S and P both random."""
+        master keeps at pruned positions). xavier, as the reference: P random, S = 0."""
         super().__init__()
         out_f, in_f = weight.shape
         if in_f % cfg.group:
@@ -50,11 +51,10 @@ class SLoRB(nn.Module):
         self.group = cfg.group
         pruned = (weight.detach().float() * (1 - mask.float())).reshape(out_f, in_f // cfg.group, cfg.group)
         p = group_projection(in_f, cfg.group)
-        if cfg.init == "xavier":
-            s = nn.init.xavier_uniform_(torch.empty(out_f, in_f // cfg.group))
-            p = nn.init.xavier_uniform_(p)
-        elif cfg.init == "zero":
+        if cfg.init in ("zero", "xavier"):
             s = torch.zeros(out_f, in_f // cfg.group)
+            if cfg.init == "xavier":
+                p = nn.init.xavier_uniform_(p)
         else:
             s = pruned.mean(-1) if cfg.init == "mean" else pruned.sum(-1)
         self.S = nn.Parameter(s.to(weight.dtype))

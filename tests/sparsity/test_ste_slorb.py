@@ -77,12 +77,14 @@ def test_zero_and_xavier_inits_follow_the_reference():
     m = mask_from_score(w.abs(), SparsityPattern.parse("2:4"))
     zero = SLoRB(w, m, SLoRBConfig(group=8, init="zero"))
     assert torch.count_nonzero(zero.S) == 0 and zero.P is None
-    xavier = SLoRB(w, m, SLoRBConfig(group=8, init="xavier"))  # the reference randomises S and the projection
-    assert xavier.S.abs().sum() > 0 and xavier.P is not None and not xavier.P.requires_grad
+    xavier = SLoRB(w, m, SLoRBConfig(group=8, init="xavier"))  # the reference randomises the projection, S = 0
+    assert torch.count_nonzero(xavier.S) == 0 and xavier.P is not None and not xavier.P.requires_grad
     assert not torch.equal(xavier.P, group_projection(32, 8))
     x = torch.randn(3, 32)
+    assert torch.count_nonzero(xavier(x)) == 0
+    xavier.S.data.normal_()  # once S has trained, the branch is B (A x) with A = the random P
     a, b = xavier.lora()
-    assert torch.allclose(xavier(x), x @ a.t() @ b.t(), atol=1e-6)
+    assert torch.allclose(xavier(x), x @ a.t() @ b.t(), atol=1e-6) and torch.count_nonzero(xavier(x)) > 0
 
 
 @pytest.mark.parametrize("cfg", [SLoRBConfig(group=8), SLoRBConfig(group=8, trainable_projection=True),
@@ -91,6 +93,7 @@ def test_from_lora_gives_the_branch_back_to_the_bit(cfg):
     torch.manual_seed(1)
     w = torch.randn(12, 32)
     branch = SLoRB(w, mask_from_score(w.abs(), SparsityPattern.parse("2:4")), cfg)
+    branch.S.data += torch.randn_like(branch.S)  # as after training (xavier starts S at 0)
     again = SLoRB.from_lora(*branch.lora())
     assert (again.P is None) == (cfg.init != "xavier")  # the plain projection is recognised: a reshape-and-sum
     x = torch.randn(5, 32)
