@@ -55,6 +55,8 @@ METHODS: dict[str, tuple[str, dict]] = {
                              {"pruned_values": "dense", "slorb": {**SLORB, "init": "zero"}}),
     "ast_kl_t2": ("AST, KL at temperature 2 (the reference's)", {"distill": {"temperature": 2.0}}),
     "ast_squarehead": ("AST + SquareHead", {"distill": {"w_sq": 1.0}}),
+    # from the same SparseGPT run with its SLoRB branch fitted on the calibration inputs (prune --slorb-group)
+    "ast_slorb_fitted": ("AST, SLoRB fitted at the pruner", {"slorb": {**SLORB, "init": "fitted"}}),
     "naive": ("naive (fixed mask, CE)", {"method": "naive", "slorb": None}),
     "gmp": ("gmp (from dense, CE)", {"method": "gmp", "init": "magnitude", "slorb": None}),
     "dense": ("dense distillation, no masks", {"method": "dense", "slorb": None}),
@@ -84,20 +86,21 @@ def ast_config(model: str, pruned: Path, shards: dict, run: Path, args) -> dict:
             "checkpoint": {"every": args.checkpoint_every, "keep": 1}}
 
 
-def one_shot_init(work: Path, calib: int) -> tuple[dict, dict, Path]:
-    """(assets, shard dirs, the SparseGPT 2:4 dir every method starts from), made once under `work`."""
+def one_shot_init(work: Path, calib: int, slorb_group: int | None = None) -> tuple[dict, dict, Path]:
+    """(assets, shard dirs, the SparseGPT 2:4 dir every method starts from), made once under `work`;
+    with `slorb_group`, the dir with a fitted SLoRB adapter (`slorb.init: fitted` starts from it)."""
     from megatron_ast.pruning.api import REPORT_FILE, prune_to_dir
     from megatron_ast.pruning.pipeline import PruneConfig
     from megatron_ast.sparsity import SparsityPattern
 
     a, shards = reference_shards(work)
-    pruned = work / "pruned-sparsegpt-2of4"
+    pruned = work / ("pruned-sparsegpt-2of4" + (f"-slorb{slorb_group}" if slorb_group else ""))
     if not (pruned / REPORT_FILE).is_file():
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        prune_to_dir(a["model"], pruned, PruneConfig("sparsegpt", SparsityPattern.parse("2:4"), device=device),
-                     [str(shards["train"])], calib, 512)
+        prune_to_dir(a["model"], pruned, PruneConfig("sparsegpt", SparsityPattern.parse("2:4"), device=device,
+                                                     slorb_group=slorb_group), [str(shards["train"])], calib, 512)
     return a, shards, pruned
 
 
@@ -225,7 +228,9 @@ def main() -> None:
         label, over = METHODS[name]
         run = work / name
         run.mkdir(parents=True, exist_ok=True)
-        cfg = {**ast_config(a["model"], pruned, shards, run, args), **over}
+        fitted = (over.get("slorb") or {}).get("init") == "fitted"
+        init = one_shot_init(work, args.calib, SLORB["group"])[2] if fitted else pruned
+        cfg = {**ast_config(a["model"], init, shards, run, args), **over}
         if cfg["method"] != "gmp":
             cfg.pop("gmp")
         t0 = time.perf_counter()

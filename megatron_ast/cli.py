@@ -99,7 +99,8 @@ def _cmd_prune(a: argparse.Namespace) -> None:
 
     cfg = PruneConfig(a.method, SparsityPattern.parse(a.pattern, a.sparsity), a.blocksize, a.damp, a.device,
                       SparseLLMConfig(a.sparsellm_rounds, a.sparsellm_alpha, a.sparsellm_beta, a.sparsellm_gamma),
-                      prune_head=a.prune_head, prune_embeddings=a.prune_embeddings, scope=a.scope)
+                      prune_head=a.prune_head, prune_embeddings=a.prune_embeddings, scope=a.scope,
+                      slorb_group=a.slorb_group)
     r = prune_to_dir(a.model, a.out, cfg, a.calib, a.nsamples, a.seqlen, a.seed, a.tokenizer)
     print(json.dumps({k: v for k, v in r.items() if k != "layers"}, indent=2))
 
@@ -236,6 +237,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--scope", choices=["row", "block"], default="row",
                    help="SparseGPT/SparseLLM unstructured threshold: each row exactly --sparsity (row) or one "
                         "threshold per --blocksize columns over all rows (block, as the reference code)")
+    s.add_argument("--slorb-group", type=_positive, default=None, metavar="K",
+                   help="also fit a SLoRB branch (group K) per decoder Linear by least squares on the calibration "
+                        "inputs and write it as slorb_adapter/ (AST's slorb.init: fitted starts from it)")
     s.add_argument("--prune-head", action="store_true",
                    help="also prune lm_head (by --method, calibrated on the final hidden states)")
     s.add_argument("--prune-embeddings", action="store_true",

@@ -2,15 +2,17 @@
 
 Stages so far: fetch/convert the reference assets, tokenize the reference corpus
 into token shards, report the dense model's validation perplexity, prune it to
-2:4 with SparseGPT (calibrated on the train shards), report the pruned
-model's perplexity on the same windows, then continue training the 2:4
-student with AST (distilled from the dense teacher, 2 ranks, DeepSpeed ZeRO-3
-on CPU) and report perplexity before and after, then export its checkpoint to a
-Hugging Face dir and report that model's perplexity on the dense model's
-windows (with its SLoRB adapter, and without it), quantize it to int4 (GPTQ, on
-top of the 2:4 masks, the adapter carried along) and report its perplexity and
-stored size, run the offline lm-eval tasks on all five, and print the final table
-(dense vs one-shot vs AST + SLoRB vs AST without adapter vs AST+int4 + SLoRB). Each
+2:4 with SparseGPT (calibrated on the train shards) with a SLoRB branch fitted
+on the same calibration inputs, report the pruned model's perplexity on the same
+windows (with its branch, and without it), then continue training the 2:4
+student with AST (distilled from the dense teacher, SLoRB starting from the
+fitted branch, 2 ranks, DeepSpeed ZeRO-3 on CPU) and report perplexity before
+and after, then export its checkpoint to a Hugging Face dir and report that
+model's perplexity on the dense model's windows (with its SLoRB adapter, and
+without it), quantize it to int4 (GPTQ, on top of the 2:4 masks, the adapter
+carried along) and report its perplexity and stored size, run the offline
+lm-eval tasks on all six, and print the final table (dense vs one-shot, with
+and without its branch, vs AST, with and without, vs AST+int4 + SLoRB). Each
 stage's figures and output paths go to `<out>/report.json`, rewritten after
 each stage; the table is its `final` entry.
 """
@@ -27,6 +29,7 @@ from megatron_ast.fsutil import atomic_write_json
 SEQ_LEN = 512
 CALIB_SAMPLES = 32
 AST_STEPS, AST_SEQ, AST_RANKS = 12, 256, 2
+SLORB_GROUP = 16  # the pruner fits the branch on its calibration inputs; AST starts from it (slorb.init: fitted)
 LM_EVAL_N = 100  # examples per local lm-eval task
 CPU_DS_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "zero3_cpu.json"  # the checkout's (pip install -e .)
 
@@ -61,7 +64,7 @@ def _train_ast(out: Path, dense: str, pruned: Path) -> dict:
            "data": {"train": [str(out / "shards" / "train")], "validation": [str(out / "shards" / "validation")],
                     "seq_len": AST_SEQ, "seed": 1234},
            "steps": AST_STEPS, "mask_interval": 4, "lr": {"peak": 1e-4, "min": 1e-5, "warmup": 2},
-           "srste": {"lam": 6e-5, "t_inc": AST_STEPS // 2}, "slorb": {"group": 16},
+           "srste": {"lam": 6e-5, "t_inc": AST_STEPS // 2}, "slorb": {"group": SLORB_GROUP, "init": "fitted"},
            "eval": {"every": 0, "windows": 8}}
     (run / "run.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     with socket.socket() as s:
@@ -136,19 +139,20 @@ def _final_table(report: "Report") -> list[dict]:
     st = report.data["stages"]
     lm = st["lm_eval"]["results"]
     rows = []
-    for label, stage in (("dense", "eval_dense"), ("one-shot SparseGPT 2:4", "eval_pruned"),
-                         ("AST 2:4 + SLoRB", "export_ast"), ("AST 2:4, no adapter", "eval_ast_base"),
-                         ("AST 2:4 + int4 + SLoRB", "quantize_ast")):
+    for label, stage in (("dense", "eval_dense"), ("one-shot SparseGPT 2:4 + SLoRB", "eval_pruned"),
+                         ("one-shot 2:4, no adapter", "eval_pruned_base"), ("AST 2:4 + SLoRB", "export_ast"),
+                         ("AST 2:4, no adapter", "eval_ast_base"), ("AST 2:4 + int4 + SLoRB", "quantize_ast")):
         model = st[stage]["model"]
-        r = lm[f"{model} (no adapter)" if stage == "eval_ast_base" else model]
+        r = lm[f"{model} (no adapter)" if stage.endswith("_base") else model]
         rows.append({"model": label, "dir": model, "slorb_adapter": st[stage]["slorb_adapter"],
                      "ppl": st[stage]["perplexity"]["all"]["ppl"],
                      "shakespeare_cloze_acc": r["shakespeare_cloze"]["acc"], "code_next_line_acc": r["code_next_line"]["acc"],
                      "size_mib": _size_bytes(Path(model), bool(st[stage]["slorb_adapter"])) / 2**20})
-    head = f"{'model':24s} {'ppl':>8s} {'cloze acc':>10s} {'code acc':>9s} {'size MiB':>9s}"
+    w = max(len(r["model"]) for r in rows)
+    head = f"{'model':{w}s} {'ppl':>8s} {'cloze acc':>10s} {'code acc':>9s} {'size MiB':>9s}"
     print("      " + head, flush=True)
     for r in rows:
-        print(f"      {r['model']:24s} {r['ppl']:8.2f} {r['shakespeare_cloze_acc']:10.3f} {r['code_next_line_acc']:9.3f} "
+        print(f"      {r['model']:{w}s} {r['ppl']:8.2f} {r['shakespeare_cloze_acc']:10.3f} {r['code_next_line_acc']:9.3f} "
               f"{r['size_mib']:9.1f}", flush=True)
     return rows
 
@@ -166,7 +170,7 @@ def run(out: str | Path = "runs/quickstart", max_windows: int = 32, workers: int
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or max(1, min(2, os.cpu_count() or 1))
-    report = Report(out, 10)
+    report = Report(out, 11)
 
     with report.stage("assets", "reference model (SmolLM2-135M) and corpus (Shakespeare + CPython stdlib)") as fig:
         fig.update(assets.ensure_assets())
@@ -194,9 +198,11 @@ def run(out: str | Path = "runs/quickstart", max_windows: int = 32, workers: int
         evaluate(fig, a["model"], "dense")
 
     pruned = out / "pruned-sparsegpt-2of4"
-    with report.stage("prune", f"SparseGPT 2:4, {CALIB_SAMPLES} calibration sequences of {SEQ_LEN} -> {pruned}") as fig:
+    with report.stage("prune", f"SparseGPT 2:4 + SLoRB branch fitted (group {SLORB_GROUP}), {CALIB_SAMPLES} calibration "
+                                f"sequences of {SEQ_LEN} -> {pruned}") as fig:
         if not (pruned / REPORT_FILE).is_file():  # a finished stage is not redone when the job is run again
-            prune_to_dir(a["model"], pruned, PruneConfig("sparsegpt", SparsityPattern.parse("2:4")),
+            prune_to_dir(a["model"], pruned, PruneConfig("sparsegpt", SparsityPattern.parse("2:4"),
+                                                         slorb_group=SLORB_GROUP),
                          [str(out / "shards" / "train")], CALIB_SAMPLES, SEQ_LEN)
         r = json.loads((pruned / REPORT_FILE).read_text())
         fig.update({"model_dir": str(pruned), "method": r["method"], "pattern": r["pattern"], "sparsity": r["sparsity"],
@@ -204,8 +210,11 @@ def run(out: str | Path = "runs/quickstart", max_windows: int = 32, workers: int
                     "prune_seconds": r["seconds"]})
         print(f"      {r['linears']} Linears, sparsity {r['sparsity']:.3f}, all 2:4: {r['all_valid']}", flush=True)
 
-    with report.stage("eval_pruned", "2:4 model's validation perplexity on the same windows") as fig:
+    with report.stage("eval_pruned", "2:4 model + fitted SLoRB adapter: validation perplexity on the same windows") as fig:
         evaluate(fig, str(pruned), "pruned")
+
+    with report.stage("eval_pruned_base", "the same 2:4 model without its adapter: what the fitted branch adds") as fig:
+        evaluate(fig, str(pruned), "pruned base", adapter=False)
 
     with report.stage("train_ast", f"AST from the SparseGPT 2:4 init, {AST_STEPS} steps, 2 ranks, ZeRO-3 on CPU") as fig:
         fig.update(_train_ast(out, a["model"], pruned))
@@ -241,7 +250,7 @@ def run(out: str | Path = "runs/quickstart", max_windows: int = 32, workers: int
         evaluate(fig, str(quantized), "AST 2:4 int4")
 
     models = [a["model"], str(pruned), str(exported), str(quantized)]
-    with report.stage("lm_eval", f"offline lm-eval tasks ({lm_eval_n} examples each) on the five models") as fig:
+    with report.stage("lm_eval", f"offline lm-eval tasks ({lm_eval_n} examples each) on the six models") as fig:
         from megatron_ast.assets import cache_root
         from megatron_ast.eval.harness import evaluate as lm_evaluate
         from megatron_ast.eval.local_tasks import TASKS, build_local_tasks
@@ -249,7 +258,8 @@ def run(out: str | Path = "runs/quickstart", max_windows: int = 32, workers: int
         tasks_dir = build_local_tasks(cache_root() / "lm_eval_tasks" / f"n{lm_eval_n}", a["corpus"]["book"]["validation"],
                                       a["corpus"]["github"]["validation"], lm_eval_n)
         results = lm_evaluate(models, list(TASKS), tasks_dir)
-        results[f"{exported} (no adapter)"] = lm_evaluate([exported], list(TASKS), tasks_dir, adapter=False)[str(exported)]
+        for d in (pruned, exported):
+            results[f"{d} (no adapter)"] = lm_evaluate([d], list(TASKS), tasks_dir, adapter=False)[str(d)]
         fig.update({"tasks": list(TASKS), "n": lm_eval_n, "results": results})
 
     report.data["final"] = _final_table(report)

@@ -11,7 +11,7 @@ def test_main_job_end_to_end_writes_report(reference_assets, tmp_path, capsys):
     out = tmp_path / "qs"
     assert main(["quickstart", "--out", str(out), "--max-windows", "2", "--lm-eval-n", "8"]) == 0
     printed = capsys.readouterr().out
-    assert f"report: {out / 'report.json'}" in printed and "[10/10] lm_eval" in printed
+    assert f"report: {out / 'report.json'}" in printed and "[11/11] lm_eval" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] is True
     st = report["stages"]
@@ -20,7 +20,8 @@ def test_main_job_end_to_end_writes_report(reference_assets, tmp_path, capsys):
     assert set(ppl) == {"book", "github", "all"} and ppl["book"]["windows"] == 2
     assert 5 < ppl["book"]["ppl"] < 100 and 1 < ppl["github"]["ppl"] < 50
     assert st["prune"]["all_valid"] is True and st["prune"]["sparsity"] == pytest.approx(0.5)
-    sparse = st["eval_pruned"]["perplexity"]
+    sparse = st["eval_pruned"]["perplexity"]  # base + the fitted branch
+    assert st["eval_pruned"]["slorb_adapter"] and st["eval_pruned_base"]["slorb_adapter"] is None
     assert sparse["book"]["ppl"] > ppl["book"]["ppl"]  # 2:4 without training costs quality ...
     assert sparse["book"]["ppl"] < 10 * ppl["book"]["ppl"]  # ... but SparseGPT keeps the model usable
     ast = st["train_ast"]
@@ -35,9 +36,10 @@ def test_main_job_end_to_end_writes_report(reference_assets, tmp_path, capsys):
     q = st["quantize_ast"]
     assert q["compression_vs_fp32"]["decoder_linears"] >= 10 and q["perplexity"]["all"]["ppl"] < 2 * exported["all"]["ppl"]
     final = report["final"]
-    assert [r["model"] for r in final] == ["dense", "one-shot SparseGPT 2:4", "AST 2:4 + SLoRB", "AST 2:4, no adapter",
-                                           "AST 2:4 + int4 + SLoRB"]
+    assert [r["model"] for r in final] == ["dense", "one-shot SparseGPT 2:4 + SLoRB", "one-shot 2:4, no adapter",
+                                           "AST 2:4 + SLoRB", "AST 2:4, no adapter", "AST 2:4 + int4 + SLoRB"]
     assert all(0 <= r["code_next_line_acc"] <= 1 and 0 <= r["shakespeare_cloze_acc"] <= 1 for r in final)
-    assert final[0]["ppl"] == ppl["all"]["ppl"] and final[4]["size_mib"] < final[2]["size_mib"] / 4
-    assert final[3]["size_mib"] < final[2]["size_mib"] and st["quantize_ast"]["slorb_adapter"]
+    assert final[0]["ppl"] == ppl["all"]["ppl"] and final[5]["size_mib"] < final[3]["size_mib"] / 4
+    assert final[4]["size_mib"] < final[3]["size_mib"] and st["quantize_ast"]["slorb_adapter"]
+    assert final[2]["size_mib"] < final[1]["size_mib"] and final[1]["ppl"] != final[2]["ppl"]
     assert "AST 2:4 + int4 + SLoRB" in printed and "[train] step 12/12 loss" in printed  # the table; live progress

@@ -13,6 +13,8 @@ from megatron_ast.modeling import check_model_dir, load_causal_lm
 from megatron_ast.pruning.calibration import calibration_samples
 from megatron_ast.pruning.pipeline import PruneConfig, prune_model, validate_shapes
 from megatron_ast.pruning.architectures import architecture_of
+from megatron_ast.sparsity import slorb_adapter
+from megatron_ast.sparsity.slorb import group_projection
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
@@ -43,8 +45,9 @@ def prune_to_dir(
         samples = calibration_samples(calib, tokenizer or model_dir, nsamples, seqlen, seed)
     model = load_causal_lm(model_dir)
     architecture_of(model)
-    validate_shapes(model, cfg.pattern)
-    masks, rows = prune_model(model, cfg, samples)
+    validate_shapes(model, cfg.pattern, cfg.slorb_group)
+    branches = {}
+    masks, rows = prune_model(model, cfg, samples, branches)
     report = {
         "method": cfg.method, "pattern": str(cfg.pattern), "sparsity_target": cfg.pattern.sparsity,
         "source_model": str(model_dir),
@@ -58,6 +61,11 @@ def prune_to_dir(
     }
     errors = [r["reconstruction_error"] for r in rows if r["reconstruction_error"] is not None]
     report["mean_reconstruction_error"] = sum(errors) / len(errors) if errors else None
+    if branches:
+        ratios = sorted(r["slorb_residual_ratio"] for r in rows if "slorb_residual_ratio" in r)
+        report["slorb"] = {"group": cfg.slorb_group, "init": "fitted", "adapter": slorb_adapter.ADAPTER_DIR,
+                           "branches": len(branches), "parameters": sum(s.numel() for s in branches.values()),
+                           "median_residual_ratio": ratios[len(ratios) // 2]}
     from safetensors.torch import save_file
 
     with atomic_dir(out_dir) as tmp:
@@ -67,6 +75,10 @@ def prune_to_dir(
                 shutil.copy2(Path(model_dir) / name, tmp / name)
         save_file({k: v.contiguous() for k, v in masks.items()}, str(tmp / MASKS_FILE),
                   metadata={"pattern": str(cfg.pattern), "method": cfg.method})
+        if branches:  # base + adapter, as an AST export: every loader measures the two together
+            dtype = next(model.parameters()).dtype
+            slorb_adapter.save(tmp / slorb_adapter.ADAPTER_DIR, {name: (group_projection(b.shape[1] * cfg.slorb_group,
+                               cfg.slorb_group), b) for name, b in branches.items()}, dtype, out_dir)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     print(f"pruned {len(rows)} Linears to {cfg.pattern} with {cfg.method}: sparsity {report['sparsity']:.4f}, "
           f"all valid: {report['all_valid']} -> {out_dir}", file=sys.stderr)

@@ -17,12 +17,13 @@ from torch import nn
 from tqdm import tqdm
 
 from megatron_ast.errors import UsageError
-from megatron_ast.pruning.architectures import (architecture_of, prunable_linears, set_weight_out_in,
-                                                weight_out_in)
+from megatron_ast.pruning.architectures import (architecture_of, is_conv1d, prunable_linears,
+                                                set_weight_out_in, weight_out_in)
 from megatron_ast.pruning.hessian import InputHessians, reconstruction_error
 from megatron_ast.pruning.sparsegpt import SCOPES, sparsegpt
 from megatron_ast.pruning.sparsellm import FfnRecorder, sparsellm_ffn
 from megatron_ast.sparsity import SparsityPattern, mask_from_score, magnitude_score, nm_violations, wanda_score
+from megatron_ast.sparsity.slorb import expand_s, fit_s
 from megatron_ast.sparsity.validate import sparsity_of
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "sparsellm")
@@ -48,10 +49,16 @@ class PruneConfig:
     prune_head: bool = False  # lm_head, by `method` (SparseGPT for sparsellm) on the final hidden states
     prune_embeddings: bool = False  # the input embedding, by magnitude (its inputs are one-hot)
     scope: str = "row"  # SparseGPT's unstructured threshold: per "row" or per 128-column "block" (pruning/sparsegpt.py)
+    slorb_group: int | None = None  # also fit a SLoRB branch per decoder Linear (sparsity/slorb.py: fit_s)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.slorb_group is not None and self.slorb_group < 1:
+            raise UsageError(f"--slorb-group must be >= 1, got {self.slorb_group}")
+        if self.slorb_group is not None and self.method == "magnitude":
+            raise UsageError("--slorb-group fits the branch on calibration inputs: use --method wanda, sparsegpt "
+                             "or sparsellm with --calib")
         if self.scope not in SCOPES:
             raise UsageError(f"unknown --scope {self.scope!r}: choose one of {', '.join(SCOPES)}")
 
@@ -99,11 +106,18 @@ def _outside_layers_to(model: nn.Module, layers_path: str, device: str) -> None:
         setattr(parent, attr, layers)
 
 
-def validate_shapes(model: nn.Module, pattern: SparsityPattern) -> None:
+def validate_shapes(model: nn.Module, pattern: SparsityPattern, slorb_group: int | None = None) -> None:
     arch = architecture_of(model)
     for i, layer in enumerate(arch.layers(model)):
         for name, mod in prunable_linears(layer).items():
-            pattern.check_shape(weight_out_in(mod).shape[1], f"{arch.layers_path}.{i}.{name}")
+            in_f = weight_out_in(mod).shape[1]
+            pattern.check_shape(in_f, f"{arch.layers_path}.{i}.{name}")
+            if slorb_group and is_conv1d(mod):
+                raise UsageError(f"--slorb-group: {arch.layers_path}.{i}.{name} is a GPT-2 Conv1D, which a "
+                                 "LoRA adapter cannot target: prune without --slorb-group")
+            if slorb_group and in_f % slorb_group:
+                raise UsageError(f"{arch.layers_path}.{i}.{name} has {in_f} inputs, not a multiple of "
+                                 f"--slorb-group {slorb_group}: choose a group that divides it")
 
 
 def _prune_linear(method: str, w: torch.Tensor, h: torch.Tensor | None, cfg: PruneConfig):
@@ -117,10 +131,11 @@ def _prune_linear(method: str, w: torch.Tensor, h: torch.Tensor | None, cfg: Pru
 
 
 def walk_layers(model: nn.Module, calib: torch.Tensor | None, device: str, desc: str, visit,
-                record_ffn: bool = False) -> torch.Tensor | None:
+                record_ffn: bool = False, after=None) -> torch.Tensor | None:
     """The sequential pass: per decoder layer, collect its Linears' input moments on the dense layer,
     `visit(i, layer, linears, hessians, ffn_io)` (which may change the layer), then push the calibration
-    activations through the changed layer. Returns the last layer's outputs (None without `calib`)."""
+    activations through the changed layer, then `after(i, layer)` when given. Returns the last layer's
+    outputs (None without `calib`)."""
     arch = architecture_of(model)
     layers = arch.layers(model)
     model.eval()
@@ -146,15 +161,34 @@ def walk_layers(model: nn.Module, calib: torch.Tensor | None, device: str, desc:
             visit(i, layer, linears, hessians, ffn_io)
             if calib is not None:
                 inps = torch.stack([_layer_forward(layer, x, args, kwargs) for x in inps])
+            if after is not None:
+                after(i, layer)
             layer.to("cpu")
     return inps
 
 
-def prune_model(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | None) -> tuple[dict, list[dict]]:
-    """Prune every decoder Linear of `model` in place; returns (masks by parameter name, per-Linear report)."""
+def prune_model(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | None,
+                branches: dict | None = None) -> tuple[dict, list[dict]]:
+    """Prune every decoder Linear of `model` in place; returns (masks by parameter name, per-Linear report).
+    With `cfg.slorb_group`, `branches` gets each decoder Linear's fitted SLoRB S (by module name); the
+    calibration pass then runs each pruned layer with its branches on, as the model will be used."""
     arch = architecture_of(model)
-    validate_shapes(model, cfg.pattern)
+    validate_shapes(model, cfg.pattern, cfg.slorb_group)
     masks, report = {}, []
+    pruned_weights = {}  # this layer's, while its branches are folded in for the calibration pass
+
+    def fit_branch(i: int, name: str, mod: nn.Module, dense, new, h, row: dict) -> None:
+        s = fit_s(dense - new, h, cfg.slorb_group, cfg.damp)
+        folded = new + expand_s(s, cfg.slorb_group)
+        row["slorb_residual_ratio"] = reconstruction_error(dense, folded, h) / max(row["reconstruction_error"], 1e-30)
+        branches[f"{arch.layers_path}.{i}.{name}"] = s.cpu()
+        pruned_weights[name] = new
+        set_weight_out_in(mod, folded)
+
+    def unfold(i: int, layer: nn.Module) -> None:
+        for name, mod in prunable_linears(layer).items():
+            if name in pruned_weights:
+                set_weight_out_in(mod, pruned_weights.pop(name))
     needs_data = cfg.method != "magnitude"
     if needs_data and calib is None:
         raise UsageError(f"--method {cfg.method} needs calibration data: pass --calib")
@@ -171,6 +205,8 @@ def prune_model(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | None) 
                 done.add(name)
                 masks[f"{arch.layers_path}.{i}.{name}.weight"] = keep.cpu()
                 report.append({**_row(f"{arch.layers_path}.{i}.{name}", dense, new, keep, h, cfg), "sparsellm": info})
+                if cfg.slorb_group:
+                    fit_branch(i, name, linears[name], dense, new, h, report[-1])
         for name, mod in linears.items():
             if name in done:
                 continue
@@ -180,9 +216,11 @@ def prune_model(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | None) 
             set_weight_out_in(mod, new)
             masks[f"{arch.layers_path}.{i}.{name}.weight"] = keep.cpu()
             report.append(_row(f"{arch.layers_path}.{i}.{name}", dense, new, keep, h, cfg))
+            if cfg.slorb_group:
+                fit_branch(i, name, mod, dense, new, h, report[-1])
 
     hidden = walk_layers(model, calib if needs_data else None, cfg.device, f"prune {cfg.method} {cfg.pattern}", visit,
-                         record_ffn=cfg.method == "sparsellm")
+                         record_ffn=cfg.method == "sparsellm", after=unfold if cfg.slorb_group else None)
     with torch.no_grad():
         _prune_outside_layers(model, arch, cfg, hidden, masks, report)
     return masks, report

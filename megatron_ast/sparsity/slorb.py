@@ -6,7 +6,9 @@ pruned weights: S[i, g] = mean (or sum) over the group of (W * (1-M))[i, g*k:(g+
 W the dense values (a one-shot init keeps them at pruned positions: training/engines.py).
 `zero` starts the branch at 0 (the forward is then the masked model's); `xavier` randomises
 P and starts S at 0, as the reference code does (the forward is again the masked model's;
-P then stays a tensor).
+P then stays a tensor). `fitted` takes S from `fit_s`: the least-squares branch on a
+pruner's calibration inputs (`megatron-ast prune --slorb-group k` writes it beside the
+2:4 weights), for one-shot inits that put zeros under the mask, where `mean` gives 0.
 With P frozen, P x is a reshape-and-sum (P is never materialised). As a LoRA
 adapter: A = P (d/k x d), B = S (N x d/k). Extra parameters: N * d / k (+1/k).
 """
@@ -19,7 +21,7 @@ from torch import nn
 
 from megatron_ast.errors import UsageError
 
-INITS = ("mean", "sum", "zero", "xavier")
+INITS = ("mean", "sum", "zero", "xavier", "fitted")
 
 
 @dataclass(frozen=True)
@@ -40,10 +42,29 @@ def group_projection(in_features: int, group: int) -> torch.Tensor:
     return torch.eye(in_features // group).repeat_interleave(group, dim=1)
 
 
+def fit_s(removed: torch.Tensor, hessian: torch.Tensor, group: int, damp: float = 0.01) -> torch.Tensor:
+    """The S whose branch best restores what pruning removed on the calibration inputs:
+    argmin_S E||R x - S P x||^2 = R H P^T (P H P^T + damp * mean diag * I)^-1, with R = dense - pruned
+    (N x d), H = E[x x^T] (d x d). With a reconstructing pruner (SparseGPT) the pruned weights'
+    own group means say nothing (the kept ones already took their role); this fit starts the branch
+    where it helps. Solved in float64; returns float32 (N x d/k)."""
+    out_f, in_f = removed.shape
+    g = in_f // group
+    php = hessian.double().reshape(g, group, g, group).sum((1, 3))
+    rhp = (removed.double() @ hessian.double()).reshape(out_f, g, group).sum(-1)
+    php += damp * float(php.diagonal().mean().clamp_min(1e-12)) * torch.eye(g, dtype=torch.float64, device=php.device)
+    return torch.linalg.solve(php, rhp.t()).t().float()
+
+
+def expand_s(s: torch.Tensor, group: int) -> torch.Tensor:
+    """S P as a dense (N x d) matrix: the branch folded into a weight."""
+    return s.repeat_interleave(group, dim=1)
+
+
 class SLoRB(nn.Module):
-    def __init__(self, weight: torch.Tensor, mask: torch.Tensor, cfg: SLoRBConfig):
+    def __init__(self, weight: torch.Tensor, mask: torch.Tensor, cfg: SLoRBConfig, fitted: torch.Tensor | None = None):
         """S from what the mask took away: the pruned entries of `weight` (the dense values the student's
-        master keeps at pruned positions). xavier, as the reference: P random, S = 0."""
+        master keeps at pruned positions), or `fitted` (init fitted). xavier, as the reference: P random, S = 0."""
         super().__init__()
         out_f, in_f = weight.shape
         if in_f % cfg.group:
@@ -51,7 +72,11 @@ class SLoRB(nn.Module):
         self.group = cfg.group
         pruned = (weight.detach().float() * (1 - mask.float())).reshape(out_f, in_f // cfg.group, cfg.group)
         p = group_projection(in_f, cfg.group)
-        if cfg.init in ("zero", "xavier"):
+        if cfg.init == "fitted":
+            if fitted is None or fitted.shape != (out_f, in_f // cfg.group):
+                raise ValueError(f"init fitted needs S of shape {(out_f, in_f // cfg.group)}")
+            s = fitted.float()
+        elif cfg.init in ("zero", "xavier"):
             s = torch.zeros(out_f, in_f // cfg.group)
             if cfg.init == "xavier":
                 p = nn.init.xavier_uniform_(p)

@@ -40,9 +40,10 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor], slorb: SLoRBConf
 
 
 def sparsify_module_(module: nn.Module, mask: torch.Tensor, slorb: SLoRBConfig | None = None, name: str = "",
-                     hold_mask: bool = True) -> None:
+                     hold_mask: bool = True, fitted_s: torch.Tensor | None = None) -> None:
     """Make one nn.Linear a SparseLinear. Its full weight must be present (under ZeRO-3: gathered).
-    `hold_mask=False`: the caller keeps the weight masked (ZeRO-3's partitions), the module holds no mask."""
+    `hold_mask=False`: the caller keeps the weight masked (ZeRO-3's partitions), the module holds no mask.
+    `fitted_s`: SLoRB's S for init fitted."""
     if type(module) is not nn.Linear:
         raise TypeError(f"{name} belongs to a {type(module).__name__}, not an nn.Linear")
     if mask.shape != module.weight.shape:
@@ -50,7 +51,7 @@ def sparsify_module_(module: nn.Module, mask: torch.Tensor, slorb: SLoRBConfig |
     module.__class__ = SparseLinear
     module.mask = (nn.Parameter(mask.to(module.weight.dtype).to(module.weight.device), requires_grad=False)
                    if hold_mask else None)
-    module.slorb = SLoRB(module.weight, mask, slorb) if slorb is not None else None
+    module.slorb = SLoRB(module.weight, mask, slorb, fitted_s) if slorb is not None else None
 
 
 def sparse_linears(model: nn.Module) -> dict[str, SparseLinear]:

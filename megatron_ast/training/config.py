@@ -7,6 +7,7 @@ the model, data, masks, SR-STE, distillation, SLoRB and the schedule.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,13 @@ class TrainConfig:
         if self.init not in INIT_METRICS and not (Path(self.init) / "masks.safetensors").is_file():
             raise UsageError(f"init {self.init!r} is neither 'magnitude', 'wanda' nor a pruned model dir "
                              "with masks.safetensors")
+        if self.slorb is not None and self.slorb.init == "fitted" and self.method != "dense":
+            report = Path(self.init) / "sparsity_report.json"
+            group = json.loads(report.read_text()).get("slorb", {}).get("group") if report.is_file() else None
+            if group != self.slorb.group:
+                raise UsageError(f"slorb init fitted takes S from init's adapter: give init a dir pruned with "
+                                 f"--slorb-group {self.slorb.group} (init {self.init!r} has "
+                                 f"{'none' if group is None else f'group {group}'})")
         if self.pruned_values not in PRUNED_VALUES:
             raise UsageError(f"pruned_values {self.pruned_values!r}: choose {' or '.join(PRUNED_VALUES)}")
         if self.method == "gmp":

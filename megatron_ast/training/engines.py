@@ -79,12 +79,14 @@ def input_norms_zero3(engine, batches: list[torch.Tensor]) -> dict[str, torch.Te
 
 def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None, slorb: SLoRBConfig | None = None,
                     input_norms: dict[str, torch.Tensor] | None = None, dense: bool = False,
-                    dense_values: str | Path | None = None) -> dict[str, torch.Tensor]:
+                    dense_values: str | Path | None = None,
+                    fitted_s: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Make every decoder Linear sparse; returns this rank's mask slices (for PartitionedMasks). Masks: from
     `masks_file` (a one-shot pruned dir's), else by Wanda when `input_norms` are given, else by magnitude;
     `dense` starts with all-ones masks (gmp). `dense_values`: the dense model dir whose values the weights
     under a stored mask's pruned positions take (kept ones stay the pruned dir's reconstruction), so the
-    forward is the one-shot model's while SLoRB's init, SR-STE and regrowth see the dense weights."""
+    forward is the one-shot model's while SLoRB's init, SR-STE and regrowth see the dense weights.
+    `fitted_s`: SLoRB's S by Linear name, for `slorb.init: fitted` (the pruned dir's adapter)."""
     import deepspeed
 
     from megatron_ast.modeling import WeightReader
@@ -119,6 +121,10 @@ def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None,
                 if input_norms is not None:
                     score = score * input_norms[name].to(score.device)
                 mask = nm_mask(score, n, m)
-            sparsify_module_(mod, mask, slorb, name, hold_mask=False)
+            if fitted_s is not None and name not in fitted_s:
+                raise UsageError(f"slorb init fitted: the pruned dir's adapter has no branch for {name}: "
+                                 "prune with --slorb-group")
+            sparsify_module_(mod, mask, slorb, name, hold_mask=False,
+                             fitted_s=fitted_s[name] if fitted_s is not None else None)
             local[name] = local_mask(mask, mod.weight)
     return local

@@ -130,7 +130,7 @@ class Trainer:
         masks_file = None if cfg.init in ("magnitude", "wanda") else Path(cfg.init) / "masks.safetensors"
         local_masks = {} if cfg.method == "dense" else sparsify_zero3_(
             student, pattern.n, pattern.m, masks_file, cfg.slorb, input_norms=norms, dense=cfg.method == "gmp",
-            dense_values=cfg.model if cfg.pruned_values == "dense" else None)
+            dense_values=cfg.model if cfg.pruned_values == "dense" else None, fitted_s=self._fitted_s())
         self.n_sparse = len(local_masks)
         if cfg.activation_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -170,6 +170,19 @@ class Trainer:
         engine, *_ = deepspeed.initialize(model=model, config=self.ds)
         engine.eval()
         return engine
+
+    def _fitted_s(self) -> dict[str, torch.Tensor] | None:
+        """SLoRB's S from the pruned dir's adapter (`prune --slorb-group`) for `slorb.init: fitted`."""
+        from megatron_ast.sparsity import slorb_adapter
+
+        cfg = self.cfg
+        found = slorb_adapter.adapter_dir(cfg.init) if cfg.init not in ("magnitude", "wanda") else None
+        if cfg.slorb is None or cfg.slorb.init != "fitted" or cfg.method == "dense":
+            if found is not None:
+                _rank0_print(f"[train] {found} not used: slorb.init is not fitted, so the student starts from the "
+                             "2:4 base alone")
+            return None
+        return {name: b for name, (_, b) in slorb_adapter.read(found).items()}
 
     def _wanda_norms(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Wanda's input norms from `init_calib_samples` train sequences (their own seed: the training

@@ -58,3 +58,44 @@ def test_model_dir_without_weights_or_unknown_architecture(tmp_path, model_dir, 
                                      intermediate_size=64)).save_pretrained(tmp_path / "neox")
     assert main(["prune", "--model", str(tmp_path / "neox"), "--method", "magnitude", "--out", str(tmp_path / "o")]) == 2
     assert "unsupported architecture 'gpt_neox'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "sparsellm"])
+def test_slorb_group_writes_a_fitted_adapter_that_restores_the_calibration_outputs(model_dir, calib_file, tmp_path,
+                                                                                    method):
+    """--slorb-group: base weights exactly as without it (2:4), plus slorb_adapter/ whose branches lower every
+    Linear's reconstruction error on the calibration inputs; the dir loads as base + adapter."""
+    from megatron_ast.modeling import load_causal_lm
+    from megatron_ast.sparsity.slorb_adapter import adapter_dir, read
+
+    args = ["prune", "--model", str(model_dir), "--method", method, "--pattern", "2:4", "--calib", str(calib_file),
+            "--nsamples", "8", "--seqlen", "64"]
+    assert main(args + ["--out", str(tmp_path / "plain")]) == 0
+    assert main(args + ["--out", str(tmp_path / "fitted"), "--slorb-group", "16"]) == 0
+    plain, fitted = load_file(str(tmp_path / "plain" / "model.safetensors")), load_file(str(tmp_path / "fitted" / "model.safetensors"))
+    report = json.loads((tmp_path / "fitted" / "sparsity_report.json").read_text())
+    assert report["all_valid"] and report["slorb"]["group"] == 16 and report["slorb"]["branches"] == 14
+    ratios = [r["slorb_residual_ratio"] for r in report["layers"]]
+    assert len(ratios) == 14 and max(ratios) < 1.0  # no worse than no branch, per Linear, on the inputs it saw
+    layer0 = [k for k in plain if ".layers.0." in k]  # the first layer sees the same inputs with or without branches
+    assert layer0 and all(torch.equal(plain[k], fitted[k]) for k in layer0)
+    branches = read(adapter_dir(tmp_path / "fitted"))
+    assert len(branches) == 14 and all(b.abs().sum() > 0 for _, b in branches.values())
+    assert adapter_dir(tmp_path / "plain") is None
+    x = torch.randint(0, 600, (2, 32))
+    with torch.no_grad():
+        base = load_causal_lm(tmp_path / "fitted", adapter=False)(x).logits
+        both = load_causal_lm(tmp_path / "fitted")(x).logits
+    assert not torch.allclose(base, both)
+    for name, w in fitted.items():
+        if name.endswith("proj.weight"):
+            assert nm_violations(w, 2, 4) == 0
+
+
+def test_slorb_group_needs_calibration_and_a_group_that_divides(model_dir, calib_file, tmp_path, capsys):
+    base = ["prune", "--model", str(model_dir), "--pattern", "2:4", "--calib", str(calib_file), "--seqlen", "64",
+            "--nsamples", "8", "--out", str(tmp_path / "o")]
+    assert main(base + ["--method", "magnitude", "--slorb-group", "16"]) == 2
+    assert "--slorb-group fits the branch on calibration inputs" in capsys.readouterr().err
+    assert main(base + ["--method", "sparsegpt", "--slorb-group", "48"]) == 2
+    assert "not a multiple of --slorb-group 48" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -107,3 +107,26 @@ def test_slorb_bad_config():
         SLoRBConfig(init="zeros")
     with pytest.raises(UsageError, match="multiple of the SLoRB group size 7"):
         SLoRB(torch.randn(4, 16), torch.ones(4, 16, dtype=torch.bool), SLoRBConfig(group=7))
+
+
+def test_fit_s_is_the_least_squares_branch():
+    """fit_s minimises E||R x - S P x||^2: it recovers an S that is exactly representable, and otherwise
+    does at least as well as the zero branch and the group-mean (the paper's) init on those inputs."""
+    from megatron_ast.sparsity.slorb import expand_s, fit_s
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 64) @ torch.randn(64, 64)  # correlated inputs, as a Linear sees
+    h = x.t() @ x / len(x)
+    s_true = torch.randn(8, 4)
+    assert torch.allclose(fit_s(expand_s(s_true, 16), h, 16, damp=0.0), s_true, atol=1e-4)
+    w = torch.randn(8, 64)
+    m = mask_from_score(w.abs(), SparsityPattern.parse("2:4"))
+    r = w * ~m
+    err = lambda s: float(((x @ (r - expand_s(s, 16)).t()) ** 2).mean())  # noqa: E731
+    fitted = fit_s(r, h, 16, damp=0.0)
+    mean = SLoRB(w, m, SLoRBConfig(group=16)).S.detach()
+    assert err(fitted) < err(mean) and err(fitted) < err(torch.zeros_like(fitted))
+    s = SLoRB(w, m, SLoRBConfig(group=16, init="fitted"), fitted)
+    assert torch.equal(s.S.detach(), fitted) and s.P is None
+    with pytest.raises(ValueError, match="init fitted needs S"):
+        SLoRB(w, m, SLoRBConfig(group=16, init="fitted"))

@@ -89,6 +89,7 @@ def test_wanda_init_masks_match_a_direct_computation(run_dir):
     ({"steps": 0}, "steps must be at least 1"),
     ({"bogus": 1}, "unknown key"),
     ({"init": "/nonexistent"}, "neither 'magnitude', 'wanda' nor a pruned model dir"),
+    ({"slorb": {"group": 16, "init": "fitted"}}, "slorb init fitted takes S from init's adapter"),
 ])
 def test_bad_configs_fail_at_load(run_dir, change, match, capsys):
     assert main(["train", "--config", str(config_file(run_dir, **change))]) == 2
@@ -155,6 +156,33 @@ def test_a_pruned_init_keeps_the_dense_values_under_its_masks(run_dir, pruned, v
     assert run["init"] == str(pruned) and run["output_dir"] == str(out)  # stored absolute
     monkeypatch.chdir(tmp_path)  # export from another working directory, as on a cluster
     assert main(["export", summary["checkpoint"], "--out", "hf"]) == 0 and (tmp_path / "hf" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_slorb_fitted_init_starts_from_the_pruned_dirs_adapter(run_dir):
+    """prune --slorb-group + slorb.init fitted (lr 0): S is the adapter's, and the student's forward is the
+    pruned dir's base + adapter, as eval loads it."""
+    from megatron_ast.eval.perplexity import perplexity, token_windows
+    from megatron_ast.modeling import load_causal_lm
+    from megatron_ast.sparsity.slorb_adapter import adapter_dir, read
+
+    pruned = run_dir / "pruned-fitted"
+    assert main(["prune", "--model", str(run_dir / "dense"), "--method", "sparsegpt", "--pattern", "2:4", "--calib",
+                 str(run_dir / "shards"), "--nsamples", "8", "--seqlen", "64", "--slorb-group", "16",
+                 "--out", str(pruned)]) == 0
+    out = run_dir / "out_fitted"
+    train(config_file(run_dir, init=str(pruned), output_dir=str(out), steps=1, lr={"peak": 0.0, "min": 0.0, "warmup": 0},
+                      slorb={"group": 16, "init": "fitted"}, eval={"every": 0, "windows": 4}))
+    summary = json.loads((out / "summary.json").read_text())
+    state = consolidated(summary["checkpoint"])
+    branches = read(adapter_dir(pruned))
+    assert len(branches) == 14
+    for name, (_, b) in branches.items():
+        assert torch.equal(state[f"{name}.slorb.S"], b), name
+    windows = token_windows([str(run_dir / "val_shards")], run_dir / "dense", 64, 4)
+    with_adapter, base = perplexity(load_causal_lm(pruned), windows), perplexity(load_causal_lm(pruned, adapter=False), windows)
+    assert summary["ppl_before"]["all"]["ppl"] == pytest.approx(with_adapter["all"]["ppl"], rel=1e-5)
+    assert with_adapter["all"]["ppl"] != pytest.approx(base["all"]["ppl"], rel=1e-5)
 
 
 @pytest.mark.slow
