@@ -175,6 +175,7 @@ def prune_model(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | None,
     arch = architecture_of(model)
     validate_shapes(model, cfg.pattern, cfg.slorb_group)
     masks, report = {}, []
+    branches = {} if branches is None else branches
     pruned_weights = {}  # this layer's, while its branches are folded in for the calibration pass
 
     def fit_branch(i: int, name: str, mod: nn.Module, dense, new, h, row: dict) -> None:
