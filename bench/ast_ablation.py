@@ -9,7 +9,8 @@ perplexity on those windows is the target, the one-shot model's the start:
     gap closed = ln(ppl_init / ppl_final) / ln(ppl_init / ppl_dense)
 
 Methods: AST with all parts (the trainer's defaults: the master holds the one-shot
-model's zeros where it prunes, so SLoRB's mean init is 0 too); AST without SR-STE;
+model's zeros where it prunes, so SLoRB's mean init is 0 too); AST without SR-STE
+(no decay); with AdamW's second moment (v of g^2, not of the update);
 without distillation (task loss only); without SLoRB; with the masks frozen at the
 init; AST whose master holds the dense values under the pruned positions
 (`pruned_values: dense`: SLoRB then starts from their group means), and the same
@@ -47,6 +48,8 @@ SLORB = {"group": 16}
 METHODS: dict[str, tuple[str, dict]] = {
     "ast": ("AST (all parts)", {}),
     "ast_no_srste": ("AST without SR-STE", {"srste": {"lam": 0.0, "t_inc": 1}}),
+    # the reference's Adam keeps v of the update m + decay (not of the gradient), which the row above keeps too
+    "ast_adamw_moment": ("AST with AdamW's second moment", {"optimizer": {"second_moment": "gradient"}}),
     "ast_no_distill": ("AST without distillation", {"distill": {"w_task": 1.0, "w_kl": 0.0, "w_sq": 0.0}}),
     "ast_no_slorb": ("AST without SLoRB", {"slorb": None}),
     "ast_frozen_masks": ("AST, masks frozen at init", {"mask_interval": 10**9}),

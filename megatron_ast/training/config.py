@@ -46,6 +46,9 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1  # decoupled, on matrices only (not norm gains or biases), as nanoGPT and the reference
     slorb_weight_decay: bool = True  # SLoRB's S is a matrix too; false exempts it
+    # AST's masked weights: Adam's v tracks the update u = m + SR-STE decay (the reference's adamw.py) or, with
+    # "gradient", the loss gradient as AdamW's does; the baselines always run plain AdamW
+    second_moment: str = "update"
 
 
 @dataclass
@@ -124,6 +127,8 @@ class TrainConfig:
             raise UsageError("data.train needs at least one token-shard dir")
         if not (0 <= self.lr.min <= self.lr.peak) or self.lr.warmup < 0:
             raise UsageError(f"lr needs 0 <= min <= peak and warmup >= 0, got {self.lr}")
+        if self.optimizer.second_moment not in ("update", "gradient"):
+            raise UsageError(f"optimizer.second_moment must be update or gradient, got {self.optimizer.second_moment!r}")
         if self.srste.lam < 0 or self.srste.t_inc < 0:
             raise UsageError("srste.lam and srste.t_inc must be >= 0")
         if self.dist_timeout_s < 1:

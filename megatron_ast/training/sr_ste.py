@@ -6,14 +6,16 @@ For a masked weight W with mask M (1 = kept) at step t:
     u <- m + lambda_t * W * (1 - M)          (decay pulls only the pruned weights to zero)
     v <- b2 v + (1 - b2) u^2                  (second moment: of the update)
     W <- W - lr * ( u / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd * W )
-This is DESIGN.md §4 taken literally: for masked tensors the second moment
-tracks the update u (not the raw gradient). Elements that are not masked weights
+This is DESIGN.md §4 taken literally, as thu-ml/Adaptive-Sparse-Trainer's adamw.py
+has it: for masked tensors the second moment tracks the update u (not the raw
+gradient), also at lambda = 0, where u = m; `second_moment="gradient"` gives
+them AdamW's v of g^2 instead (an ablation). Elements that are not masked weights
 (embeddings, norms, SLoRB) get plain AdamW. The optimizer works on whatever
 tensors it is given: model parameters in a single process, or the flat fp32
 master partitions DeepSpeed ZeRO-3 hands a client optimizer, which mix masked
 and unmasked elements; `set_pruned` gives each tensor an aligned indicator:
 1 = pruned masked weight, 0 = kept masked weight, -1 = not a masked weight.
-With lambda = 0 (the baselines: no decay) every element gets plain AdamW.
+The baselines (naive, gmp, dense) run lambda = 0 with "gradient": plain AdamW.
 """
 from __future__ import annotations
 
@@ -29,9 +31,11 @@ def srste_lambda(step: int, lam: float, t_inc: int) -> float:
 
 class SRSTEAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 2e-4, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1,
-                 srste_lambda: float = 6e-5, srste_t_inc: int = 10_000):
+                 srste_lambda: float = 6e-5, srste_t_inc: int = 10_000, second_moment: str = "update"):
+        if second_moment not in ("update", "gradient"):
+            raise ValueError(f"second_moment must be 'update' or 'gradient', got {second_moment!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        srste_lambda=srste_lambda, srste_t_inc=srste_t_inc)
+                        srste_lambda=srste_lambda, srste_t_inc=srste_t_inc, second_moment=second_moment)
         super().__init__(params, defaults)
         self._pruned: dict[int, torch.Tensor] = {}  # int8 indicators: 1 byte per element beside the fp32 master
 
@@ -65,7 +69,7 @@ class SRSTEAdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                pruned = self._pruned.get(id(p)) if group["srste_lambda"] > 0 else None
+                pruned = self._pruned.get(id(p))
                 flat = [t.view(-1) for t in (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"])]
                 ind = pruned.view(-1) if pruned is not None else None
                 for sl in blocks(p.numel(), p.device):  # cache-sized blocks on the CPU (megatron_ast/blocks.py)
@@ -81,7 +85,7 @@ class SRSTEAdamW(torch.optim.Optimizer):
             decay, masked = (pruned == 1).to(p.dtype), pruned >= 0
             lam = srste_lambda(t, group["srste_lambda"], group["srste_t_inc"])
             u = torch.addcmul(m, p, decay, value=lam)
-            sq = torch.where(masked, u, g).square_()
+            sq = (torch.where(masked, u, g) if group.get("second_moment", "update") == "update" else g.clone()).square_()
         else:  # plain AdamW, with the same roundings: a tensor's update does not depend on how it was grouped
             u, sq = m, g.square()
         v.mul_(b2).add_(sq, alpha=1 - b2)

@@ -135,9 +135,10 @@ class Trainer:
         if cfg.activation_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         o = cfg.optimizer
-        lam = cfg.srste.lam if cfg.method == "ast" else 0.0
+        ast = cfg.method == "ast"  # the baselines: plain AdamW
         opt = SRSTEAdamW(param_groups(student, o.weight_decay, o.slorb_weight_decay), lr=cfg.lr.peak, betas=o.betas,
-                         eps=o.eps, weight_decay=o.weight_decay, srste_lambda=lam, srste_t_inc=cfg.srste.t_inc)
+                         eps=o.eps, weight_decay=o.weight_decay, srste_lambda=cfg.srste.lam if ast else 0.0,
+                         srste_t_inc=cfg.srste.t_inc, second_moment=o.second_moment if ast else "gradient")
         self.srste = opt  # DeepSpeed wraps it; the wrapper hands it the flat fp32 partitions
         self.student, self.optimizer, _, _ = deepspeed.initialize(model=student, optimizer=opt, config=self.ds)
         self.masks = PartitionedMasks(self.student, local_masks, pattern.n, pattern.m, cfg.mask_score)

@@ -27,7 +27,7 @@ def test_gap_closed_is_in_log_perplexity(bench):
 
 
 def test_every_ablation_changes_one_thing(bench):
-    assert bench.METHODS["ast"][1] == {} and len(bench.METHODS) == 13
+    assert bench.METHODS["ast"][1] == {} and len(bench.METHODS) == 14
     pruned_dense = bench.METHODS["ast_pruned_dense"][1]
     for name, (_, over) in bench.METHODS.items():
         if name == "ast_dense_slorb_zero":  # one change on top of the dense-values row

@@ -6,8 +6,8 @@ import torch
 from megatron_ast.training.sr_ste import SRSTEAdamW, srste_lambda
 
 
-def _reference(w, grads, pruned, lr, b1, b2, eps, wd, lam, t_inc):
-    """The update rule of DESIGN.md §4, written out element by element."""
+def _reference(w, grads, pruned, lr, b1, b2, eps, wd, lam, t_inc, v_of="update"):
+    """The update rule of DESIGN.md §4, written out element by element (v_of="gradient": v tracks g^2)."""
     w = [float(x) for x in w]
     m = [0.0] * len(w)
     v = [0.0] * len(w)
@@ -16,7 +16,7 @@ def _reference(w, grads, pruned, lr, b1, b2, eps, wd, lam, t_inc):
         for i in range(len(w)):
             m[i] = b1 * m[i] + (1 - b1) * float(g[i])
             u = m[i] + lam_t * w[i] * float(pruned[i])
-            v[i] = b2 * v[i] + (1 - b2) * u * u
+            v[i] = b2 * v[i] + (1 - b2) * (u if v_of == "update" else float(g[i])) ** 2
             step = (u / (1 - b1**t)) / (math.sqrt(v[i] / (1 - b2**t)) + eps)
             w[i] = w[i] * (1 - lr * wd) - lr * step
     return torch.tensor(w)
@@ -44,9 +44,18 @@ def test_matches_the_written_out_rule_and_decays_only_pruned_weights():
     assert torch.allclose(p, ref, atol=1e-12)
     # without an indicator it is exactly torch's AdamW
     assert torch.allclose(_trained(w0, grads), _trained(w0, grads, optimizer=torch.optim.AdamW), atol=1e-12)
-    # lambda = 0 (the baselines) is torch's AdamW even with an indicator
-    assert torch.allclose(_trained(w0, grads, pruned, srste_lambda=0.0, srste_t_inc=4),
-                          _trained(w0, grads, optimizer=torch.optim.AdamW), atol=1e-12)
+    # lambda = 0 keeps AST's second moment (v of m^2, as the reference's adamw.py): AST without SR-STE's decay
+    no_decay = _trained(w0, grads, pruned, srste_lambda=0.0, srste_t_inc=4)
+    assert torch.allclose(no_decay, _reference(w0, grads, pruned, 1e-2, 0.9, 0.95, 1e-8, 0.1, 0.0, 4).double(),
+                          atol=1e-12)
+    adamw = _trained(w0, grads, optimizer=torch.optim.AdamW)
+    assert (no_decay - adamw).abs().max() > 1e-4
+    # lambda = 0 with AdamW's second moment (the baselines) is torch's AdamW even with an indicator
+    assert torch.equal(_trained(w0, grads, pruned, srste_lambda=0.0, srste_t_inc=4, second_moment="gradient"), adamw)
+    # AdamW's second moment with the decay in the update
+    assert torch.allclose(_trained(w0, grads, pruned, srste_lambda=0.5, srste_t_inc=4, second_moment="gradient"),
+                          _reference(w0, grads, pruned, 1e-2, 0.9, 0.95, 1e-8, 0.1, 0.5, 4, "gradient").double(),
+                          atol=1e-12)
     # the decay moves exactly the pruned entries: compare with the same rule at a lambda too small to add to m
     z = _trained(w0, grads, pruned, srste_lambda=1e-300, srste_t_inc=4)
     moved = (p - z).abs() > 1e-9

@@ -90,6 +90,7 @@ def test_wanda_init_masks_match_a_direct_computation(run_dir):
     ({"bogus": 1}, "unknown key"),
     ({"init": "/nonexistent"}, "neither 'magnitude', 'wanda' nor a pruned model dir"),
     ({"slorb": {"group": 16, "init": "fitted"}}, "slorb init fitted takes S from init's adapter"),
+    ({"optimizer": {"second_moment": "adam"}}, "optimizer.second_moment must be update or gradient"),
 ])
 def test_bad_configs_fail_at_load(run_dir, change, match, capsys):
     assert main(["train", "--config", str(config_file(run_dir, **change))]) == 2
