@@ -130,6 +130,23 @@ def gap_closed(start: float, final: float, dense: float) -> float:
     return math.log(start / final) / math.log(start / dense)
 
 
+def finish_ppl_plot(fig, ax, out_png: Path, dense: float, init: float, xlabel: str, ylabel: str, title: str) -> None:
+    """The dense target and the one-shot start as lines, log perplexity axis, legend; saved and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.axhline(dense, color="black", ls="--", lw=1, label=f"dense: {dense:.2f}")
+    ax.axhline(init, color="gray", ls=":", lw=1, label=f"one-shot SparseGPT 2:4: {init:.2f}")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+
+
 def plot(results: dict, out_png: Path, flips_png: Path) -> None:
     """Validation perplexity vs tokens for every method; flip rate vs step for the AST runs."""
     import matplotlib
@@ -141,19 +158,9 @@ def plot(results: dict, out_png: Path, flips_png: Path) -> None:
     for name, r in results["methods"].items():
         ax.plot([p["tokens"] for p in r["curve"]], [p["ppl"]["all"]["ppl"] for p in r["curve"]], marker="o",
                 markersize=3, label=f"{r['label']}: {r['final_ppl']['all']['ppl']:.2f}")
-    ax.axhline(results["dense_ppl"]["all"]["ppl"], color="black", ls="--", lw=1,
-               label=f"dense: {results['dense_ppl']['all']['ppl']:.2f}")
-    ax.axhline(results["init_ppl"]["all"]["ppl"], color="gray", ls=":", lw=1,
-               label=f"one-shot SparseGPT 2:4: {results['init_ppl']['all']['ppl']:.2f}")
-    ax.set_yscale("log")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel(f"validation perplexity (seq {results['seq_len']})")
-    ax.set_title(f"{results['model']}: 2:4 recovery at equal tokens")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
+    finish_ppl_plot(fig, ax, out_png, results["dense_ppl"]["all"]["ppl"], results["init_ppl"]["all"]["ppl"],
+                    "training tokens", f"validation perplexity (seq {results['seq_len']})",
+                    f"{results['model']}: 2:4 recovery at equal tokens")
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for name, r in results["methods"].items():

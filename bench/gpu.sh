@@ -23,6 +23,7 @@ PY=${PYTHON:-python3}
 NAME=h100
 RECOVERY_STEPS=${RECOVERY_STEPS:-48}       # x 16 sequences x 1024 tokens per method
 RECOVERY_METHODS=${RECOVERY_METHODS:-"ast naive"}
+RECOVERY_LR=${RECOVERY_LR:-1e-4}           # another lr writes ast_ablation-<name>-lr<lr>.json (bench/ast_lr.py)
 
 if [[ "${1:-}" == "stage" ]]; then
   rm -rf .gpu && mkdir -p .gpu/a .gpu/b/wheels
@@ -78,7 +79,8 @@ run speed_cg $PY bench/sparse_speed.py --tokens 1 16 128 1024 4096 --cuda-graph 
 # shellcheck disable=SC2086
 run recovery $PY bench/ast_ablation.py --ranks 1 --ds-config ds_configs/zero3_bf16.json --seq-len 1024 \
   --steps "$RECOVERY_STEPS" --eval-every 16 --checkpoint-every 1000 --windows 32 --calib 128 \
-  --methods $RECOVERY_METHODS --work /tmp/gpu_recovery --name "$NAME"
+  --methods $RECOVERY_METHODS --lr "$RECOVERY_LR" --work "/tmp/gpu_recovery-$RECOVERY_LR" \
+  --name "$NAME$([[ $RECOVERY_LR == 1e-4 ]] || echo "-lr$RECOVERY_LR")"
 
 echo
 echo "== bench/gpu.sh on $($PY -c 'import torch; print(torch.cuda.get_device_name())'), $((SECONDS - t0)) s in all"
@@ -97,8 +99,9 @@ for f in (f"sparse_speed-{name}.json", f"sparse_speed-{name}-cudagraph.json"):
     if (s := load(f)):
         for r in s["forward"]:
             print(f"{f}: {r.get('phase', 'prefill')} {r['tokens']:5d} tokens: 2:4 speedup {r['speedup']:.2f}x")
-if (a := load(f"ast_ablation-{name}.json")):
-    print(f"recovery: one-shot {a['init_ppl']['all']['ppl']:.2f}, dense {a['dense_ppl']['all']['ppl']:.2f}")
+for a in map(load, sorted(f.name for f in res.glob(f"ast_ablation-{name}*.json"))):
+    print(f"recovery at lr {a['settings']['lr']:g}: one-shot {a['init_ppl']['all']['ppl']:.2f}, "
+          f"dense {a['dense_ppl']['all']['ppl']:.2f}")
     for m, r in a["methods"].items():
         print(f"  {m}: ppl {r['final_ppl']['all']['ppl']:.2f}, gap closed {100 * r['gap_closed']:.1f}%, "
               f"{r.get('tokens', 0):,} tokens")
