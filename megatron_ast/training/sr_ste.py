@@ -69,7 +69,9 @@ class SRSTEAdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                pruned = self._pruned.get(id(p))
+                v_of_update = group.get("second_moment", "update") == "update"
+                # lambda 0 with AdamW's v is AdamW: the baselines skip the masked path's temporaries
+                pruned = self._pruned.get(id(p)) if group["srste_lambda"] > 0 or v_of_update else None
                 flat = [t.view(-1) for t in (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"])]
                 ind = pruned.view(-1) if pruned is not None else None
                 for sl in blocks(p.numel(), p.device):  # cache-sized blocks on the CPU (megatron_ast/blocks.py)
@@ -85,7 +87,7 @@ class SRSTEAdamW(torch.optim.Optimizer):
             decay, masked = (pruned == 1).to(p.dtype), pruned >= 0
             lam = srste_lambda(t, group["srste_lambda"], group["srste_t_inc"])
             u = torch.addcmul(m, p, decay, value=lam)
-            sq = (torch.where(masked, u, g) if group.get("second_moment", "update") == "update" else g.clone()).square_()
+            sq = torch.where(masked, u, g).square_() if group.get("second_moment", "update") == "update" else g.square()
         else:  # plain AdamW, with the same roundings: a tensor's update does not depend on how it was grouped
             u, sq = m, g.square()
         v.mul_(b2).add_(sq, alpha=1 - b2)
