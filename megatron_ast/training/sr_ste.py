@@ -75,19 +75,19 @@ class SRSTEAdamW(torch.optim.Optimizer):
                 flat = [t.view(-1) for t in (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"])]
                 ind = pruned.view(-1) if pruned is not None else None
                 for sl in blocks(p.numel(), p.device):  # cache-sized blocks on the CPU (megatron_ast/blocks.py)
-                    self._update(group, state["step"], *(t[sl] for t in flat), None if ind is None else ind[sl])
+                    self._update(group, state["step"], *(t[sl] for t in flat), None if ind is None else ind[sl],
+                                 v_of_update)
         return loss
 
     @staticmethod
     def _update(group: dict, t: int, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
-                pruned: torch.Tensor | None) -> None:
+                pruned: torch.Tensor | None, v_of_update: bool = True) -> None:
         b1, b2 = group["betas"]
         m.mul_(b1).add_(g, alpha=1 - b1)
         if pruned is not None:  # block-sized temporaries: decay factor, select, u and the squared term
-            decay, masked = (pruned == 1).to(p.dtype), pruned >= 0
             lam = srste_lambda(t, group["srste_lambda"], group["srste_t_inc"])
-            u = torch.addcmul(m, p, decay, value=lam)
-            sq = torch.where(masked, u, g).square_() if group.get("second_moment", "update") == "update" else g.square()
+            u = torch.addcmul(m, p, (pruned == 1).to(p.dtype), value=lam)
+            sq = torch.where(pruned >= 0, u, g).square_() if v_of_update else g.square()
         else:  # plain AdamW, with the same roundings: a tensor's update does not depend on how it was grouped
             u, sq = m, g.square()
         v.mul_(b2).add_(sq, alpha=1 - b2)
