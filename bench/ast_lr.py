@@ -2,8 +2,9 @@
 
 A method's margin at one lr can be its optimizer's step size rather than the method: AST's Adam rule for
 masked weights (v of the update, as the reference has it) steps further than AdamW at the same lr. This
-collects every bench/results/ast_ablation-<name>*.json of the same steps and windows, prints final
-perplexity per method and lr with the gap closed, and plots it (ast_ablation-<name>-lr.png).
+collects bench/results/ast_ablation-<name>.json and every ast_ablation-<name>-lr*.json (same steps and
+windows), prints final perplexity per method and lr with the gap closed, and plots it (ast_ablation-<name>-lr.png).
+Another budget gets its own name (`--name vm-s48-lr5e-5` ... then `--name vm-s48`).
 
     python bench/ast_ablation.py --lr 3e-4 --name vm-lr3e-4 --work runs/abl_lr3e-4 --methods ast naive
     python bench/ast_lr.py [--name vm]
@@ -22,11 +23,12 @@ from ast_ablation import finish_ppl_plot  # noqa: E402
 
 def collect(results_dir: Path, name: str) -> dict:
     """{"dense": ppl, "init": ppl, "points": {method: {lr: (label, final ppl, gap closed)}}} over the runs of
-    `name` and `name`-*, which must share steps, sequence length and windows."""
+    `name` and `name`-lr*, which must share steps, sequence length and windows."""
     points: dict[str, dict[float, tuple[str, float, float]]] = {}
     out: dict = {"points": points}
     key = None
-    for f in sorted(results_dir.glob(f"ast_ablation-{name}*.json")):
+    files = [results_dir / f"ast_ablation-{name}.json", *sorted(results_dir.glob(f"ast_ablation-{name}-lr*.json"))]
+    for f in (f for f in files if f.is_file()):
         r = json.loads(f.read_text())
         if "settings" not in r:
             continue
@@ -77,7 +79,7 @@ def plot(c: dict, out_png: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--name", default="vm", help="results name of the runs (bench/ast_ablation.py --name), prefix")
+    ap.add_argument("--name", default="vm", help="results name of the runs (bench/ast_ablation.py --name): NAME and NAME-lr*")
     ap.add_argument("--results", default=str(HERE / "results"))
     args = ap.parse_args()
     c = collect(Path(args.results), args.name)

@@ -37,30 +37,41 @@ def token_windows(data: list[str], tokenizer_dir: str | Path, seq_len: int, max_
     return out
 
 
-def perplexity(model, windows: dict[str, np.ndarray], batch_size: int = 4, desc: str = "ppl") -> dict:
-    """Per-domain and overall perplexity; each window predicts its tokens 2..seq_len."""
+def window_nll(model, windows: dict[str, np.ndarray], batch_size: int = 4, desc: str = "nll") -> dict[str, np.ndarray]:
+    """domain -> float64 (n,) summed next-token NLL of each window: what `perplexity` pools, kept per window so
+    that two models scored on the same windows can be compared pairwise (bench/ast_heldout.py)."""
     import torch
 
     model.eval()
     device = next(model.parameters()).device
-    result, total_nll, total_n = {}, 0.0, 0
-    n_batches = sum(-(-len(w) // batch_size) for w in windows.values())
-    bar = tqdm(total=n_batches, desc=desc, disable=None, file=sys.stderr)
+    out = {}
+    bar = tqdm(total=sum(-(-len(w) // batch_size) for w in windows.values()), desc=desc, disable=None, file=sys.stderr)
     with torch.inference_mode():
         for dom, w in windows.items():
-            nll, n = 0.0, 0
+            nll = []
             for i in range(0, len(w), batch_size):
                 x = torch.from_numpy(w[i : i + batch_size]).to(device)
                 logits = model(input_ids=x).logits[:, :-1].float()
-                loss = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
-                )
-                nll += loss.item()
-                n += x[:, 1:].numel()
+                loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+                nll.append(loss.double().sum(dim=1).cpu().numpy())
                 bar.update(1)
-            result[dom] = {"ppl": math.exp(nll / n), "tokens": n, "windows": len(w)}
-            total_nll, total_n = total_nll + nll, total_n + n
+            out[dom] = np.concatenate(nll)
     bar.close()
-    result["all"] = {"ppl": math.exp(total_nll / total_n), "tokens": total_n,
-                     "windows": sum(len(w) for w in windows.values())}
+    return out
+
+
+def pooled(nll: dict[str, np.ndarray], seq_len: int) -> dict:
+    """Per-domain and overall perplexity of per-window NLL sums (each window predicts seq_len - 1 tokens)."""
+    result, total_nll, total_n = {}, 0.0, 0
+    for dom, v in nll.items():
+        n = len(v) * (seq_len - 1)
+        result[dom] = {"ppl": math.exp(float(v.sum()) / n), "tokens": n, "windows": len(v)}
+        total_nll, total_n = total_nll + float(v.sum()), total_n + n
+    result["all"] = {"ppl": math.exp(total_nll / total_n), "tokens": total_n, "windows": sum(len(v) for v in nll.values())}
     return result
+
+
+def perplexity(model, windows: dict[str, np.ndarray], batch_size: int = 4, desc: str = "ppl") -> dict:
+    """Per-domain and overall perplexity; each window predicts its tokens 2..seq_len."""
+    seq_len = next(iter(windows.values())).shape[1]
+    return pooled(window_nll(model, windows, batch_size, desc), seq_len)

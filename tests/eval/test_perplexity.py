@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from data_tools.preprocess import preprocess
 from megatron_ast.cli import main
-from megatron_ast.eval.perplexity import perplexity, pick_windows, token_windows
+from megatron_ast.eval.perplexity import perplexity, pick_windows, token_windows, window_nll
 from tests.conftest import stdlib_texts, write_jsonl
 
 
@@ -32,6 +32,8 @@ def test_equals_hf_loss_per_window(tiny_model):
         losses = [model(input_ids=torch.tensor(row[None]), labels=torch.tensor(row[None])).loss.item() for row in w["x"]]
     assert r["x"]["tokens"] == 3 * 63 and r["x"]["windows"] == 3
     assert r["all"]["ppl"] == pytest.approx(math.exp(np.mean(losses)), rel=1e-5)
+    per_window = window_nll(model, w, batch_size=2)["x"]  # batched windows are scored independently
+    np.testing.assert_allclose(per_window, np.array(losses) * 63, rtol=1e-5)
 
 
 def test_text_and_shards_give_the_same_windows(tiny_model, hf_tokenizer_dir, tmp_path):

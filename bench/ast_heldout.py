@@ -1,0 +1,195 @@
+"""Finished recovery runs scored again on held-out validation windows, with paired bootstrap intervals.
+
+bench/ast_ablation.py picks learning rates and reads margins of about 1% off 8 windows per domain, the same
+windows every run evaluated during training. This takes the final checkpoint of each given run, exports it
+(`megatron-ast export`: the 2:4 base plus its SLoRB adapter, as users measure it), and scores it on --windows
+other windows per domain: evenly spaced over the validation stream, none of the training-time ones. The dense
+model and the one-shot init are scored on the same windows. Per-window NLL sums are kept, so every comparison
+is paired: a 95% interval of ln(ppl_run / ppl_baseline) and of the gap closed comes from resampling windows
+(within each domain) with the same draw for all models. Resumable (a scored run is kept); writes
+bench/results/ast_heldout-<name>.json and a PNG of each run's difference to the baseline with its interval.
+
+    python bench/ast_heldout.py --runs runs/bench_ast_ablation/ast runs/bench_ast_ablation_lr3e-4/naive ...
+        [--baseline runs/bench_ast_ablation_lr3e-4/naive --windows 64 --name vm]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from ast_ablation import METHODS  # noqa: E402
+from machine import machine_info  # noqa: E402
+
+
+def heldout_windows(validation: list[str], tokenizer_dir: str, seq_len: int, used: int, n: int) -> dict[str, np.ndarray]:
+    """domain -> (n, seq_len) windows evenly spaced over the ones the training-time evaluation (`used` evenly
+    spaced windows, as `token_windows` picks them) did not score."""
+    from megatron_ast.data.streams import token_streams
+    from megatron_ast.data.tokenizer import Tokenizer
+    from megatron_ast.eval.perplexity import pick_windows
+
+    out = {}
+    for dom, stream in token_streams(validation, Tokenizer.load(tokenizer_dir), seq_len).items():
+        rest = np.setdiff1d(np.arange(stream.num_windows), pick_windows(stream, seq_len, used))
+        if len(rest) < n:
+            raise SystemExit(f"domain {dom!r} has {len(rest)} held-out windows of {seq_len}, fewer than --windows {n}")
+        take = rest[pick_windows(len(rest), 1, n)]
+        out[dom] = np.stack([stream.window(int(k)) for k in take]).astype(np.int64)
+    return out
+
+
+def log_ppl(nll: dict[str, np.ndarray], idx: dict[str, np.ndarray], seq_len: int) -> np.ndarray:
+    """ln(perplexity) over all domains for each row of resampled window indices (idx[dom]: (B, n))."""
+    total = sum(nll[d][idx[d]].sum(axis=1) for d in idx)
+    return total / sum(idx[d].shape[1] * (seq_len - 1) for d in idx)
+
+
+def bootstrap(nll: dict[str, dict[str, list]], seq_len: int, baseline: str, boot: int, seed: int = 0) -> dict[str, dict]:
+    """Per model of `nll` (name -> domain -> per-window NLL sums; "dense" and "init" among them): held-out
+    perplexity, gap closed and ln(ppl / ppl_baseline), each with a 95% interval from one shared stratified
+    resampling of the windows (every model sees the same draws, so the differences are paired)."""
+    rng = np.random.default_rng(seed)
+    arr = {k: {d: np.asarray(v) for d, v in m.items()} for k, m in nll.items()}
+    sizes = {d: len(v) for d, v in arr["dense"].items()}
+    point = {d: np.arange(n)[None] for d, n in sizes.items()}
+    draws = {d: rng.integers(0, n, (boot, n)) for d, n in sizes.items()}
+    lp = {k: log_ppl(v, point, seq_len)[0] for k, v in arr.items()}
+    lp_boot = {k: log_ppl(v, draws, seq_len) for k, v in arr.items()}
+
+    def ci(x: np.ndarray) -> list[float]:
+        return [float(q) for q in np.quantile(x, [0.025, 0.975])]
+
+    def gap(lp_init, lp_dense, lp_run):
+        return (lp_init - lp_run) / (lp_init - lp_dense)
+
+    return {k: {"ppl": math.exp(lp[k]), "gap_closed": float(gap(lp["init"], lp["dense"], lp[k])),
+                "gap_closed_ci": ci(gap(lp_boot["init"], lp_boot["dense"], lp_boot[k])),
+                "log_ratio": float(lp[k] - lp[baseline]), "log_ratio_ci": ci(lp_boot[k] - lp_boot[baseline])}
+            for k in arr}
+
+
+def score(run: Path, windows: dict[str, np.ndarray]) -> dict:
+    """The run's final checkpoint exported (base + SLoRB adapter) and scored per window."""
+    from megatron_ast.eval.perplexity import window_nll
+    from megatron_ast.export.hf import export_checkpoint
+    from megatron_ast.modeling import load_causal_lm
+
+    cfg = yaml.safe_load((run / "run.yaml").read_text())
+    ckpt = run / "checkpoints" / f"step{cfg['steps']}"
+    if not ckpt.is_dir():
+        raise SystemExit(f"{run}: no final checkpoint {ckpt.name}; finish the run (bench/ast_ablation.py resumes it)")
+    summary = json.loads((run / "summary.json").read_text())
+    with tempfile.TemporaryDirectory(dir=run) as tmp:
+        export_checkpoint(ckpt, Path(tmp) / "export")
+        nll = window_nll(load_causal_lm(Path(tmp) / "export"), windows, desc=run.name)
+    return {"run": str(run), "method": run.name, "label": METHODS[run.name][0] if run.name in METHODS else run.name,
+            "lr": cfg["lr"]["peak"], "steps": cfg["steps"], "tokens": summary["tokens"],
+            "nll": {d: v.tolist() for d, v in nll.items()}}
+
+
+def plot(results: dict, out_png: Path) -> None:
+    """Each run's held-out perplexity relative to the baseline, with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(k, s) for k, s in results["stats"].items() if k not in ("dense", "init")]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
+    for y, (k, s) in enumerate(rows):
+        lo, hi = (100 * (math.exp(v) - 1) for v in s["log_ratio_ci"])
+        mid = 100 * (math.exp(s["log_ratio"]) - 1)
+        ax.errorbar(mid, y, xerr=[[mid - lo], [hi - mid]], fmt="o", capsize=3, color="C0" if k != results["baseline"] else "C3")
+        ax.text(hi, y, f"  {s['ppl']:.2f}", va="center", fontsize=7)
+    ax.set_yticks(range(len(rows)), [f"{results['runs'][k]['label']}, lr {results['runs'][k]['lr']:g}, "
+                                     f"{results['runs'][k]['tokens']:,} tok" for k, _ in rows], fontsize=7)
+    ax.axvline(0, color="gray", lw=1)
+    ax.invert_yaxis()
+    base = results["runs"][results["baseline"]]
+    ax.set_xlabel(f"held-out perplexity vs {base['label']} at lr {base['lr']:g} (%), 95% paired bootstrap interval")
+    ax.set_title(f"{results['settings']['windows']} held-out windows x {results['settings']['seq_len']} tokens per domain")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+
+
+def table(results: dict) -> str:
+    rows = ["| run | lr | tokens | held-out ppl | gap closed (95% CI) | vs baseline (95% CI) |", "|---|---|---|---|---|---|"]
+    for k, s in results["stats"].items():
+        r = results["runs"].get(k, {"label": k, "lr": None, "tokens": None})
+        gap = f"{100 * s['gap_closed']:.1f}% ({100 * s['gap_closed_ci'][0]:.1f}, {100 * s['gap_closed_ci'][1]:.1f})"
+        lo, hi = (100 * (math.exp(v) - 1) for v in s["log_ratio_ci"])
+        rel = f"{100 * (math.exp(s['log_ratio']) - 1):+.1f}% ({lo:+.1f}%, {hi:+.1f}%)"
+        lr = f"{r['lr']:g}" if r["lr"] is not None else "-"
+        tokens = f"{r['tokens']:,}" if r["tokens"] is not None else "-"
+        rows.append(f"| {r['label']} | {lr} | {tokens} | {s['ppl']:.2f} | {gap} | {rel} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", nargs="+", required=True, help="run dirs of bench/ast_ablation.py (megatron-ast train)")
+    ap.add_argument("--baseline", help="the run the others are compared with (default: the first)")
+    ap.add_argument("--windows", type=int, default=64, help="held-out windows per domain")
+    ap.add_argument("--boot", type=int, default=4000, help="bootstrap resamples")
+    ap.add_argument("--name", default="vm", help="results file suffix: the machine kind")
+    args = ap.parse_args()
+
+    from megatron_ast.eval.perplexity import window_nll
+    from megatron_ast.fsutil import atomic_write_bytes, atomic_write_json
+    from megatron_ast.modeling import load_causal_lm
+
+    runs = [Path(r).resolve() for r in args.runs]
+    baseline = str(Path(args.baseline).resolve()) if args.baseline else str(runs[0])
+    if baseline not in map(str, runs):
+        raise SystemExit(f"--baseline {args.baseline} is not one of --runs")
+    cfgs = {r: yaml.safe_load((r / "run.yaml").read_text()) for r in runs}
+    first = cfgs[runs[0]]
+    shared = lambda c: (c["model"], c["data"]["validation"], c["data"]["seq_len"], c["eval"]["windows"])  # noqa: E731
+    for r, c in cfgs.items():
+        if shared(c) != shared(first):
+            raise SystemExit(f"{r}: other model, validation data, seq_len or eval windows than {runs[0]}")
+    seq_len = first["data"]["seq_len"]
+    settings = {"model": first["model"], "validation": first["data"]["validation"], "seq_len": seq_len,
+                "training_windows": first["eval"]["windows"], "windows": args.windows, "init": first["init"]}
+    out_json = HERE / "results" / f"ast_heldout-{args.name}.json"
+    nll_json = out_json.with_name(out_json.stem + "-nll.json")  # per-window NLL sums of every model scored
+    cache = json.loads(nll_json.read_text()) if nll_json.is_file() else {}
+    if cache.get("settings") != settings:
+        cache = {"settings": settings, "scored": {}}
+    windows = heldout_windows(first["data"]["validation"], first["model"], seq_len, first["eval"]["windows"], args.windows)
+    scored = cache["scored"]
+    for key, path in (("dense", first["model"]), ("init", first["init"])):
+        if key not in scored:
+            scored[key] = {"nll": {d: v.tolist() for d, v in window_nll(load_causal_lm(path), windows, desc=key).items()}}
+    for r in runs:
+        if str(r) not in scored:
+            t0 = time.perf_counter()
+            scored[str(r)] = {**score(r, windows), "seconds": round(time.perf_counter() - t0, 1)}
+            atomic_write_bytes(nll_json, json.dumps(cache).encode())  # a killed pass keeps what it scored
+    keys = ["dense", "init", *map(str, runs)]
+    results = {"settings": settings, "baseline": baseline, "boot": args.boot, "machine": machine_info(),
+               "date": time.strftime("%Y-%m-%d"),
+               "runs": {"dense": {"label": "dense (target)", "lr": None, "tokens": None},
+                        "init": {"label": "one-shot SparseGPT 2:4 (start)", "lr": None, "tokens": None},
+                        **{str(r): {k: v for k, v in scored[str(r)].items() if k != "nll"} for r in runs}},
+               "stats": bootstrap({k: scored[k]["nll"] for k in keys}, seq_len, baseline, args.boot)}
+    atomic_write_json(out_json, results)
+    plot(results, out_json.with_suffix(".png"))
+    print(table(results))
+    print(f"wrote {out_json}")
+
+
+if __name__ == "__main__":
+    main()
