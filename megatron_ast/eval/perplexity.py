@@ -52,8 +52,9 @@ def window_nll(model, windows: dict[str, np.ndarray], batch_size: int = 4, desc:
             for i in range(0, len(w), batch_size):
                 x = torch.from_numpy(w[i : i + batch_size]).to(device)
                 logits = model(input_ids=x).logits[:, :-1].float()
-                loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
-                nll.append(loss.double().sum(dim=1).cpu().numpy())
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                                         reduction="none")  # (N, C): (N, C, L) is less exact on CPU
+                nll.append(loss.view(len(x), -1).double().sum(dim=1).cpu().numpy())
                 bar.update(1)
             out[dom] = np.concatenate(nll)
     bar.close()
