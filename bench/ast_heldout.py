@@ -104,7 +104,7 @@ def plot(results: dict, out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(k, s) for k, s in results["stats"].items() if k not in ("dense", "init")]
+    rows = [(k, results["stats"][k]) for k in results["order"] if k not in ("dense", "init")]
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
     for y, (k, s) in enumerate(rows):
         lo, hi = (100 * (math.exp(v) - 1) for v in s["log_ratio_ci"])
@@ -116,8 +116,10 @@ def plot(results: dict, out_png: Path) -> None:
     ax.axvline(0, color="gray", lw=1)
     ax.invert_yaxis()
     base = results["runs"][results["baseline"]]
-    ax.set_xlabel(f"held-out perplexity vs {base['label']} at lr {base['lr']:g} (%), 95% paired bootstrap interval")
-    ax.set_title(f"{results['settings']['windows']} held-out windows x {results['settings']['seq_len']} tokens per domain")
+    ax.set_xlabel("held-out perplexity vs the baseline (%), 95% paired bootstrap interval")
+    ax.set_title(f"baseline (red): {base['label']}, lr {base['lr']:g}\n{results['settings']['windows']} held-out "
+                 f"windows x {results['settings']['seq_len']} tokens per domain", fontsize=9)
+    ax.margins(x=0.12)
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
@@ -126,8 +128,8 @@ def plot(results: dict, out_png: Path) -> None:
 
 def table(results: dict) -> str:
     rows = ["| run | lr | tokens | held-out ppl | gap closed (95% CI) | vs baseline (95% CI) |", "|---|---|---|---|---|---|"]
-    for k, s in results["stats"].items():
-        r = results["runs"].get(k, {"label": k, "lr": None, "tokens": None})
+    for k in results["order"]:
+        s, r = results["stats"][k], results["runs"][k]
         gap = f"{100 * s['gap_closed']:.1f}% ({100 * s['gap_closed_ci'][0]:.1f}, {100 * s['gap_closed_ci'][1]:.1f})"
         lo, hi = (100 * (math.exp(v) - 1) for v in s["log_ratio_ci"])
         rel = f"{100 * (math.exp(s['log_ratio']) - 1):+.1f}% ({lo:+.1f}%, {hi:+.1f}%)"
@@ -156,21 +158,23 @@ def main() -> None:
         raise SystemExit(f"--baseline {args.baseline} is not one of --runs")
     cfgs = {r: yaml.safe_load((r / "run.yaml").read_text()) for r in runs}
     first = cfgs[runs[0]]
-    shared = lambda c: (c["model"], c["data"]["validation"], c["data"]["seq_len"], c["eval"]["windows"])  # noqa: E731
+    shared = lambda c: (c["model"], [str(Path(v).resolve()) for v in c["data"]["validation"]],  # noqa: E731
+                        c["data"]["seq_len"], c["eval"]["windows"])  # runs of several work dirs share linked shards
     for r, c in cfgs.items():
         if shared(c) != shared(first):
             raise SystemExit(f"{r}: other model, validation data, seq_len or eval windows than {runs[0]}")
     seq_len = first["data"]["seq_len"]
-    settings = {"model": first["model"], "validation": first["data"]["validation"], "seq_len": seq_len,
-                "training_windows": first["eval"]["windows"], "windows": args.windows, "init": first["init"]}
+    settings = {"model": first["model"], "validation": shared(first)[1], "seq_len": seq_len,
+                "training_windows": first["eval"]["windows"], "windows": args.windows,
+                "init": str(Path(first["init"]).resolve())}
     out_json = HERE / "results" / f"ast_heldout-{args.name}.json"
     nll_json = out_json.with_name(out_json.stem + "-nll.json")  # per-window NLL sums of every model scored
     cache = json.loads(nll_json.read_text()) if nll_json.is_file() else {}
     if cache.get("settings") != settings:
         cache = {"settings": settings, "scored": {}}
-    windows = heldout_windows(first["data"]["validation"], first["model"], seq_len, first["eval"]["windows"], args.windows)
+    windows = heldout_windows(settings["validation"], first["model"], seq_len, first["eval"]["windows"], args.windows)
     scored = cache["scored"]
-    for key, path in (("dense", first["model"]), ("init", first["init"])):
+    for key, path in (("dense", settings["model"]), ("init", settings["init"])):
         if key not in scored:
             scored[key] = {"nll": {d: v.tolist() for d, v in window_nll(load_causal_lm(path), windows, desc=key).items()}}
     for r in runs:
@@ -179,7 +183,7 @@ def main() -> None:
             scored[str(r)] = {**score(r, windows), "seconds": round(time.perf_counter() - t0, 1)}
             atomic_write_bytes(nll_json, json.dumps(cache).encode())  # a killed pass keeps what it scored
     keys = ["dense", "init", *map(str, runs)]
-    results = {"settings": settings, "baseline": baseline, "boot": args.boot, "machine": machine_info(),
+    results = {"settings": settings, "baseline": baseline, "order": keys, "boot": args.boot, "machine": machine_info(),
                "date": time.strftime("%Y-%m-%d"),
                "runs": {"dense": {"label": "dense (target)", "lr": None, "tokens": None},
                         "init": {"label": "one-shot SparseGPT 2:4 (start)", "lr": None, "tokens": None},

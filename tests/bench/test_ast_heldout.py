@@ -72,7 +72,8 @@ def test_table_and_plot(bench, tmp_path):
     runs = {"dense": {"label": "dense (target)", "lr": None, "tokens": None},
             "init": {"label": "one-shot", "lr": None, "tokens": None},
             "a": {"label": "naive", "lr": 3e-4, "tokens": 16384}, "b": {"label": "AST", "lr": 5e-5, "tokens": 16384}}
-    results = {"stats": stats, "runs": runs, "baseline": "a", "settings": {"windows": 64, "seq_len": 256}}
+    results = {"stats": stats, "runs": runs, "baseline": "a", "order": ["dense", "init", "a", "b"],
+               "settings": {"windows": 64, "seq_len": 256}}
     t = bench.table(results)
     assert "| AST | 5e-05 | 16,384 | 29.00 | 55.0% (45.0, 65.0) | -3.0% (-3.9%, -2.0%) |" in t
     assert "| dense (target) | - | - | 20.00 |" in t
