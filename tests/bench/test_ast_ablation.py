@@ -1,20 +1,14 @@
 """bench/ast_ablation.py's arithmetic, table and plots (the runs themselves are the bench's, not a test's)."""
-import importlib.util
-import json
 import math
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "ast_ablation.py"
+from tests.bench.scripts import load
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("ast_ablation", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("ast_ablation")
 
 
 def _ppl(v: float) -> dict:
@@ -52,25 +46,3 @@ def test_table_and_plots(bench, tmp_path):
     rows = bench.table(results).splitlines()
     assert len(rows) == 2 + 4 and "| AST | 48.00 | 12.00 | 24.00 | 74.0% | 0.0100 | 16,384 | 10 |" in rows
     assert rows[-1].startswith("| dense (target) | 40.00")
-
-
-def test_lr_summary_collects_runs_at_several_lr(tmp_path):
-    spec = importlib.util.spec_from_file_location("ast_lr", SCRIPT.with_name("ast_lr.py"))
-    lr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lr)
-    settings = {"steps": 16, "seq_len": 256, "windows": 8, "tokens_per_step": 1024}
-    for suffix, rate, ast, naive in (("", 1e-4, 30.0, 33.0), ("-lr3e-4", 3e-4, 46.0, 29.0)):
-        (tmp_path / f"ast_ablation-vm{suffix}.json").write_text(json.dumps({
-            "settings": {**settings, "lr": rate}, "dense_ppl": _ppl(20.0), "init_ppl": _ppl(44.0), "methods": {
-                "ast": {"label": "AST", "final_ppl": _ppl(ast), "gap_closed": 0.5},
-                "naive": {"label": "naive", "final_ppl": _ppl(naive), "gap_closed": 0.4}}}))
-    c = lr.collect(tmp_path, "vm")
-    assert c["points"]["naive"] == {1e-4: ("naive", 33.0, 0.4), 3e-4: ("naive", 29.0, 0.4)}
-    rows = lr.table(c).splitlines()
-    assert rows[0] == "| method | lr 0.0001 | lr 0.0003 |" and "| AST | 30.00 (50.0%) | 46.00 (50.0%) |" in rows
-    lr.plot(c, tmp_path / "lr.png")
-    assert (tmp_path / "lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    (tmp_path / "ast_ablation-vm-short.json").write_text(json.dumps({
-        "settings": {**settings, "steps": 8, "lr": 1e-4}, "dense_ppl": _ppl(20.0), "init_ppl": _ppl(44.0), "methods": {}}))
-    with pytest.raises(SystemExit, match="other steps"):
-        lr.collect(tmp_path, "vm")

@@ -1,8 +1,5 @@
 """bench/ast_heldout.py's windows and paired statistics (the scoring of real runs is the bench's, not a test's)."""
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,16 +8,12 @@ from data_tools.preprocess import preprocess
 from megatron_ast.eval.perplexity import token_windows
 from tests.conftest import stdlib_texts, write_jsonl
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "ast_heldout.py"
+from tests.bench.scripts import load
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("ast_heldout", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("ast_heldout")
 
 
 def test_heldout_windows_are_not_the_training_ones(bench, hf_tokenizer_dir, tmp_path):

@@ -1,21 +1,15 @@
 """bench/ast_lr.py: which results files make one lr sweep, and the best lr per method."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "ast_lr.py"
+from tests.bench.scripts import load
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("ast_lr", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("ast_lr")
 
 
 def _write(d: Path, name: str, steps: int, lr: float, finals: dict[str, float]) -> None:
