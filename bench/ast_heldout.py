@@ -78,6 +78,12 @@ def bootstrap(nll: dict[str, dict[str, list]], seq_len: int, baseline: str, boot
             for k in arr}
 
 
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def score(run: Path, windows: dict[str, np.ndarray]) -> dict:
     """The run's final checkpoint exported (base + SLoRB adapter) and scored per window."""
     from megatron_ast.eval.perplexity import window_nll
@@ -91,7 +97,7 @@ def score(run: Path, windows: dict[str, np.ndarray]) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     with tempfile.TemporaryDirectory(dir=run) as tmp:
         export_checkpoint(ckpt, Path(tmp) / "export")
-        nll = window_nll(load_causal_lm(Path(tmp) / "export"), windows, desc=run.name)
+        nll = window_nll(load_causal_lm(Path(tmp) / "export").to(device()), windows, desc=run.name)
     return {"run": str(run), "method": run.name, "label": METHODS[run.name][0] if run.name in METHODS else run.name,
             "lr": cfg["lr"]["peak"], "steps": cfg["steps"], "tokens": summary["tokens"],
             "nll": {d: v.tolist() for d, v in nll.items()}}
@@ -176,7 +182,8 @@ def main() -> None:
     scored = cache["scored"]
     for key, path in (("dense", settings["model"]), ("init", settings["init"])):
         if key not in scored:
-            scored[key] = {"nll": {d: v.tolist() for d, v in window_nll(load_causal_lm(path), windows, desc=key).items()}}
+            nll = window_nll(load_causal_lm(path).to(device()), windows, desc=key)
+            scored[key] = {"nll": {d: v.tolist() for d, v in nll.items()}}
     for r in runs:
         if str(r) not in scored:
             t0 = time.perf_counter()

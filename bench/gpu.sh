@@ -5,7 +5,8 @@
 #   3. 2:4 Linear shapes and the whole SmolLM2 forward, prefill and decode, with and without CUDA graphs
 #      (bench/sparse_speed.py)
 #   4. AST recovery with a real budget: from the SparseGPT 2:4 init, AST vs naive at equal tokens, validation
-#      perplexity before/after (bench/ast_ablation.py, 1 GPU rank, bf16)
+#      perplexity before/after (bench/ast_ablation.py, 1 GPU rank, bf16), then scored on held-out windows with
+#      paired intervals (bench/ast_heldout.py)
 # Each writes bench/results/*-<name>.json with the machine; a summary table is printed at the end.
 # Without CUDA it says so and exits 0.
 #
@@ -81,6 +82,10 @@ run recovery $PY bench/ast_ablation.py --ranks 1 --ds-config ds_configs/zero3_bf
   --steps "$RECOVERY_STEPS" --eval-every 16 --checkpoint-every 1000 --windows 32 --calib 128 \
   --methods $RECOVERY_METHODS --lr "$RECOVERY_LR" --work "/tmp/gpu_recovery-$RECOVERY_LR" \
   --name "$NAME$([[ $RECOVERY_LR == 1e-4 ]] || echo "-lr$RECOVERY_LR")"
+# the recovery runs scored again on 40 held-out windows x 1024 per domain, paired intervals vs the first method
+# shellcheck disable=SC2046
+run heldout $PY bench/ast_heldout.py --windows 40 --name "$NAME$([[ $RECOVERY_LR == 1e-4 ]] || echo "-lr$RECOVERY_LR")" \
+  --runs $(for m in $RECOVERY_METHODS; do echo "/tmp/gpu_recovery-$RECOVERY_LR/$m"; done)
 
 echo
 echo "== bench/gpu.sh on $($PY -c 'import torch; print(torch.cuda.get_device_name())'), $((SECONDS - t0)) s in all"
@@ -99,6 +104,13 @@ for f in (f"sparse_speed-{name}.json", f"sparse_speed-{name}-cudagraph.json"):
     if (s := load(f)):
         for r in s["forward"]:
             print(f"{f}: {r.get('phase', 'prefill')} {r['tokens']:5d} tokens: 2:4 speedup {r['speedup']:.2f}x")
+for f in sorted(res.glob(f"ast_heldout-{name}*.json")):
+    if not f.name.endswith("-nll.json"):
+        h = json.loads(f.read_text())
+        for k in h["order"]:
+            s, r = h["stats"][k], h["runs"][k]
+            print(f"{f.name}: {r['label']} lr {r['lr']}: held-out ppl {s['ppl']:.2f}, gap closed {100 * s['gap_closed']:.1f}%, "
+                  f"ln(ppl / baseline's) {s['log_ratio']:+.4f} (95% {s['log_ratio_ci'][0]:+.4f}, {s['log_ratio_ci'][1]:+.4f})")
 for a in map(load, sorted(f.name for f in res.glob(f"ast_ablation-{name}*.json"))):
     print(f"recovery at lr {a['settings']['lr']:g}: one-shot {a['init_ppl']['all']['ppl']:.2f}, "
           f"dense {a['dense_ppl']['all']['ppl']:.2f}")
