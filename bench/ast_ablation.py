@@ -63,6 +63,9 @@ METHODS: dict[str, tuple[str, dict]] = {
     "naive": ("naive (fixed mask, CE)", {"method": "naive", "slorb": None}),
     "gmp": ("gmp (from dense, CE)", {"method": "gmp", "init": "magnitude", "slorb": None}),
     "dense": ("dense distillation, no masks", {"method": "dense", "slorb": None}),
+    # the dense model itself fine-tuned on the task loss: how far the training text alone moves the target
+    "dense_ce": ("dense model, CE fine-tune, no masks", {"method": "dense", "init": "magnitude", "slorb": None,
+                                                        "distill": {"w_task": 1.0, "w_kl": 0.0, "w_sq": 0.0}}),
 }
 
 

@@ -6,11 +6,13 @@ windows every run evaluated during training. This takes the final checkpoint of 
 other windows per domain: evenly spaced over the validation stream, none of the training-time ones. The dense
 model and the one-shot init are scored on the same windows. Per-window NLL sums are kept, so every comparison
 is paired: a 95% interval of ln(ppl_run / ppl_baseline) and of the gap closed comes from resampling windows
-(within each domain) with the same draw for all models. Resumable (a scored run is kept); writes
+(within each domain) with the same draw for all models. With --ood, text none of the runs trained on is scored
+too, with its own intervals: what the training text costs the model elsewhere (`lm-eval-docs`: the task READMEs
+lm-eval ships, English prose about datasets, neither plays nor Python). Resumable (a scored run is kept); writes
 bench/results/ast_heldout-<name>.json and a PNG of each run's difference to the baseline with its interval.
 
     python bench/ast_heldout.py --runs runs/bench_ast_ablation/ast runs/bench_ast_ablation_lr3e-4/naive ...
-        [--baseline runs/bench_ast_ablation_lr3e-4/naive --windows 64 --name vm]
+        [--baseline runs/bench_ast_ablation_lr3e-4/naive --windows 64 --name vm --ood lm-eval-docs]
 """
 from __future__ import annotations
 
@@ -45,6 +47,20 @@ def heldout_windows(validation: list[str], tokenizer_dir: str, seq_len: int, use
             raise SystemExit(f"domain {dom!r} has {len(rest)} held-out windows of {seq_len}, fewer than --windows {n}")
         take = rest[pick_windows(len(rest), 1, n)]
         out[dom] = np.stack([stream.window(int(k)) for k in take]).astype(np.int64)
+    return out
+
+
+def lm_eval_docs(out: Path) -> Path:
+    """Every task README.md of the installed lm-eval, one document each, as jsonl (domain: out's dir name)."""
+    import lm_eval
+
+    from megatron_ast.fsutil import atomic_write_bytes
+
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        readmes = sorted((Path(lm_eval.__file__).parent / "tasks").rglob("README.md"))
+        atomic_write_bytes(out, "".join(json.dumps({"text": f.read_text(encoding="utf-8")}) + "\n"
+                                        for f in readmes).encode())
     return out
 
 
@@ -117,6 +133,13 @@ def plot(results: dict, out_png: Path) -> None:
         mid = 100 * (math.exp(s["log_ratio"]) - 1)
         ax.errorbar(mid, y, xerr=[[mid - lo], [hi - mid]], fmt="o", capsize=3, color="C0" if k != results["baseline"] else "C3")
         ax.text(hi, y, f"  {s['ppl']:.2f}", va="center", fontsize=7)
+        if "ood_stats" in results:
+            o = results["ood_stats"][k]
+            lo, hi = (100 * (math.exp(v) - 1) for v in o["log_ratio_ci"])
+            mid = 100 * (math.exp(o["log_ratio"]) - 1)
+            ax.errorbar(mid, y + 0.3, xerr=[[mid - lo], [hi - mid]], fmt="s", ms=4, capsize=2, color="C2",
+                        label="out of domain" if y == 0 else None)
+            ax.text(hi, y + 0.3, f"  {o['ppl']:.2f}", va="center", fontsize=6, color="C2")
     ax.set_yticks(range(len(rows)), [f"{results['runs'][k]['label']}, lr {results['runs'][k]['lr']:g}, "
                                      f"{results['runs'][k]['tokens']:,} tok" for k, _ in rows], fontsize=7)
     ax.axvline(0, color="gray", lw=1)
@@ -127,21 +150,29 @@ def plot(results: dict, out_png: Path) -> None:
                  f"windows x {results['settings']['seq_len']} tokens per domain", fontsize=9)
     ax.margins(x=0.12)
     ax.grid(alpha=0.3, axis="x")
+    if "ood_stats" in results:
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
 
 
 def table(results: dict) -> str:
-    rows = ["| run | lr | tokens | held-out ppl | gap closed (95% CI) | vs baseline (95% CI) |", "|---|---|---|---|---|---|"]
+    ood = "ood_stats" in results
+    rows = ["| run | lr | tokens | held-out ppl | gap closed (95% CI) | vs baseline (95% CI) |"
+            + (" out-of-domain ppl | vs baseline (95% CI) |" if ood else ""), "|---|---|---|---|---|---|" + "---|---|" * ood]
+
+    def rel(s: dict) -> str:
+        lo, hi = (100 * (math.exp(v) - 1) for v in s["log_ratio_ci"])
+        return f"{100 * (math.exp(s['log_ratio']) - 1):+.1f}% ({lo:+.1f}%, {hi:+.1f}%)"
+
     for k in results["order"]:
         s, r = results["stats"][k], results["runs"][k]
         gap = f"{100 * s['gap_closed']:.1f}% ({100 * s['gap_closed_ci'][0]:.1f}, {100 * s['gap_closed_ci'][1]:.1f})"
-        lo, hi = (100 * (math.exp(v) - 1) for v in s["log_ratio_ci"])
-        rel = f"{100 * (math.exp(s['log_ratio']) - 1):+.1f}% ({lo:+.1f}%, {hi:+.1f}%)"
         lr = f"{r['lr']:g}" if r["lr"] is not None else "-"
         tokens = f"{r['tokens']:,}" if r["tokens"] is not None else "-"
-        rows.append(f"| {r['label']} | {lr} | {tokens} | {s['ppl']:.2f} | {gap} | {rel} |")
+        o = f" {results['ood_stats'][k]['ppl']:.2f} | {rel(results['ood_stats'][k])} |" if ood else ""
+        rows.append(f"| {r['label']} | {lr} | {tokens} | {s['ppl']:.2f} | {gap} | {rel(s)} |{o}")
     return "\n".join(rows)
 
 
@@ -152,9 +183,11 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=64, help="held-out windows per domain")
     ap.add_argument("--boot", type=int, default=4000, help="bootstrap resamples")
     ap.add_argument("--name", default="vm", help="results file suffix: the machine kind")
+    ap.add_argument("--ood", nargs="+", default=[], help="jsonl/text files of text no run trained on (domain: the "
+                    "file's dir name), or lm-eval-docs; scored on up to --windows windows per domain")
     args = ap.parse_args()
 
-    from megatron_ast.eval.perplexity import window_nll
+    from megatron_ast.eval.perplexity import token_windows, window_nll
     from megatron_ast.fsutil import atomic_write_bytes, atomic_write_json
     from megatron_ast.modeling import load_causal_lm
 
@@ -170,15 +203,22 @@ def main() -> None:
         if shared(c) != shared(first):
             raise SystemExit(f"{r}: other model, validation data, seq_len or eval windows than {runs[0]}")
     seq_len = first["data"]["seq_len"]
+    ood = [str(lm_eval_docs(Path(first["output_dir"]).resolve().parent / "ood" / "docs" / "lm_eval_readmes.jsonl"))
+           if f == "lm-eval-docs" else str(Path(f).resolve()) for f in args.ood]
     settings = {"model": first["model"], "validation": shared(first)[1], "seq_len": seq_len,
                 "training_windows": first["eval"]["windows"], "windows": args.windows,
-                "init": str(Path(first["init"]).resolve())}
+                "init": str(Path(first["init"]).resolve()), **({"ood": ood} if ood else {})}
     out_json = HERE / "results" / f"ast_heldout-{args.name}.json"
     nll_json = out_json.with_name(out_json.stem + "-nll.json")  # per-window NLL sums of every model scored
     cache = json.loads(nll_json.read_text()) if nll_json.is_file() else {}
     if cache.get("settings") != settings:
         cache = {"settings": settings, "scored": {}}
     windows = heldout_windows(settings["validation"], first["model"], seq_len, first["eval"]["windows"], args.windows)
+    ood_windows = token_windows(ood, first["model"], seq_len, args.windows) if ood else {}
+    if set(ood_windows) & set(windows):
+        raise SystemExit(f"--ood domain(s) {sorted(set(ood_windows) & set(windows))} are training domains: "
+                         f"put the files in a dir named for another domain")
+    windows = {**windows, **ood_windows}
     scored = cache["scored"]
     for key, path in (("dense", settings["model"]), ("init", settings["init"])):
         if key not in scored:
@@ -195,7 +235,11 @@ def main() -> None:
                "runs": {"dense": {"label": "dense (target)", "lr": None, "tokens": None},
                         "init": {"label": "one-shot SparseGPT 2:4 (start)", "lr": None, "tokens": None},
                         **{str(r): {k: v for k, v in scored[str(r)].items() if k != "nll"} for r in runs}},
-               "stats": bootstrap({k: scored[k]["nll"] for k in keys}, seq_len, baseline, args.boot)}
+               "stats": bootstrap({k: {d: v for d, v in scored[k]["nll"].items() if d not in ood_windows}
+                                   for k in keys}, seq_len, baseline, args.boot)}
+    if ood_windows:
+        results["ood_stats"] = bootstrap({k: {d: scored[k]["nll"][d] for d in ood_windows} for k in keys},
+                                         seq_len, baseline, args.boot)
     atomic_write_json(out_json, results)
     plot(results, out_json.with_suffix(".png"))
     print(table(results))

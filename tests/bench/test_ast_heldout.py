@@ -1,4 +1,5 @@
 """bench/ast_heldout.py's windows and paired statistics (the scoring of real runs is the bench's, not a test's)."""
+import json
 import math
 
 import numpy as np
@@ -72,3 +73,20 @@ def test_table_and_plot(bench, tmp_path):
     assert "| dense (target) | - | - | 20.00 |" in t
     bench.plot(results, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 5000
+    # text no run trained on: its own columns and markers
+    results["ood_stats"] = {k: {**v, "ppl": v["ppl"] + 1, "log_ratio": 2 * v["log_ratio"],
+                                    "log_ratio_ci": [2 * c for c in v["log_ratio_ci"]]} for k, v in stats.items()}
+    t = bench.table(results)
+    assert "| AST | 5e-05 | 16,384 | 29.00 | 55.0% (45.0, 65.0) | -3.0% (-3.9%, -2.0%) | 30.00 | -5.8% (-7.7%, -3.9%) |" in t
+    assert t.splitlines()[1].count("|") == t.splitlines()[0].count("|") == 9
+    bench.plot(results, tmp_path / "q.png")
+    assert (tmp_path / "q.png").stat().st_size > (tmp_path / "p.png").stat().st_size
+
+
+def test_lm_eval_docs_is_prose_of_its_own_domain(bench, hf_tokenizer_dir, tmp_path):
+    out = bench.lm_eval_docs(tmp_path / "docs" / "readmes.jsonl")
+    lines = out.read_text().splitlines()
+    assert len(lines) > 100 and all(json.loads(line)["text"] for line in lines)
+    assert bench.lm_eval_docs(out) == out and out.read_text().splitlines() == lines  # kept, not rebuilt
+    w = token_windows([str(out)], hf_tokenizer_dir, 64, 16)
+    assert list(w) == ["docs"] and w["docs"].shape == (16, 64)
