@@ -92,6 +92,14 @@ def ast_config(model: str, pruned: Path, shards: dict, run: Path, args) -> dict:
             "checkpoint": {"every": args.checkpoint_every, "keep": 1}}
 
 
+def method_config(name: str, model: str, init: Path, shards: dict, run: Path, args) -> dict:
+    """run.yaml of one METHODS row: AST with all parts with the row's overrides (gmp's schedule only for gmp)."""
+    cfg = {**ast_config(model, init, shards, run, args), **METHODS[name][1]}
+    if cfg["method"] != "gmp":
+        cfg.pop("gmp")
+    return cfg
+
+
 def one_shot_init(work: Path, calib: int, slorb_group: int | None = None) -> tuple[dict, dict, Path]:
     """(assets, shard dirs, the SparseGPT 2:4 dir every method starts from), made once under `work`;
     with `slorb_group`, the dir with a fitted SLoRB adapter (`slorb.init: fitted` starts from it)."""
@@ -243,9 +251,7 @@ def main() -> None:
         run.mkdir(parents=True, exist_ok=True)
         fitted = (over.get("slorb") or {}).get("init") == "fitted"
         init = one_shot_init(work, args.calib, SLORB["group"])[2] if fitted else pruned
-        cfg = {**ast_config(a["model"], init, shards, run, args), **over}
-        if cfg["method"] != "gmp":
-            cfg.pop("gmp")
+        cfg = method_config(name, a["model"], init, shards, run, args)
         t0 = time.perf_counter()
         print(f"{name}: {label}", flush=True)
         summary, log = train(run, cfg, args.ranks)

@@ -1,7 +1,9 @@
 """bench/ast_ablation.py's arithmetic, table and plots (the runs themselves are the bench's, not a test's)."""
+import json
 import math
 
 import pytest
+import yaml
 
 from tests.bench.scripts import load
 
@@ -22,7 +24,7 @@ def test_gap_closed_is_in_log_perplexity(bench):
 
 
 def test_every_ablation_changes_one_thing(bench):
-    assert bench.METHODS["ast"][1] == {} and len(bench.METHODS) == 14
+    assert bench.METHODS["ast"][1] == {} and len(bench.METHODS) == 15
     pruned_dense = bench.METHODS["ast_pruned_dense"][1]
     for name, (_, over) in bench.METHODS.items():
         if name == "ast_dense_slorb_zero":  # one change on top of the dense-values row
@@ -30,6 +32,28 @@ def test_every_ablation_changes_one_thing(bench):
             assert all(over[k] == v for k, v in pruned_dense.items())
         elif name.startswith("ast_"):
             assert len(over) == 1, name
+
+
+def test_every_method_is_a_valid_run_config(bench, tmp_path):
+    """Each row's run.yaml as the bench writes it loads through the trainer's own validation."""
+    from types import SimpleNamespace
+
+    from megatron_ast.training.config import load_config
+
+    pruned = tmp_path / "pruned"
+    pruned.mkdir()
+    (pruned / "masks.safetensors").write_bytes(b"")
+    (pruned / "sparsity_report.json").write_text(json.dumps({"slorb": {"group": bench.SLORB["group"]}}))
+    args = SimpleNamespace(steps=16, seq_len=64, lr=1e-4, eval_every=8, windows=2, checkpoint_every=8,
+                           ds_config="ds.json")
+    shards = {"train": tmp_path / "train", "validation": tmp_path / "val"}
+    for name, (_, over) in bench.METHODS.items():
+        cfg = bench.method_config(name, "model", pruned, shards, tmp_path / name, args)
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        run = load_config(tmp_path / f"{name}.yaml")
+        assert run.method == over.get("method", "ast"), name
+    ce = load_config(tmp_path / "dense_ce.yaml")
+    assert ce.student_dir == ce.model and ce.distill.w_kl == 0 and ce.slorb is None  # the dense model, task loss
 
 
 def test_table_and_plots(bench, tmp_path):
