@@ -18,7 +18,9 @@ with SLoRB from 0; `naive` (fixed
 mask, task loss, plain AdamW); `gmp` (gradual magnitude pruning from the dense
 model: it cannot start from the one-shot init); `dense` distillation without
 masks from the same one-shot weights (no 2:4 constraint: recovery's ceiling at
-these tokens). Resumable: a finished method is kept (same settings), an
+these tokens); the dense model itself trained on the same tokens with the task
+loss (`dense_ce`) and with AST's loss (`dense_kd`): how far the training text
+moves each loss's target. Resumable: a finished method is kept (same settings), an
 interrupted one resumes from its last checkpoint. Writes
 bench/results/ast_ablation-<name>.json, a perplexity-vs-tokens PNG of every
 method and a flip-rate PNG of the AST runs, after each method.
@@ -63,9 +65,10 @@ METHODS: dict[str, tuple[str, dict]] = {
     "naive": ("naive (fixed mask, CE)", {"method": "naive", "slorb": None}),
     "gmp": ("gmp (from dense, CE)", {"method": "gmp", "init": "magnitude", "slorb": None}),
     "dense": ("dense distillation, no masks", {"method": "dense", "slorb": None}),
-    # the dense model itself fine-tuned on the task loss: how far the training text alone moves the target
+    # the dense model itself trained on the same tokens, no masks: each loss's own target on this text
     "dense_ce": ("dense model, CE fine-tune, no masks", {"method": "dense", "init": "magnitude", "slorb": None,
                                                         "distill": {"w_task": 1.0, "w_kl": 0.0, "w_sq": 0.0}}),
+    "dense_kd": ("dense model, AST's loss, no masks", {"method": "dense", "init": "magnitude", "slorb": None}),
 }
 
 

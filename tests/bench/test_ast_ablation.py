@@ -24,7 +24,7 @@ def test_gap_closed_is_in_log_perplexity(bench):
 
 
 def test_every_ablation_changes_one_thing(bench):
-    assert bench.METHODS["ast"][1] == {} and len(bench.METHODS) == 15
+    assert bench.METHODS["ast"][1] == {} and len(bench.METHODS) == 16
     pruned_dense = bench.METHODS["ast_pruned_dense"][1]
     for name, (_, over) in bench.METHODS.items():
         if name == "ast_dense_slorb_zero":  # one change on top of the dense-values row
@@ -54,6 +54,8 @@ def test_every_method_is_a_valid_run_config(bench, tmp_path):
         assert run.method == over.get("method", "ast"), name
     ce = load_config(tmp_path / "dense_ce.yaml")
     assert ce.student_dir == ce.model and ce.distill.w_kl == 0 and ce.slorb is None  # the dense model, task loss
+    kd = load_config(tmp_path / "dense_kd.yaml")
+    assert kd.student_dir == kd.model and kd.distill == load_config(tmp_path / "ast.yaml").distill
 
 
 def test_table_and_plots(bench, tmp_path):
