@@ -6,13 +6,15 @@ windows every run evaluated during training. This takes the final checkpoint of 
 other windows per domain: evenly spaced over the validation stream, none of the training-time ones. The dense
 model and the one-shot init are scored on the same windows. Per-window NLL sums are kept, so every comparison
 is paired: a 95% interval of ln(ppl_run / ppl_baseline) and of the gap closed comes from resampling windows
-(within each domain) with the same draw for all models. With --ood, text none of the runs trained on is scored
-too, with its own intervals: what the training text costs the model elsewhere (`lm-eval-docs`: the task READMEs
-lm-eval ships, English prose about datasets, neither plays nor Python). Resumable (a scored run is kept); writes
+(within each domain) with the same draw for all models. --targets adds the gap to the dense model trained on
+the same tokens (bench/ast_ablation.py's dense_ce, dense_kd): what each loss reaches on this text without masks.
+With --ood, text none of the runs trained on is scored too, with its own intervals: what the training text costs
+the model elsewhere (`lm-eval-docs`: the task READMEs lm-eval ships, English prose about datasets, neither plays
+nor Python). Resumable (a scored run is kept); writes
 bench/results/ast_heldout-<name>.json and a PNG of each run's difference to the baseline with its interval.
 
     python bench/ast_heldout.py --runs runs/bench_ast_ablation/ast runs/bench_ast_ablation_lr3e-4/naive ...
-        [--baseline runs/bench_ast_ablation_lr3e-4/naive --windows 64 --name vm --ood lm-eval-docs]
+        [--baseline runs/bench_ast_ablation_lr3e-4/naive --windows 64 --name vm --ood lm-eval-docs --targets RUN ...]
 """
 from __future__ import annotations
 
@@ -159,20 +161,26 @@ def plot(results: dict, out_png: Path) -> None:
 
 def table(results: dict) -> str:
     ood = "ood_stats" in results
-    rows = ["| run | lr | tokens | held-out ppl | gap closed (95% CI) | vs baseline (95% CI) |"
-            + (" out-of-domain ppl | vs baseline (95% CI) |" if ood else ""), "|---|---|---|---|---|---|" + "---|---|" * ood]
+    targets = results.get("target_gaps", {})
+    head = ["run", "lr", "tokens", "held-out ppl", "gap closed (95% CI)", "vs baseline (95% CI)",
+            *(f"gap closed to {results['runs'][t]['label']} (95% CI)" for t in targets),
+            *(["out-of-domain ppl", "vs baseline (95% CI)"] if ood else [])]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def rel(s: dict) -> str:
         lo, hi = (100 * (math.exp(v) - 1) for v in s["log_ratio_ci"])
         return f"{100 * (math.exp(s['log_ratio']) - 1):+.1f}% ({lo:+.1f}%, {hi:+.1f}%)"
 
+    def gap(s: dict) -> str:
+        return f"{100 * s['gap_closed']:.1f}% ({100 * s['gap_closed_ci'][0]:.1f}, {100 * s['gap_closed_ci'][1]:.1f})"
+
     for k in results["order"]:
         s, r = results["stats"][k], results["runs"][k]
-        gap = f"{100 * s['gap_closed']:.1f}% ({100 * s['gap_closed_ci'][0]:.1f}, {100 * s['gap_closed_ci'][1]:.1f})"
         lr = f"{r['lr']:g}" if r["lr"] is not None else "-"
         tokens = f"{r['tokens']:,}" if r["tokens"] is not None else "-"
-        o = f" {results['ood_stats'][k]['ppl']:.2f} | {rel(results['ood_stats'][k])} |" if ood else ""
-        rows.append(f"| {r['label']} | {lr} | {tokens} | {s['ppl']:.2f} | {gap} | {rel(s)} |{o}")
+        cells = [r["label"], lr, tokens, f"{s['ppl']:.2f}", gap(s), rel(s), *(gap(g[k]) for g in targets.values()),
+                 *([f"{results['ood_stats'][k]['ppl']:.2f}", rel(results["ood_stats"][k])] if ood else [])]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -183,6 +191,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=64, help="held-out windows per domain")
     ap.add_argument("--boot", type=int, default=4000, help="bootstrap resamples")
     ap.add_argument("--name", default="vm", help="results file suffix: the machine kind")
+    ap.add_argument("--targets", nargs="+", default=[], help="runs among --runs (the dense model trained on the same "
+                    "tokens: bench/ast_ablation.py's dense_ce, dense_kd) that also serve as the gap's dense end")
     ap.add_argument("--ood", nargs="+", default=[], help="jsonl/text files of text no run trained on (domain: the "
                     "file's dir name), or lm-eval-docs; scored on up to --windows windows per domain")
     args = ap.parse_args()
@@ -195,6 +205,9 @@ def main() -> None:
     baseline = str(Path(args.baseline).resolve()) if args.baseline else str(runs[0])
     if baseline not in map(str, runs):
         raise SystemExit(f"--baseline {args.baseline} is not one of --runs")
+    targets = [str(Path(t).resolve()) for t in args.targets]
+    if not set(targets) <= set(map(str, runs)):
+        raise SystemExit(f"--targets {sorted(set(targets) - set(map(str, runs)))} are not among --runs")
     cfgs = {r: yaml.safe_load((r / "run.yaml").read_text()) for r in runs}
     first = cfgs[runs[0]]
     shared = lambda c: (c["model"], [str(Path(v).resolve()) for v in c["data"]["validation"]],  # noqa: E731
@@ -235,8 +248,12 @@ def main() -> None:
                "runs": {"dense": {"label": "dense (target)", "lr": None, "tokens": None},
                         "init": {"label": "one-shot SparseGPT 2:4 (start)", "lr": None, "tokens": None},
                         **{str(r): {k: v for k, v in scored[str(r)].items() if k != "nll"} for r in runs}},
-               "stats": bootstrap({k: {d: v for d, v in scored[k]["nll"].items() if d not in ood_windows}
-                                   for k in keys}, seq_len, baseline, args.boot)}
+               "stats": bootstrap(held := {k: {d: v for d, v in scored[k]["nll"].items() if d not in ood_windows}
+                                           for k in keys}, seq_len, baseline, args.boot)}
+    if targets:  # the same draws, the target's NLL in the dense model's place
+        results["target_gaps"] = {t: {k: {g: v[g] for g in ("gap_closed", "gap_closed_ci")} for k, v in
+                                      bootstrap({**held, "dense": held[t]}, seq_len, baseline, args.boot).items()}
+                                  for t in targets}
     if ood_windows:
         results["ood_stats"] = bootstrap({k: {d: scored[k]["nll"][d] for d in ood_windows} for k in keys},
                                          seq_len, baseline, args.boot)

@@ -81,6 +81,10 @@ def test_table_and_plot(bench, tmp_path):
     assert t.splitlines()[1].count("|") == t.splitlines()[0].count("|") == 9
     bench.plot(results, tmp_path / "q.png")
     assert (tmp_path / "q.png").stat().st_size > (tmp_path / "p.png").stat().st_size
+    results["target_gaps"] = {"a": {k: {"gap_closed": 0.25, "gap_closed_ci": [0.2, 0.3]} for k in stats}}
+    t = bench.table(results).splitlines()
+    assert "gap closed to naive (95% CI)" in t[0] and t[1].count("|") == t[0].count("|") == 10
+    assert "| 55.0% (45.0, 65.0) | -3.0% (-3.9%, -2.0%) | 25.0% (20.0, 30.0) | 30.00 |" in t[-1]
 
 
 def test_lm_eval_docs_is_prose_of_its_own_domain(bench, hf_tokenizer_dir, tmp_path):
