@@ -10,7 +10,8 @@ is paired: a 95% interval of ln(ppl_run / ppl_baseline) and of the gap closed co
 the same tokens (bench/ast_ablation.py's dense_ce, dense_kd): what each loss reaches on this text without masks.
 With --ood, text none of the runs trained on is scored too, with its own intervals: what the training text costs
 the model elsewhere (`lm-eval-docs`: the task READMEs lm-eval ships, English prose about datasets, neither plays
-nor Python). Resumable (a scored run is kept); writes
+nor Python). Resumable: per-window NLLs are kept in bench/results/ast_heldout-<name>-nll.json, and a run
+scored there needs no run dir any more (its checkpoint may be deleted); writes
 bench/results/ast_heldout-<name>.json and a PNG of each run's difference to the baseline with its interval.
 
     python bench/ast_heldout.py --runs runs/bench_ast_ablation/ast runs/bench_ast_ablation_lr3e-4/naive ...
@@ -100,6 +101,15 @@ def device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def runs_to_score(runs: list[Path], scored: dict, nll_json: Path) -> list[Path]:
+    """The runs not scored yet. A run scored before needs no dir: its 1.8 GB checkpoint may be gone (disk)."""
+    lost = [str(r) for r in runs if str(r) not in scored and not (r / "run.yaml").is_file()]
+    if lost:
+        raise SystemExit(f"{lost}: no run.yaml and not scored before in {nll_json}; give run dirs of "
+                         "bench/ast_ablation.py (it resumes a run that did not finish)")
+    return [r for r in runs if str(r) not in scored]
 
 
 def score(run: Path, windows: dict[str, np.ndarray]) -> dict:
@@ -208,8 +218,10 @@ def main() -> None:
     targets = [str(Path(t).resolve()) for t in args.targets]
     if not set(targets) <= set(map(str, runs)):
         raise SystemExit(f"--targets {sorted(set(targets) - set(map(str, runs)))} are not among --runs")
-    cfgs = {r: yaml.safe_load((r / "run.yaml").read_text()) for r in runs}
-    first = cfgs[runs[0]]
+    cfgs = {r: yaml.safe_load((r / "run.yaml").read_text()) for r in runs if (r / "run.yaml").is_file()}
+    if not cfgs:
+        raise SystemExit("no --runs dir has a run.yaml: give at least one run of bench/ast_ablation.py")
+    first = next(iter(cfgs.values()))
     shared = lambda c: (c["model"], [str(Path(v).resolve()) for v in c["data"]["validation"]],  # noqa: E731
                         c["data"]["seq_len"], c["eval"]["windows"])  # runs of several work dirs share linked shards
     for r, c in cfgs.items():
@@ -233,15 +245,15 @@ def main() -> None:
                          f"put the files in a dir named for another domain")
     windows = {**windows, **ood_windows}
     scored = cache["scored"]
+    to_score = runs_to_score(runs, scored, nll_json)
     for key, path in (("dense", settings["model"]), ("init", settings["init"])):
         if key not in scored:
             nll = window_nll(load_causal_lm(path).to(device()), windows, desc=key)
             scored[key] = {"nll": {d: v.tolist() for d, v in nll.items()}}
-    for r in runs:
-        if str(r) not in scored:
-            t0 = time.perf_counter()
-            scored[str(r)] = {**score(r, windows), "seconds": round(time.perf_counter() - t0, 1)}
-            atomic_write_bytes(nll_json, json.dumps(cache).encode())  # a killed pass keeps what it scored
+    for r in to_score:
+        t0 = time.perf_counter()
+        scored[str(r)] = {**score(r, windows), "seconds": round(time.perf_counter() - t0, 1)}
+        atomic_write_bytes(nll_json, json.dumps(cache).encode())  # a killed pass keeps what it scored
     keys = ["dense", "init", *map(str, runs)]
     results = {"settings": settings, "baseline": baseline, "order": keys, "boot": args.boot, "machine": machine_info(),
                "date": time.strftime("%Y-%m-%d"),

@@ -94,3 +94,15 @@ def test_lm_eval_docs_is_prose_of_its_own_domain(bench, hf_tokenizer_dir, tmp_pa
     assert bench.lm_eval_docs(out) == out and out.read_text().splitlines() == lines  # kept, not rebuilt
     w = token_windows([str(out)], hf_tokenizer_dir, 64, 16)
     assert list(w) == ["docs"] and w["docs"].shape == (16, 64)
+
+
+def test_a_scored_run_needs_no_dir_but_an_unscored_one_does(bench, tmp_path):
+    kept, new, gone = tmp_path / "kept", tmp_path / "new", tmp_path / "gone"
+    for r in (kept, new):
+        r.mkdir()
+        (r / "run.yaml").write_text("steps: 1\n")
+    scored = {str(kept): {}, str(tmp_path / "deleted"): {}}
+    nll_json = tmp_path / "ast_heldout-vm-nll.json"
+    assert bench.runs_to_score([kept, tmp_path / "deleted", new], scored, nll_json) == [new]
+    with pytest.raises(SystemExit, match=r"gone.*no run.yaml and not scored before in .*ast_heldout-vm-nll.json"):
+        bench.runs_to_score([kept, gone], scored, nll_json)
