@@ -103,6 +103,16 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def one_shot_start(cfgs: list[dict]) -> str:
+    """The one-shot dir the first run that has one starts from: the gap's start (gmp and dense_* start dense)."""
+    from megatron_ast.training.config import INIT_METRICS
+
+    for c in cfgs:
+        if c["init"] not in INIT_METRICS:
+            return str(Path(c["init"]).resolve())
+    raise SystemExit("no --runs run starts from a one-shot pruned dir (`init:`): add one (ast, naive) as the gap's start")
+
+
 def runs_to_score(runs: list[Path], scored: dict, nll_json: Path) -> list[Path]:
     """The runs not scored yet. A run scored before needs no dir: its 1.8 GB checkpoint may be gone (disk)."""
     lost = [str(r) for r in runs if str(r) not in scored and not (r / "run.yaml").is_file()]
@@ -232,7 +242,7 @@ def main() -> None:
            if f == "lm-eval-docs" else str(Path(f).resolve()) for f in args.ood]
     settings = {"model": first["model"], "validation": shared(first)[1], "seq_len": seq_len,
                 "training_windows": first["eval"]["windows"], "windows": args.windows,
-                "init": str(Path(first["init"]).resolve()), **({"ood": ood} if ood else {})}
+                "init": one_shot_start(list(cfgs.values())), **({"ood": ood} if ood else {})}
     out_json = HERE / "results" / f"ast_heldout-{args.name}.json"
     nll_json = out_json.with_name(out_json.stem + "-nll.json")  # per-window NLL sums of every model scored
     cache = json.loads(nll_json.read_text()) if nll_json.is_file() else {}

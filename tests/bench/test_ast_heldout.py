@@ -106,3 +106,12 @@ def test_a_scored_run_needs_no_dir_but_an_unscored_one_does(bench, tmp_path):
     assert bench.runs_to_score([kept, tmp_path / "deleted", new], scored, nll_json) == [new]
     with pytest.raises(SystemExit, match=r"gone.*no run.yaml and not scored before in .*ast_heldout-vm-nll.json"):
         bench.runs_to_score([kept, gone], scored, nll_json)
+
+
+def test_the_gap_starts_at_the_first_one_shot_init_among_the_runs(bench, tmp_path):
+    gmp = {"method": "gmp", "init": "magnitude"}  # starts dense: not the gap's start
+    naive = {"method": "naive", "init": str(tmp_path / "pruned")}
+    fitted = {"method": "ast", "init": str(tmp_path / "pruned-slorb16")}
+    assert bench.one_shot_start([gmp, naive, fitted]) == str((tmp_path / "pruned").resolve())
+    with pytest.raises(SystemExit, match="no --runs run starts from a one-shot pruned dir"):
+        bench.one_shot_start([gmp, {"method": "dense", "init": "magnitude"}])
