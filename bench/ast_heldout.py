@@ -103,13 +103,16 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def one_shot_start(cfgs: list[dict]) -> str:
-    """The one-shot dir the first run that has one starts from: the gap's start (gmp and dense_* start dense)."""
+def one_shot_start(cfgs: list[dict], cached: str | None = None) -> str:
+    """The one-shot dir the first run that has one starts from: the gap's start (gmp and dense_* start dense).
+    Without one among the run dirs given, the start of the runs scored before (`cached`)."""
     from megatron_ast.training.config import INIT_METRICS
 
     for c in cfgs:
         if c["init"] not in INIT_METRICS:
             return str(Path(c["init"]).resolve())
+    if cached:
+        return cached
     raise SystemExit("no --runs run starts from a one-shot pruned dir (`init:`): add one (ast, naive) as the gap's start")
 
 
@@ -240,12 +243,13 @@ def main() -> None:
     seq_len = first["data"]["seq_len"]
     ood = [str(lm_eval_docs(Path(first["output_dir"]).resolve().parent / "ood" / "docs" / "lm_eval_readmes.jsonl"))
            if f == "lm-eval-docs" else str(Path(f).resolve()) for f in args.ood]
-    settings = {"model": first["model"], "validation": shared(first)[1], "seq_len": seq_len,
-                "training_windows": first["eval"]["windows"], "windows": args.windows,
-                "init": one_shot_start(list(cfgs.values())), **({"ood": ood} if ood else {})}
     out_json = HERE / "results" / f"ast_heldout-{args.name}.json"
     nll_json = out_json.with_name(out_json.stem + "-nll.json")  # per-window NLL sums of every model scored
     cache = json.loads(nll_json.read_text()) if nll_json.is_file() else {}
+    settings = {"model": first["model"], "validation": shared(first)[1], "seq_len": seq_len,
+                "training_windows": first["eval"]["windows"], "windows": args.windows,
+                "init": one_shot_start(list(cfgs.values()), cache.get("settings", {}).get("init")),
+                **({"ood": ood} if ood else {})}
     if cache.get("settings") != settings:
         cache = {"settings": settings, "scored": {}}
     windows = heldout_windows(settings["validation"], first["model"], seq_len, first["eval"]["windows"], args.windows)

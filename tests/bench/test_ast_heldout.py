@@ -113,5 +113,8 @@ def test_the_gap_starts_at_the_first_one_shot_init_among_the_runs(bench, tmp_pat
     naive = {"method": "naive", "init": str(tmp_path / "pruned")}
     fitted = {"method": "ast", "init": str(tmp_path / "pruned-slorb16")}
     assert bench.one_shot_start([gmp, naive, fitted]) == str((tmp_path / "pruned").resolve())
+    # runs scored before, their dirs gone: their start is the cache's
+    assert bench.one_shot_start([gmp], cached="/cache/pruned") == "/cache/pruned"
+    assert bench.one_shot_start([naive, gmp], cached="/cache/pruned") == str((tmp_path / "pruned").resolve())
     with pytest.raises(SystemExit, match="no --runs run starts from a one-shot pruned dir"):
         bench.one_shot_start([gmp, {"method": "dense", "init": "magnitude"}])
