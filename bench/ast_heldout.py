@@ -234,12 +234,12 @@ def main() -> None:
     cfgs = {r: yaml.safe_load((r / "run.yaml").read_text()) for r in runs if (r / "run.yaml").is_file()}
     if not cfgs:
         raise SystemExit("no --runs dir has a run.yaml: give at least one run of bench/ast_ablation.py")
-    first = next(iter(cfgs.values()))
+    first_run, first = next(iter(cfgs.items()))
     shared = lambda c: (c["model"], [str(Path(v).resolve()) for v in c["data"]["validation"]],  # noqa: E731
                         c["data"]["seq_len"], c["eval"]["windows"])  # runs of several work dirs share linked shards
     for r, c in cfgs.items():
         if shared(c) != shared(first):
-            raise SystemExit(f"{r}: other model, validation data, seq_len or eval windows than {runs[0]}")
+            raise SystemExit(f"{r}: other model, validation data, seq_len or eval windows than {first_run}")
     seq_len = first["data"]["seq_len"]
     ood = [str(lm_eval_docs(Path(first["output_dir"]).resolve().parent / "ood" / "docs" / "lm_eval_readmes.jsonl"))
            if f == "lm-eval-docs" else str(Path(f).resolve()) for f in args.ood]

@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--baseline", required=True, help="a run dir scored in one of the caches")
     ap.add_argument("--boot", type=int, default=4000, help="bootstrap resamples")
     args = ap.parse_args()
+    from megatron_ast.fsutil import atomic_write_json
+
     files = {n: HERE / "results" / f"ast_heldout-{n}-nll.json" for n in args.names}
     if missing := [str(f) for f in files.values() if not f.is_file()]:
         raise SystemExit(f"no NLL cache {missing}: run bench/ast_heldout.py --name NAME first")
@@ -96,9 +98,8 @@ def main() -> None:
     ood = {Path(f).parent.name for f in first.get("ood", [])}  # a --ood file's domain is its dir's name
     stats = pairs(nll, first["seq_len"], baseline, args.boot, ood)
     out = HERE / "results" / f"ast_heldout_pairs-{'+'.join(args.names)}.json"
-    out.write_text(json.dumps({"names": args.names, "baseline": baseline, "boot": args.boot, "labels": labels,
-                               "stats": stats, "machine": machine_info(), "date": time.strftime("%Y-%m-%d")},
-                              indent=2) + "\n")
+    atomic_write_json(out, {"names": args.names, "baseline": baseline, "boot": args.boot, "labels": labels,
+                            "stats": stats, "machine": machine_info(), "date": time.strftime("%Y-%m-%d")})
     print(table(stats, labels, baseline))
     print(f"wrote {out}")
 
