@@ -19,7 +19,7 @@ setup(
         "zstandard",
         "tqdm",
         "pyyaml",
-        "deepspeed>=0.16",
+        "deepspeed>=0.19.8,<0.20",  # the tested range; its internals are checked at start-up (training/mask_partitions.py)
     ],
     extras_require={
         "mpi": ["mpi4py>=4"],

@@ -3,3 +3,26 @@
 
 class UsageError(Exception):
     """Bad input from the user: the message names the problem and the fix."""
+
+
+def _tested_deepspeed() -> str:
+    """The DeepSpeed range this install was tested with (setup.py's requirement, read back from the metadata)."""
+    from importlib import metadata
+
+    try:
+        reqs = metadata.requires("megatron-ast") or []
+    except metadata.PackageNotFoundError:
+        return "the range in setup.py"
+    return next((r.split(";")[0].strip() for r in reqs if r.replace(" ", "").startswith("deepspeed")), "setup.py's")
+
+
+class DeepSpeedMismatch(UsageError):
+    """An assumption about DeepSpeed's internals that does not hold in the installed DeepSpeed: AST would
+    otherwise train something else silently (plain AdamW, or a master zeroed under the mask)."""
+
+    def __init__(self, what: str):
+        try:
+            from deepspeed import __version__ as found
+        except ImportError:
+            found = "?"
+        super().__init__(f"DeepSpeed {found}: {what}; megatron_ast is tested with {_tested_deepspeed()}")

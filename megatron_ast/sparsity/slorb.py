@@ -37,9 +37,9 @@ class SLoRBConfig:
             raise UsageError(f"slorb init {self.init!r} is not one of {', '.join(INITS)}")
 
 
-def group_projection(in_features: int, group: int) -> torch.Tensor:
-    """P with P[g, g*k:(g+1)*k] = 1."""
-    return torch.eye(in_features // group).repeat_interleave(group, dim=1)
+def group_projection(in_features: int, group: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """P with P[g, g*k:(g+1)*k] = 1, on `device` (the weight's)."""
+    return torch.eye(in_features // group, device=device).repeat_interleave(group, dim=1)
 
 
 def fit_s(removed: torch.Tensor, hessian: torch.Tensor, group: int, damp: float = 0.01) -> torch.Tensor:
@@ -70,22 +70,22 @@ class SLoRB(nn.Module):
         if in_f % cfg.group:
             raise UsageError(f"in_features {in_f} is not a multiple of the SLoRB group size {cfg.group}")
         self.group = cfg.group
-        pruned = (weight.detach().float() * (1 - mask.float())).reshape(out_f, in_f // cfg.group, cfg.group)
-        p = group_projection(in_f, cfg.group)
+        dev = weight.device  # everything here is made where the weight lives (the accelerator under ZeRO-3)
+        p = group_projection(in_f, cfg.group, dev) if cfg.trainable_projection or cfg.init == "xavier" else None
         if cfg.init == "fitted":
             if fitted is None or fitted.shape != (out_f, in_f // cfg.group):
                 raise ValueError(f"init fitted needs S of shape {(out_f, in_f // cfg.group)}")
-            s = fitted.float()
+            s = fitted.to(dev, torch.float32)
         elif cfg.init in ("zero", "xavier"):
-            s = torch.zeros(out_f, in_f // cfg.group)
+            s = torch.zeros(out_f, in_f // cfg.group, device=dev)
             if cfg.init == "xavier":
                 p = nn.init.xavier_uniform_(p)
         else:
+            pruned = (weight.detach().float() * ~mask.to(dev, torch.bool)).reshape(out_f, in_f // cfg.group, cfg.group)
             s = pruned.mean(-1) if cfg.init == "mean" else pruned.sum(-1)
         self.S = nn.Parameter(s.to(weight.dtype))
         # the plain group projection needs no tensor unless it trains (P x is then a reshape-and-sum)
-        self.P = (nn.Parameter(p.to(weight.dtype), requires_grad=cfg.trainable_projection)
-                  if cfg.trainable_projection or cfg.init == "xavier" else None)
+        self.P = nn.Parameter(p.to(weight.dtype), requires_grad=cfg.trainable_projection) if p is not None else None
 
     @classmethod
     def from_lora(cls, a: torch.Tensor, b: torch.Tensor) -> "SLoRB":
@@ -98,7 +98,7 @@ class SLoRB(nn.Module):
             raise UsageError(f"SLoRB adapter: A is {rank} x {in_f}, and {in_f} inputs do not split into {rank} groups")
         self.group = in_f // rank
         self.S = nn.Parameter(b.detach().clone(), requires_grad=False)
-        plain = torch.equal(a, group_projection(in_f, self.group).to(a.dtype))
+        plain = torch.equal(a, group_projection(in_f, self.group, a.device).to(a.dtype))
         self.P = None if plain else nn.Parameter(a.detach().clone(), requires_grad=False)
         return self
 
@@ -111,5 +111,6 @@ class SLoRB(nn.Module):
 
     def lora(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of the equivalent LoRA adapter: y_extra = B (A x)."""
-        a = self.P.detach() if self.P is not None else group_projection(self.S.shape[1] * self.group, self.group)
+        a = (self.P.detach() if self.P is not None
+             else group_projection(self.S.shape[1] * self.group, self.group, self.S.device))
         return a.to(self.S.dtype), self.S.detach()

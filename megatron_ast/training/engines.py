@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_ast import distributed
 from megatron_ast.errors import UsageError
 from megatron_ast.modeling import check_model_dir
 from megatron_ast.sparsity.masks import nm_mask
@@ -73,7 +74,7 @@ def input_norms_zero3(engine, batches: list[torch.Tensor]) -> dict[str, torch.Te
             h.remove()
         engine.train(was_training)
     for name in sorted(sq):  # the same order on every rank
-        torch.distributed.all_reduce(sq[name])
+        distributed.all_reduce_(sq[name])
     return {name: v.sqrt().cpu() for name, v in sq.items()}
 
 
@@ -106,16 +107,18 @@ def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None,
             if stored is not None:
                 if f"{name}.weight" not in stored.keys():
                     raise UsageError(f"{masks_file} has no mask for {name}: was it pruned from this model?")
-                mask = stored.get_tensor(f"{name}.weight").bool()
+                mask = stored.get_tensor(f"{name}.weight").to(mod.weight.device, torch.bool)
+                if mask.shape != mod.weight.shape:
+                    raise UsageError(f"{masks_file}: the mask of {name} is {tuple(mask.shape)}, the weight "
+                                     f"{tuple(mod.weight.shape)}: was it pruned from this model?")
                 if reader is not None:
                     values = reader.get(f"{name}.weight")
                     if values.shape != mod.weight.shape:
                         raise UsageError(f"{dense_values}: {name}.weight is {tuple(values.shape)}, the pruned model's "
                                          f"{tuple(mod.weight.shape)}: give the dense model the pruned dir was made from")
-                    mod.weight.data.copy_(torch.where(mask.to(mod.weight.device), mod.weight.data,
-                                                      values.to(mod.weight.device, mod.weight.dtype)))
+                    mod.weight.data.copy_(torch.where(mask, mod.weight.data, values.to(mod.weight.device, mod.weight.dtype)))
             elif dense:
-                mask = torch.ones(mod.weight.shape, dtype=torch.bool)
+                mask = torch.ones(mod.weight.shape, dtype=torch.bool, device=mod.weight.device)
             else:
                 score = mod.weight.detach().float().abs()
                 if input_norms is not None:
@@ -125,6 +128,6 @@ def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None,
                 raise UsageError(f"slorb init fitted: the pruned dir's adapter has no branch for {name}: "
                                  "prune with --slorb-group")
             sparsify_module_(mod, mask, slorb, name, hold_mask=False,
-                             fitted_s=fitted_s[name] if fitted_s is not None else None)
+                             fitted_s=fitted_s[name].to(mod.weight.device) if fitted_s is not None else None)
             local[name] = local_mask(mask, mod.weight)
     return local

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_ast import distributed
+from megatron_ast.errors import DeepSpeedMismatch
 from megatron_ast.sparsity.masks import nm_mask
 from megatron_ast.sparsity.sparse_linear import SparseLinear
 
@@ -60,7 +62,9 @@ class PartitionedMasks:
         self.engine, self.n, self.m, self.score = engine, n, m, score
         self.zero = engine.optimizer
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.device = self.zero.fp32_partitioned_groups_flat[0].device  # collectives run where NCCL/gloo wants them
+        _check_zero3(self.zero)
+        # masks live beside the fp32 master (the CPU under ZeRO-Offload); collectives go through `distributed`
+        self.device = self.zero.fp32_partitioned_groups_flat[0].device
         owner = {id(mod.weight): (name, mod) for name, mod in engine.module.named_modules() if isinstance(mod, SparseLinear)}
         self.items: list[_Masked] = []
         for g, params in enumerate(self.zero.fp16_groups):
@@ -78,16 +82,30 @@ class PartitionedMasks:
         if {it.name for it in self.items} != set(local):
             raise ValueError(f"masks given for {sorted(set(local) ^ {it.name for it in self.items})[:3]}..., "
                              "which are not the engine's SparseLinears")
+        self._check_items()
         self.local = {it.name: local[it.name][: it.valid].to(self.device) for it in self.items}
-        self.input_sq = {}  # Wanda: running sum of x_j^2 per masked Linear
+        self.input_sq = {}  # Wanda: running sum of x_j^2 per masked Linear, where the forward runs (no host sync)
         if score == "wanda":
             for it in self.items:
-                self.input_sq[it.name] = torch.zeros(it.in_features)
+                self.input_sq[it.name] = torch.zeros(it.in_features, device=it.module.weight.device)
                 it.module.register_forward_pre_hook(self._record_inputs(it.name))
         self.initial = {it.name: self._local_mask(it).clone() for it in self.items}
         self._persistent = [it.module.weight for it in self.items if getattr(it.module.weight, "ds_persist", False)]
         self._install()
         self._masks_changed()
+
+    def _check_items(self) -> None:
+        """The masked weights' working partitions are where the flat buffers say, and apart from the master."""
+        for it in self.items:
+            work, master = it.module.weight.ds_tensor, self.zero.fp32_partitioned_groups_flat[it.group]
+            if work.untyped_storage().data_ptr() == master.untyped_storage().data_ptr():
+                raise DeepSpeedMismatch(f"the working partition of {it.name} shares memory with its fp32 master, so "
+                                        "masking the working copy would zero the master's pruned weights")
+            flat16 = getattr(self.zero, "fp16_partitioned_groups_flat", [None] * (it.group + 1))[it.group]
+            if torch.is_tensor(flat16) and flat16.numel() and \
+                    work.data_ptr() != flat16.data_ptr() + it.offset * flat16.element_size():
+                raise DeepSpeedMismatch(f"{it.name}'s working partition is not at offset {it.offset} of its "
+                                        "sub-group's flat buffer, where the partition sizes put it")
 
     def _install(self) -> None:
         """Wrap the ZeRO-3 optimizer's step: after it copies the fp32 master into the working partitions,
@@ -136,7 +154,7 @@ class PartitionedMasks:
         def hook(module, args):
             if module.training:
                 x = args[0].detach()
-                self.input_sq[name] += (x.reshape(-1, x.shape[-1]).float() ** 2).sum(0).cpu()
+                self.input_sq[name] += (x.reshape(-1, x.shape[-1]).float() ** 2).sum(0).to(self.input_sq[name].device)
         return hook
 
     # --- recompute ------------------------------------------------------------------------------
@@ -151,8 +169,7 @@ class PartitionedMasks:
                 head, tail = w[:k].float(), w[it.valid - k :].float()
             frags.append(torch.cat([head.to(self.device), tail.to(self.device)]))
         mine = torch.stack(frags) if frags else torch.zeros(0, 2 * k, device=self.device)
-        gathered = [torch.zeros_like(mine) for _ in range(self.world)]
-        dist.all_gather(gathered, mine)
+        gathered = distributed.all_gather(mine)
         for i, it in enumerate(self.items):
             if it.valid == 0:
                 continue
@@ -172,8 +189,8 @@ class PartitionedMasks:
     def _score(self, it: _Masked, window: torch.Tensor, a: int) -> torch.Tensor:
         score = window.abs()
         if self.score == "wanda":
-            cols = torch.arange(it.start - a, it.start - a + window.numel()) % it.in_features
-            score = score * self.input_sq[it.name].sqrt()[cols].to(score.device)
+            cols = torch.arange(it.start - a, it.start - a + window.numel(), device=score.device) % it.in_features
+            score = score * self.input_sq[it.name].to(score.device).sqrt()[cols]
         return score
 
     def _ramp_thresholds(self, fraction: float) -> dict[str, float]:
@@ -188,8 +205,8 @@ class PartitionedMasks:
             cand = score[a : a + it.valid][~keep[a : a + it.valid]]
             if cand.numel():
                 kth = cand.kthvalue(max(1, round(fraction * cand.numel()))).values
-                local[i] = torch.tensor([float(kth), 1.0], dtype=torch.float64)
-        dist.all_reduce(local)
+                local[i, 0], local[i, 1] = kth.double(), 1.0
+        distributed.all_reduce_(local)
         return {it.name: float(local[i, 0] / local[i, 1].clamp_min(1)) for i, it in enumerate(self.items)}
 
     @torch.no_grad()
@@ -200,9 +217,7 @@ class PartitionedMasks:
         the lowest-scoring ones, by one threshold per Linear. 1 gives exact N:M."""
         if self.score == "wanda":
             for name in sorted(self.input_sq):
-                sq = self.input_sq[name].to(self.device)
-                dist.all_reduce(sq)
-                self.input_sq[name] = sq.cpu()
+                distributed.all_reduce_(self.input_sq[name])
         thresholds = self._ramp_thresholds(fraction) if 0 < fraction < 1 else None
         changed_prev = changed_init = total = kept = 0
         for _, it, window, a in self._windows():
@@ -219,8 +234,7 @@ class PartitionedMasks:
             total += it.valid
             kept += int(new.sum())
             old.copy_(new)
-        counts = torch.tensor([changed_prev, changed_init, total, kept], dtype=torch.float64, device=self.device)
-        dist.all_reduce(counts)
+        counts = torch.tensor(distributed.all_reduced([changed_prev, changed_init, total, kept]), dtype=torch.float64)
         counts[2] = counts[2].clamp_min(1)
         self._masks_changed()
         if self.score == "wanda":
@@ -243,7 +257,7 @@ class PartitionedMasks:
             out[f"mask.{it.name}.initial"] = self.initial[it.name].to(torch.uint8).cpu()
             out[f"mask.{it.name}.range"] = torch.tensor([it.start, it.valid], dtype=torch.int64)
             out[f"mask.{it.name}.shape"] = torch.tensor(it.shape, dtype=torch.int64)
-        out.update({f"wanda.{name}": v.clone() for name, v in self.input_sq.items()})
+        out.update({f"wanda.{name}": v.cpu() for name, v in self.input_sq.items()})
         return out
 
     @torch.no_grad()
@@ -261,10 +275,31 @@ class PartitionedMasks:
                     if lo < hi:
                         piece = h.get_slice(f"mask.{it.name}.{kind}")[lo - start : hi - start]
                         target[lo - it.start : hi - it.start] = piece.bool().to(target.device)
-        for name in self.input_sq:
-            self.input_sq[name] = (sum(h.get_tensor(f"wanda.{name}") for h in handles) if self.rank == 0
-                                   else torch.zeros_like(self.input_sq[name]))
+        for name, sq in self.input_sq.items():
+            sq.copy_(sum(h.get_tensor(f"wanda.{name}") for h in handles) if self.rank == 0 else torch.zeros_like(sq))
         self._masks_changed()
+
+
+def _check_zero3(zero) -> None:
+    """What this module reads of DeepSpeed's ZeRO-3 optimizer, checked before it is relied on."""
+    for attr in ("fp16_groups", "fp32_partitioned_groups_flat", "optimizer"):
+        if not hasattr(zero, attr):
+            raise DeepSpeedMismatch(f"its ZeRO-3 optimizer ({type(zero).__name__}) has no {attr}")
+    if not hasattr(zero.optimizer, "set_pruned"):
+        raise DeepSpeedMismatch(f"ZeRO-3 steps {type(zero.optimizer).__name__}, not the SR-STE AdamW it was given")
+    if len(zero.fp16_groups) != len(zero.fp32_partitioned_groups_flat):
+        raise DeepSpeedMismatch(f"{len(zero.fp16_groups)} parameter sub-groups but "
+                                f"{len(zero.fp32_partitioned_groups_flat)} flat fp32 partitions")
+    flat16 = getattr(zero, "fp16_partitioned_groups_flat", None)
+    for g, (params, flat) in enumerate(zip(zero.fp16_groups, zero.fp32_partitioned_groups_flat)):
+        parts = sum(p.partition_numel() for p in params)
+        if parts != flat.numel():
+            raise DeepSpeedMismatch(f"the partitions of sub-group {g} add up to {parts} elements, its flat fp32 "
+                                    f"master has {flat.numel()}")
+        if flat16 is not None and flat16[g] is not None and flat.numel() and \
+                (flat is flat16[g] or flat.untyped_storage().data_ptr() == flat16[g].untyped_storage().data_ptr()):
+            raise DeepSpeedMismatch(f"sub-group {g}'s fp32 master and its working partition are one tensor, so "
+                                    "masking the working copy would zero the master's pruned weights")
 
 
 def masks_from_rank_files(files: list, kind: str = "current") -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_ast import distributed
 from megatron_ast.data.blend import BlendSpec
 from megatron_ast.data.sampler import BlendedSampler
 from megatron_ast.data.tokenizer import Tokenizer
@@ -63,19 +64,6 @@ def param_groups(model, weight_decay: float, slorb_decay: bool = True) -> list[d
             if g["params"]]
 
 
-LOCAL_RANKS_ENV = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "OMPI_COMM_WORLD_LOCAL_SIZE",
-                   "MPI_LOCALNRANKS")  # torchrun, the deepspeed launcher, Slurm, Open MPI, MPICH
-
-
-def cpu_threads_per_rank() -> int | None:
-    """This rank's share of the node's cores, when the user set no OMP_NUM_THREADS (None then). torch's default,
-    every core in every rank, oversubscribes a node that runs several ranks (4 threads on 2 cores here)."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return None
-    local = next((int(os.environ[k]) for k in LOCAL_RANKS_ENV if os.environ.get(k, "").isdigit()), 1)
-    return max(1, len(os.sched_getaffinity(0)) // max(1, local))
-
-
 def _rank0_print(*args) -> None:
     if torch.distributed.get_rank() == 0:
         print(*args, file=sys.stderr, flush=True)
@@ -86,13 +74,16 @@ class Trainer:
         import deepspeed
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        threads = cpu_threads_per_rank()
-        if threads is not None:
-            torch.set_num_threads(threads)
         # under mpirun/mpiexec with no RANK set, DeepSpeed discovers the world through mpi4py
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl",
                                    timeout=timedelta(seconds=cfg.dist_timeout_s),
                                    distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(distributed.local_rank())
+        distributed.watch_errors()  # a UsageError on any rank now ends every rank
+        threads = distributed.cpu_threads_per_rank()
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.cfg, self.rank, self.world = cfg, torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.ds = load_ds_config(cfg.deepspeed, self.world)
         self.micro, self.gas = self.ds["train_micro_batch_size_per_gpu"], self.ds["gradient_accumulation_steps"]
@@ -275,7 +266,7 @@ class Trainer:
                                                         reduction="sum")
                 if idx < len(w):
                     stats += torch.tensor([nll.item(), x[:, 1:].numel()], dtype=torch.float64, device=stats.device)
-            torch.distributed.all_reduce(stats)
+            distributed.all_reduce_(stats)
             nll_sum, count = float(stats[0]), int(stats[1])
             result[dom] = {"ppl": math.exp(nll_sum / count), "tokens": count}
             tot_nll, tot_n = tot_nll + nll_sum, tot_n + count
@@ -333,9 +324,8 @@ class Trainer:
         bar.close()
         summary["ppl_after"] = self.evaluate() if self.windows else None
         if self.teacher is not None:
-            same = torch.tensor([float(self._teacher_checksum() == self._teacher_sum)], device=self.student.device)
-            torch.distributed.all_reduce(same, op=torch.distributed.ReduceOp.MIN)
-            summary["teacher_unchanged"] = bool(same.item())
+            same = distributed.all_reduced([float(self._teacher_checksum() == self._teacher_sum)], "min")
+            summary["teacher_unchanged"] = bool(same[0])
         summary.update({"steps": self.step, "tokens": self.tokens, "resumed_at_step": start or None,
                         "seconds": round(time.perf_counter() - t0, 1), "final_loss": rec.get("loss"),
                         "checkpoint": str(self.save() if self.step != start else self.resumed_from)})
@@ -383,7 +373,5 @@ class Trainer:
 
     def _should_stop(self) -> int:
         """The signal any rank received (all ranks agree, so they save together)."""
-        flag = torch.tensor([float(self.stop_signal)], device=self.student.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag.item())
+        return int(distributed.all_reduced([float(self.stop_signal)], "max")[0])
 
