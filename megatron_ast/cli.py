@@ -109,6 +109,7 @@ def _cmd_train(a: argparse.Namespace) -> None:
     from megatron_ast.training.config import load_config
 
     cfg = load_config(a.config)  # validated before any rank starts DeepSpeed
+    cfg.trust_checkpoint = cfg.trust_checkpoint or a.trust_checkpoint
     if a.resume is not None:
         cfg.resume = a.resume
         cfg.validate().resolve_paths()
@@ -119,16 +120,22 @@ def _cmd_train(a: argparse.Namespace) -> None:
         return
     import torch.distributed as dist
 
+    from megatron_ast import distributed
     from megatron_ast.training.trainer import Trainer
 
     try:
         summary = Trainer(cfg).fit()
         if dist.get_rank() == 0:
             print(json.dumps(summary, indent=2))
-        dist.barrier()  # all ranks tear down together: a gloo rank whose peers are gone may abort at exit
-    finally:  # a clean teardown: MPI launchers flag a rank that exits with the group still up
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.barrier()  # all ranks tear down together: a gloo rank whose peers are gone may abort at exit
+    except UsageError as e:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            distributed.fail_every_rank(str(e))  # the others may be blocked in a collective: end them too
+        raise
+    distributed.stop_watching()
+    # a clean teardown: MPI launchers flag a rank that exits with the group still up
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _cmd_quantize(a: argparse.Namespace) -> None:
@@ -143,13 +150,32 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
 def _cmd_export(a: argparse.Namespace) -> None:
     from megatron_ast.export.hf import export_checkpoint
 
-    print(json.dumps(export_checkpoint(a.checkpoint, a.out, a.dtype, a.format), indent=2))
+    print(json.dumps(export_checkpoint(a.checkpoint, a.out, a.dtype, a.format, a.trust_checkpoint), indent=2))
+
+
+def _cmd_checkpoint_universal(a: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from megatron_ast.training import checkpoint
+
+    tag = Path(a.checkpoint)
+    if not (tag / checkpoint.COMPLETE).is_file():
+        raise UsageError(f"{tag} is not a complete checkpoint (no {checkpoint.COMPLETE}): pass a checkpoints/stepN dir")
+    problem = checkpoint.verify(tag)
+    if problem is not None:
+        raise UsageError(f"{problem}: convert another checkpoint")
+    out = checkpoint.convert_universal(tag, a.trust_checkpoint)
+    print(json.dumps({"checkpoint": str(tag), "universal": str(out)}, indent=2))
 
 
 def _cmd_quickstart(a: argparse.Namespace) -> None:
     from megatron_ast.quickstart import run
 
     run(a.out, max_windows=a.max_windows, lm_eval_n=a.lm_eval_n)
+
+
+TRUST_HELP = ("unpickle DeepSpeed files that the weights-only loader refuses (unpickling can run code: only for "
+              "checkpoints from someone you trust)")
 
 
 def _positive(v: str) -> int:
@@ -258,6 +284,7 @@ def parser() -> argparse.ArgumentParser:
                    help="print the resolved world, batch arithmetic and ZeRO-3 memory estimate; start nothing")
     s.add_argument("--world-size", type=_positive, help="with --dry-run: plan for this many ranks")
     s.add_argument("--nodes", type=_positive, help="with --dry-run: ... on this many nodes")
+    s.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     s.set_defaults(fn=_cmd_train)
 
     s = sub.add_parser("quantize", help="int4/int8 group-wise on top of a 2:4 model (GPTQ or RTN); zeros stay zero")
@@ -283,7 +310,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the source model's")
     s.add_argument("--format", choices=["hf", "compressed-tensors"], default="hf",
                    help="hf: dense safetensors (W*M); compressed-tensors: 2:4 as sparse-24-bitmask, what vLLM loads")
+    s.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     s.set_defaults(fn=_cmd_export)
+
+    ck = sub.add_parser("checkpoint", help="training checkpoints").add_subparsers(dest="checkpoint_command", required=True)
+    s = ck.add_parser("universal", help="convert a checkpoint to DeepSpeed's universal form (resume on another "
+                                        "world size), once, before the relaunch")
+    s.add_argument("checkpoint", help="a complete checkpoint dir: <output_dir>/checkpoints/stepN")
+    s.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    s.set_defaults(fn=_cmd_checkpoint_universal)
 
     s = sub.add_parser("quickstart", help="the main job end to end on the reference model and corpus")
     s.add_argument("--out", default="runs/quickstart")

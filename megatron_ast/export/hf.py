@@ -51,8 +51,10 @@ def _lora(sd: dict, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     return (p if p is not None else group_projection(in_features, in_features // s.shape[1])), s
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = None, fmt: str = "hf") -> dict:
-    """Write `out` (must not exist) from the complete checkpoint dir `ckpt`; returns the export report."""
+def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = None, fmt: str = "hf",
+                      trust: bool = False) -> dict:
+    """Write `out` (must not exist) from the complete checkpoint dir `ckpt`; returns the export report. DeepSpeed's
+    consolidation unpickles its files: each must pass the weights-only loader first, unless `trust`."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -69,6 +71,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
     src = run["init"] if run["init"] not in ("magnitude", "wanda") else run["model"]
     check_model_dir(src)
     pattern = SparsityPattern.parse(run["pattern"])
+    checkpoint.check_pickles(ckpt, trust)
     sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     masks = masks_from_rank_files(checkpoint.rank_files(ckpt))
     base, adapter = {}, {}

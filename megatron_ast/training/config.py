@@ -110,6 +110,8 @@ class TrainConfig:
     dist_timeout_s: int = 600  # a collective waiting longer (a dead or hung rank) fails the job instead of hanging
     log_every: int = 1
     activation_checkpointing: bool = False  # recompute decoder layers in the backward: memory for time
+    # unpickle DeepSpeed files the weights-only loader refuses (a checkpoint from someone you trust); CLI --trust-checkpoint
+    trust_checkpoint: bool = False
 
     def validate(self) -> "TrainConfig":
         if self.method not in METHODS:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ast import distributed
-from megatron_ast.errors import DeepSpeedMismatch
+from megatron_ast.errors import DeepSpeedMismatch, UsageError
 from megatron_ast.sparsity.masks import nm_mask
 from megatron_ast.sparsity.sparse_linear import SparseLinear
 
@@ -113,9 +113,11 @@ class PartitionedMasks:
         if not self.items:
             return
         step = self.zero.step
+        self.zero.optimizer.check_each_step = False  # ZeRO-3 steps one sub-group per call: checked per ZeRO step
 
         def step_then_mask(*args, **kwargs):
             out = step(*args, **kwargs)
+            self.zero.optimizer.check_stepped()
             self.apply()
             return out
 
@@ -287,6 +289,8 @@ def _check_zero3(zero) -> None:
             raise DeepSpeedMismatch(f"its ZeRO-3 optimizer ({type(zero).__name__}) has no {attr}")
     if not hasattr(zero.optimizer, "set_pruned"):
         raise DeepSpeedMismatch(f"ZeRO-3 steps {type(zero.optimizer).__name__}, not the SR-STE AdamW it was given")
+    if getattr(zero, "partial_offload", 1.0) != 1.0:  # the rest would step with DeepSpeed's own AdamW, not ours
+        raise UsageError(f"offload_optimizer.ratio {zero.partial_offload}: AST offloads all of the optimizer or none")
     if len(zero.fp16_groups) != len(zero.fp32_partitioned_groups_flat):
         raise DeepSpeedMismatch(f"{len(zero.fp16_groups)} parameter sub-groups but "
                                 f"{len(zero.fp32_partitioned_groups_flat)} flat fp32 partitions")

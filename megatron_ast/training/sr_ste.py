@@ -45,6 +45,10 @@ class SRSTEAdamW(torch.optim.Optimizer):
                         srste_lambda=srste_lambda, srste_t_inc=srste_t_inc, second_moment=second_moment)
         super().__init__(params, defaults)
         self._pruned: dict[int, torch.Tensor] = {}  # int8 indicators: 1 byte per element beside the fp32 master
+        self._seen: set[int] = set()  # tensors stepped since the last check_stepped
+        # in one process every tensor is in every step; ZeRO-3 steps one flat sub-group per call, and its step
+        # wrapper (training/mask_partitions.py) checks once all of them were stepped
+        self.check_each_step = True
 
     def set_pruned(self, tensor: torch.Tensor, pruned: torch.Tensor | None) -> None:
         """Declare the indicator of `tensor` (same shape): 1 - M on masked weights, -1 elsewhere; None = plain AdamW.
@@ -66,12 +70,11 @@ class SRSTEAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        seen = set()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                seen.add(id(p))
+                self._seen.add(id(p))
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
@@ -95,11 +98,19 @@ class SRSTEAdamW(torch.optim.Optimizer):
                         _cpu_srste()(*tensors, pruned, hp, v_of_update)
                 else:
                     self._update(group, state["step"], *tensors, pruned, v_of_update)
+        if self.check_each_step:
+            self.check_stepped()
+        return loss
+
+    def check_stepped(self) -> None:
+        """Every tensor declared with `set_pruned` was stepped since the last check (a step that stepped nothing,
+        as a skipped one, is no evidence). A miss means DeepSpeed handed over other tensors than the flat
+        partitions the masks were declared on: AST would silently be plain AdamW there."""
+        seen, self._seen = self._seen, set()
         missing = len(set(self._pruned) - seen)
-        if missing:  # DeepSpeed handed over other tensors than the flat partitions the masks were declared on
+        if seen and missing:
             raise DeepSpeedMismatch(f"the optimizer step did not get {missing} of the {len(self._pruned)} tensors that "
                                     "hold masked weights (SR-STE would silently be plain AdamW there)")
-        return loss
 
     @staticmethod
     def _update(group: dict, t: int, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,

@@ -132,6 +132,7 @@ class Trainer:
                          srste_t_inc=cfg.srste.t_inc, second_moment=o.second_moment if ast else "gradient")
         self.srste = opt  # DeepSpeed wraps it; the wrapper hands it the flat fp32 partitions
         self.student, self.optimizer, _, _ = deepspeed.initialize(model=student, optimizer=opt, config=self.ds)
+        checkpoint.install_checkpoint_engine(self.student, cfg.trust_checkpoint)  # hashes saves, loads weights-only
         self.masks = PartitionedMasks(self.student, local_masks, pattern.n, pattern.m, cfg.mask_score)
         self.slorb_params = sum(int(getattr(p, "ds_numel", p.numel())) for n, p in student.named_parameters()
                                 if ".slorb." in n)
@@ -147,6 +148,7 @@ class Trainer:
         if self.cfg.resume == "none":
             return None
         if self.cfg.resume != "auto":
+            checkpoint.verify_share(Path(self.cfg.resume))
             return Path(self.cfg.resume)
         tag = checkpoint.find_resumable(self.ckpt_root)
         if tag is None:
@@ -348,7 +350,7 @@ class Trainer:
         return checkpoint.save(self.student, self.ckpt_root, self.step, state, tensors, self.cfg.checkpoint.keep)
 
     def _restore(self, tag_dir: Path) -> None:
-        state = checkpoint.load(self.student, tag_dir)
+        state = checkpoint.load(self.student, tag_dir, self.cfg.trust_checkpoint)
         self.resumed_from = tag_dir
         self.masks.load_rank_files(checkpoint.rank_files(tag_dir))
         tensors = checkpoint.rank_tensors(tag_dir, self.rank)  # RNG states
