@@ -78,6 +78,33 @@ def input_norms_zero3(engine, batches: list[torch.Tensor]) -> dict[str, torch.Te
     return {name: v.sqrt().cpu() for name, v in sq.items()}
 
 
+def initial_mask(name: str, weight: torch.Tensor, n: int, m: int, stored=None, reader=None, dense: bool = False,
+                 input_norms: dict[str, torch.Tensor] | None = None, masks_file=None, dense_values=None) -> torch.Tensor:
+    """The starting mask of one (gathered) decoder weight, on the weight's device: the stored one (a safe_open
+    handle of masks.safetensors; with `reader`, the dense values go under its pruned positions), all ones
+    (`dense`), Wanda's (`input_norms`) or magnitude's."""
+    if stored is not None:
+        if f"{name}.weight" not in stored.keys():
+            raise UsageError(f"{masks_file} has no mask for {name}: was it pruned from this model?")
+        mask = stored.get_tensor(f"{name}.weight").to(weight.device, torch.bool)
+        if mask.shape != weight.shape:
+            raise UsageError(f"{masks_file}: the mask of {name} is {tuple(mask.shape)}, the weight "
+                             f"{tuple(weight.shape)}: was it pruned from this model?")
+        if reader is not None:
+            values = reader.get(f"{name}.weight")
+            if values.shape != weight.shape:
+                raise UsageError(f"{dense_values}: {name}.weight is {tuple(values.shape)}, the pruned model's "
+                                 f"{tuple(weight.shape)}: give the dense model the pruned dir was made from")
+            weight.data.copy_(torch.where(mask, weight.data, values.to(weight.device, weight.dtype)))
+        return mask
+    if dense:
+        return torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+    score = weight.detach().float().abs()
+    if input_norms is not None:
+        score = score * input_norms[name].to(score.device)
+    return nm_mask(score, n, m)
+
+
 def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None, slorb: SLoRBConfig | None = None,
                     input_norms: dict[str, torch.Tensor] | None = None, dense: bool = False,
                     dense_values: str | Path | None = None,
@@ -104,26 +131,7 @@ def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None,
         with deepspeed.zero.GatheredParameters([mod.weight], modifier_rank=0 if reader is not None else None):
             if mod.weight.shape[1] % m:
                 raise UsageError(f"{name}: in_features {mod.weight.shape[1]} is not a multiple of M={m}")
-            if stored is not None:
-                if f"{name}.weight" not in stored.keys():
-                    raise UsageError(f"{masks_file} has no mask for {name}: was it pruned from this model?")
-                mask = stored.get_tensor(f"{name}.weight").to(mod.weight.device, torch.bool)
-                if mask.shape != mod.weight.shape:
-                    raise UsageError(f"{masks_file}: the mask of {name} is {tuple(mask.shape)}, the weight "
-                                     f"{tuple(mod.weight.shape)}: was it pruned from this model?")
-                if reader is not None:
-                    values = reader.get(f"{name}.weight")
-                    if values.shape != mod.weight.shape:
-                        raise UsageError(f"{dense_values}: {name}.weight is {tuple(values.shape)}, the pruned model's "
-                                         f"{tuple(mod.weight.shape)}: give the dense model the pruned dir was made from")
-                    mod.weight.data.copy_(torch.where(mask, mod.weight.data, values.to(mod.weight.device, mod.weight.dtype)))
-            elif dense:
-                mask = torch.ones(mod.weight.shape, dtype=torch.bool, device=mod.weight.device)
-            else:
-                score = mod.weight.detach().float().abs()
-                if input_norms is not None:
-                    score = score * input_norms[name].to(score.device)
-                mask = nm_mask(score, n, m)
+            mask = initial_mask(name, mod.weight, n, m, stored, reader, dense, input_norms, masks_file, dense_values)
             if fitted_s is not None and name not in fitted_s:
                 raise UsageError(f"slorb init fitted: the pruned dir's adapter has no branch for {name}: "
                                  "prune with --slorb-group")
