@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -166,10 +167,12 @@ def watch_errors() -> None:
 
 def fail_every_rank(msg: str) -> None:
     """Print `msg` as the CLI's one-line error and end this rank and every other with exit 2."""
-    if _channel is not None:
-        _channel.publish(msg)
     print(f"{ERROR_PREFIX}{msg}", file=sys.stderr, flush=True)
     sys.stdout.flush()
+    # a launcher that ends the job once another rank has exited (torchrun: SIGTERM) still sees exit 2 here
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(2))
+    if _channel is not None:
+        _channel.publish(msg)
     os._exit(2)
 
 

@@ -141,6 +141,7 @@ class Trainer:
         self.ppl_before = None
         self.resumed_from: Path | None = None
         self.stop_signal = 0
+        self.last_save_s = 0.0
         if self.resume_tag is not None:
             self._restore(self.resume_tag)
 
@@ -220,6 +221,7 @@ class Trainer:
         rec = {"step": self.step, "lr": lr, "lambda": self.srste.current_lambda(),
                **{f"loss_{k}" if k != "loss" else "loss": v for k, v in parts_sum.items()},
                "tokens": self.tokens, "tokens_per_s": batch.numel() / (time.perf_counter() - t0),
+               "step_s": time.perf_counter() - t0,
                "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         if torch.cuda.is_available():
             rec["max_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -317,6 +319,7 @@ class Trainer:
             stop = self._should_stop()
             if stop or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.steps):
                 path = self.save()
+                self._check_signal_lead(rec["step_s"])
                 if stop:
                     _rank0_print(f"[train] {signal.Signals(stop).name}: saved {path} at step {self.step}; "
                                  "continue with --resume auto")
@@ -328,9 +331,11 @@ class Trainer:
         if self.teacher is not None:
             same = distributed.all_reduced([float(self._teacher_checksum() == self._teacher_sum)], "min")
             summary["teacher_unchanged"] = bool(same[0])
+        seconds = round(time.perf_counter() - t0, 1)
+        final = self.save() if self.step != start else self.resumed_from
         summary.update({"steps": self.step, "tokens": self.tokens, "resumed_at_step": start or None,
-                        "seconds": round(time.perf_counter() - t0, 1), "final_loss": rec.get("loss"),
-                        "checkpoint": str(self.save() if self.step != start else self.resumed_from)})
+                        "seconds": seconds, "final_loss": rec.get("loss"), "checkpoint": str(final),
+                        "last_save_s": round(self.last_save_s, 2)})
         if self.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             log.close()
@@ -347,7 +352,21 @@ class Trainer:
                    "rng.python": torch.tensor(random.getstate()[1], dtype=torch.int64),
                    "rng.numpy": torch.from_numpy(keys.astype(np.int64)),
                    "rng.numpy_pos_gauss": torch.tensor([pos, has_gauss, cached], dtype=torch.float64)}
-        return checkpoint.save(self.student, self.ckpt_root, self.step, state, tensors, self.cfg.checkpoint.keep)
+        t0 = time.perf_counter()
+        path = checkpoint.save(self.student, self.ckpt_root, self.step, state, tensors, self.cfg.checkpoint.keep)
+        self.last_save_s = time.perf_counter() - t0
+        _rank0_print(f"[train] saved {path} in {self.last_save_s:.1f} s")
+        return path
+
+    def _check_signal_lead(self, step_s: float) -> None:
+        """Under Slurm (launch/train_slurm.sbatch exports SIGNAL_LEAD_S): the USR1 warning must leave time to finish
+        a step and save; say so when the measured step + save takes more than 2/3 of it."""
+        lead = float(os.environ.get("SIGNAL_LEAD_S", 0) or 0)
+        need = step_s + self.last_save_s
+        if lead and need > lead * 2 / 3:
+            _rank0_print(f"[train] warning: a step ({step_s:.0f} s) and a save ({self.last_save_s:.0f} s) take {need:.0f} s "
+                         f"of the {lead:.0f} s Slurm gives after SIGUSR1: raise --signal=B:USR1@ (and SIGNAL_LEAD_S) "
+                         f"to at least {math.ceil(need * 1.5)}")
 
     def _restore(self, tag_dir: Path) -> None:
         state = checkpoint.load(self.student, tag_dir, self.cfg.trust_checkpoint)

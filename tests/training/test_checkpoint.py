@@ -144,3 +144,76 @@ def elastic_resume(run_dir, name: str, before: int, after: int, **over) -> None:
     assert s4 == 4 * 2 * 2 * before and s5 == s4 + 2 * 2 * after  # the next unseen samples: none skipped or repeated
     log = _log(out)
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and log[4]["tokens"] == log[3]["tokens"] + 2 * 2 * after * 64
+
+
+def _copy_checkpoint(reference, run_dir, name: str, tag: str = "step8"):
+    import shutil
+
+    out = run_dir / name
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(reference / "checkpoints" / tag, out / "checkpoints" / tag)
+    return out, out / "checkpoints" / tag
+
+
+@pytest.mark.slow
+def test_a_bad_file_only_rank_1_reads_ends_every_rank_with_its_message(run_dir, reference):
+    """--resume DIR: each rank verifies its share of the files. A corrupt file in rank 1's share used to end rank 1
+    and leave rank 0 waiting in a collective for dist_timeout_s (600 s); now both end with exit 2, the same line."""
+    out, tag = _copy_checkpoint(reference, run_dir, "bad_share")
+    names = sorted(json.loads((tag / "complete.json").read_text())["files"])
+    victim = tag / names[1]  # file i is checked by rank i % world
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    t0 = time.time()
+    proc = subprocess.run(train_cmd(_cfg(run_dir, "bad_share"), "--resume", str(tag)), capture_output=True, text=True,
+                          timeout=300, env=TRAIN_ENV, cwd=REPO)
+    elapsed = time.time() - t0
+    line = f"megatron-ast: error: {victim}: sha256 differs from the manifest (corrupt): resume from another checkpoint ("
+    assert proc.returncode != 0 and proc.stderr.count(line) == 2, proc.stderr[-3000:]  # rank 1's and rank 0's
+    assert proc.stderr.count("exitcode  : 2") == 2  # torchrun's report: both ranks exited 2
+    assert elapsed < 120  # the collective timeout is 600 s
+
+
+class _RunsCode:
+    """What a tampered checkpoint can hold: unpickling it calls os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _tamper(tag, marker) -> None:
+    """Add a code-running object to rank 0's model states and fix the manifest, as whoever can write the files can."""
+    import hashlib
+
+    victim = tag / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    state = torch.load(victim, weights_only=False)  # our own file, just written by the reference run
+    state["extra"] = _RunsCode(marker)
+    torch.save(state, victim)
+    manifest = json.loads((tag / "complete.json").read_text())
+    manifest["files"][victim.name] = [victim.stat().st_size, hashlib.sha256(victim.read_bytes()).hexdigest()]
+    (tag / "complete.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_holding_other_pickles_is_refused_unless_trusted(run_dir, reference, tmp_path, capsys):
+    from megatron_ast.cli import main
+
+    out, tag = _copy_checkpoint(reference, run_dir, "tampered")
+    marker = tmp_path / "code-ran"
+    _tamper(tag, marker)
+    refusal = f"{tag / 'zero_pp_rank_0_mp_rank_00_model_states.pt'} holds a pickle of posix.system, which DeepSpeed"
+    assert main(["export", str(tag), "--out", str(tmp_path / "hf")]) == 2
+    assert refusal in capsys.readouterr().err and not marker.exists() and not (tmp_path / "hf").exists()
+    proc = subprocess.run(train_cmd(_cfg(run_dir, "tampered"), "--resume", str(tag)), capture_output=True, text=True,
+                          timeout=300, env=TRAIN_ENV, cwd=REPO)
+    assert proc.returncode != 0 and proc.stderr.count(refusal) == 2, proc.stderr[-3000:]
+    assert not marker.exists()
+    # the user's call: trusted, it loads (and runs what it holds)
+    assert main(["export", str(tag), "--out", str(tmp_path / "hf"), "--trust-checkpoint"]) == 0
+    assert marker.exists() and (tmp_path / "hf" / "config.json").is_file()
