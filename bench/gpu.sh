@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one command, sized to fit one 10-minute call on one H100 with its set-up:
+#   0. smoke test of every training path, before any measurement (bench/gpu_smoke.py, under 3 minutes): prune
+#      with a fitted SLoRB, AST from it in bf16 ZeRO-3 with --resume auto (fresh, then resumed after a
+#      checkpoint), ZeRO-Offload, export and eval of the export
 #   1. bf16 ZeRO-3 AST step vs dense distillation step, SmolLM2-135M, seq 1024 (bench/ast_overhead.py)
 #   2. N:M mask recompute vs the per-group loop (bench/masks.py)
 #   3. 2:4 Linear shapes and the whole SmolLM2 forward, prefill and decode, with and without CUDA graphs
@@ -71,6 +74,7 @@ run() {  # name, then the command; a failing check is reported and the others st
   printf '%-10s %4d s  %s\n' "$name" $((SECONDS - t)) "$status" | tee -a /tmp/gpu-summary.txt
 }
 : > /tmp/gpu-summary.txt
+run smoke $PY bench/gpu_smoke.py --name "$NAME"
 run overhead $PY bench/ast_overhead.py --ranks 1 --seq-len 1024 --steps 6 --mask-interval 5 \
   --ds-config ds_configs/zero3_bf16.json --out "bench/results/ast_overhead-$NAME.json"
 run masks $PY bench/masks.py --out "bench/results/masks-$NAME.json"
@@ -97,6 +101,9 @@ name, res = sys.argv[1], Path("bench/results")
 def load(f):
     p = res / f
     return json.loads(p.read_text()) if p.is_file() else None
+if (g := load(f"gpu_smoke-{name}.json")):
+    print("smoke: " + ", ".join(f"{k} {'ok' if v['ok'] else 'FAILED'}" for k, v in g["stages"].items())
+          + f" ({g['seconds']} s)")
 if (o := load(f"ast_overhead-{name}.json")):
     print(f"AST step / dense distillation step: {o['ratio']:.3f}x; peak GPU memory (GiB) "
           + ", ".join(f"{k} {v.get('max_gpu_mem_gib')}" for k, v in o["phases"].items()))

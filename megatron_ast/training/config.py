@@ -244,6 +244,16 @@ def load_ds_config(path: str | Path, world_size: int) -> dict:
     if tb is not None and tb != mb * gas * world_size:
         raise UsageError(f"{p}: train_batch_size {tb} != micro batch {mb} x gradient_accumulation_steps {gas} x "
                          f"world size {world_size} = {mb * gas * world_size}; fix one of them")
+    zero = ds["zero_optimization"]
+    for what in ("offload_optimizer", "offload_param"):
+        if (zero.get(what) or {}).get("device") == "nvme":
+            raise UsageError(f"{p}: zero_optimization.{what} to nvme is untested with AST's masks: offload to cpu")
+    ratio = (zero.get("offload_optimizer") or {}).get("ratio", 1.0)
+    if ratio != 1.0:
+        raise UsageError(f"{p}: offload_optimizer.ratio {ratio}: the rest would step with DeepSpeed's AdamW, not "
+                         "AST's SR-STE AdamW; offload all of the optimizer (ratio 1) or none")
     ds.update({"train_micro_batch_size_per_gpu": mb, "gradient_accumulation_steps": gas,
-               "train_batch_size": mb * gas * world_size, "zero_allow_untested_optimizer": True})
+               "train_batch_size": mb * gas * world_size, "zero_allow_untested_optimizer": True,
+               # ZeRO-Offload steps AST's SR-STE AdamW on the CPU (one fused kernel: training/sr_ste.py)
+               "zero_force_ds_cpu_optimizer": False})
     return ds

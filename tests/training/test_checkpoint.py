@@ -125,14 +125,15 @@ def test_corrupt_and_incomplete_checkpoints_are_named_and_skipped(run_dir, refer
 @pytest.mark.slow
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (2, 3)])
 def test_elastic_resume_on_another_world_size_keeps_masks_and_sampler_position(run_dir, before, after):
-    elastic_resume(run_dir, f"elastic{before}to{after}", before, after)
+    # a collective timeout (3 s) shorter than rank 0's conversion (~4 s here): the other ranks must not wait in one
+    elastic_resume(run_dir, f"elastic{before}to{after}", before, after, resume_over={"dist_timeout_s": 3})
 
 
-def elastic_resume(run_dir, name: str, before: int, after: int, **over) -> None:
+def elastic_resume(run_dir, name: str, before: int, after: int, resume_over: dict | None = None, **over) -> None:
     """4 steps on `before` ranks, a 5th on `after`: the masks, the sampler position and the log carry over."""
     out = run_dir / name
     train(_cfg(run_dir, name, steps=4, **over), ranks=before)
-    proc = train(_cfg(run_dir, name, steps=5, **over), "--resume", "auto", ranks=after)
+    proc = train(_cfg(run_dir, name, steps=5, **over, **(resume_over or {})), "--resume", "auto", ranks=after)
     assert f"converting {out / 'checkpoints' / 'step4'} to a universal checkpoint" in proc.stderr
     assert json.loads((out / "summary.json").read_text())["resumed_at_step"] == 4
     a, b = consolidated(out / "checkpoints" / "step4"), consolidated(out / "checkpoints" / "step5")
@@ -217,3 +218,19 @@ def test_a_checkpoint_holding_other_pickles_is_refused_unless_trusted(run_dir, r
     # the user's call: trusted, it loads (and runs what it holds)
     assert main(["export", str(tag), "--out", str(tmp_path / "hf"), "--trust-checkpoint"]) == 0
     assert marker.exists() and (tmp_path / "hf" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_zero_offload_runs_ast_as_without_it(run_dir, reference):
+    """offload_optimizer to the CPU (ds_configs/zero3_offload.json's setting): the fp32 master, Adam's moments, the
+    masks and their collectives on the CPU side, SR-STE's fused CPU step. Same run as without offload."""
+    ds = json.loads((run_dir / "ds.json").read_text())
+    ds["zero_optimization"] = {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
+    (run_dir / "ds_offload.json").write_text(json.dumps(ds))
+    out = run_dir / "offload"
+    train(_cfg(run_dir, "offload", deepspeed=str(run_dir / "ds_offload.json")))
+    ref, got = _log(reference), _log(out)
+    assert len(got) == STEPS and all(r["loss"] == pytest.approx(q["loss"], rel=1e-5) for r, q in zip(got, ref))
+    assert [r.get("flip_rate_init") for r in got] == pytest.approx([r.get("flip_rate_init") for r in ref], abs=1e-3)
+    a, b = ckpt_masks(reference / "checkpoints" / f"step{STEPS}"), ckpt_masks(out / "checkpoints" / f"step{STEPS}")
+    assert len(a) == 14 and all((a[k] != b[k]).float().mean() < 1e-3 for k in a)
