@@ -6,6 +6,7 @@ setup(
     description="Dense LLM -> 2:4 semi-structured sparse LLM: AST training on DeepSpeed ZeRO-3, one-shot pruners, token-shard tools",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_ast", "megatron_ast.*", "data_tools", "data_tools.*"]),
+    package_data={"megatron_ast.training": ["*.c"]},  # SR-STE's CPU step, built at first use (training/srste_cpu.py)
     install_requires=[
         "torch>=2.2",  # not pinned: clusters bring their own CUDA build
         "numpy",

@@ -9,9 +9,10 @@ half of those pruned:
   - SRSTEAdamW (training/sr_ste.py), AST's update with the SR-STE decay, as the trainer runs it;
   - SRSTEAdamW with lambda 0 and AdamW's second moment: the baselines' plain AdamW on the same path.
 Prints ms per step (median of --steps after one warm-up) and the ratios to CPU Adam; writes
-bench/results/offload_step-<name>.json.
+bench/results/offload_step-<name>.json and the bar chart docs/offload_step-<name>.png (with --before, a
+result of an earlier version beside it).
 
-    DS_ACCELERATOR=cpu python bench/offload_step.py [--numel 16777216 --steps 5 --name vm]
+    DS_ACCELERATOR=cpu python bench/offload_step.py [--numel 16777216 --steps 5 --name vm --before FILE]
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--numel", type=int, default=1 << 24)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--name", default="vm")
+    ap.add_argument("--before", help="an earlier offload_step JSON to plot beside this one")
     a = ap.parse_args()
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -77,6 +79,32 @@ def main() -> None:
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(out)
     print(f"-> {out}")
+    _plot(result, json.loads(Path(a.before).read_text()) if a.before else None,
+          HERE.parent / "docs" / f"offload_step-{a.name}.png")
+
+
+def _plot(result: dict, before: dict | None, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [("DeepSpeed CPU Adam\n(fused, AdamW)", result["ms_per_step"]["deepspeed_cpu_adam"]),
+            ("SR-STE AdamW\n(fused, AST)", result["ms_per_step"]["srste_adamw"]),
+            ("SR-STE AdamW, lambda 0\n(the baselines)", result["ms_per_step"]["srste_adamw_lambda0_adamw_v"])]
+    if before is not None:
+        rows.insert(1, ("SR-STE AdamW before\n(64K-element blocks)", before["ms_per_step"]["srste_adamw"]))
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    bars = ax.barh([r[0] for r in rows][::-1], [r[1] for r in rows][::-1], color="#4c72b0")
+    ax.bar_label(bars, fmt="%.1f ms")
+    ax.set_xlabel(f"ms per optimizer step, {result['numel'] / 2**20:.0f}M-element CPU partition, "
+                  f"{result['threads']} threads")
+    ax.set_title("ZeRO-Offload's CPU optimizer step")
+    ax.set_xlim(0, max(r[1] for r in rows) * 1.18)
+    fig.tight_layout()
+    png.parent.mkdir(exist_ok=True)
+    fig.savefig(png, dpi=120)
+    print(f"-> {png}")
 
 
 if __name__ == "__main__":

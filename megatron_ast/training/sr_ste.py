@@ -18,17 +18,16 @@ and unmasked elements; `set_pruned` gives each tensor an aligned indicator:
 The baselines (naive, gmp, dense) run lambda = 0 with "gradient": plain AdamW.
 
 On the CPU (ZeRO-Offload's fp32 master, a rank's whole flat partition) the update is one fused,
-vectorised, multi-threaded loop, compiled once per process by torch.compile (inductor's C++ backend:
-needs a C++ compiler, as DeepSpeed's own CPU Adam does); bench/offload_step.py times it against
-DeepSpeed's CPU Adam on the same partition. On an accelerator the same rule runs as whole-tensor kernels.
+vectorised, multi-threaded C loop (training/srste_cpu.c, built at first use, as DeepSpeed builds its
+CPU Adam); bench/offload_step.py times it against DeepSpeed's CPU Adam on the same partition. On an
+accelerator the same rule runs as whole-tensor kernels.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 
 from megatron_ast.errors import DeepSpeedMismatch
+from megatron_ast.training import srste_cpu
 
 
 def srste_lambda(step: int, lam: float, t_inc: int) -> float:
@@ -89,13 +88,11 @@ class SRSTEAdamW(torch.optim.Optimizer):
                     b1, b2 = group["betas"]
                     t = state["step"]
                     lam = srste_lambda(t, group["srste_lambda"], group["srste_t_inc"])
-                    # the step's scalars as one tensor: no recompilation when lr and lambda change
-                    hp = torch.tensor([b1, b2, lam, group["lr"] * group["weight_decay"], group["lr"] / (1 - b1**t),
-                                       1 - b2**t, group["eps"]], dtype=p.dtype)
+                    common = (group["lr"] * group["weight_decay"], group["lr"] / (1 - b1**t), 1 - b2**t, group["eps"])
                     if pruned is None:
-                        _cpu_adamw()(*tensors, hp)
+                        srste_cpu.step_plain(*tensors, b1, b2, *common)
                     else:
-                        _cpu_srste()(*tensors, pruned, hp, v_of_update)
+                        srste_cpu.step_masked(*tensors, pruned, b1, b2, lam, *common, v_of_update)
                 else:
                     self._update(group, state["step"], *tensors, pruned, v_of_update)
         if self.check_each_step:
@@ -128,35 +125,3 @@ class SRSTEAdamW(torch.optim.Optimizer):
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.addcdiv_(u, denom, value=-group["lr"] / (1 - b1**t))
 
-
-def _srste_cpu(p, g, m, v, pruned, hp, v_of_update: bool):
-    """The rule above over a whole CPU tensor, written for inductor to fuse into one loop (pruned: int8 indicator)."""
-    b1, b2, lam, lr_wd, step_size, bc2, eps = hp.unbind()
-    m2 = m * b1 + g * (1 - b1)
-    ind = pruned.to(p.dtype)
-    u = m2 + lam * p * ind.clamp(min=0)
-    sq = torch.where(ind >= 0, u, g) if v_of_update else g
-    v2 = v * b2 + sq * sq * (1 - b2)
-    p.copy_(p * (1 - lr_wd) - step_size * u / (torch.sqrt(v2 / bc2) + eps))
-    m.copy_(m2)
-    v.copy_(v2)
-
-
-def _adamw_cpu(p, g, m, v, hp):
-    """Plain AdamW with the same roundings as `_srste_cpu` on an indicator of -1 (grouping does not change an update)."""
-    b1, b2, _, lr_wd, step_size, bc2, eps = hp.unbind()
-    m2 = m * b1 + g * (1 - b1)
-    v2 = v * b2 + g * g * (1 - b2)
-    p.copy_(p * (1 - lr_wd) - step_size * m2 / (torch.sqrt(v2 / bc2) + eps))
-    m.copy_(m2)
-    v.copy_(v2)
-
-
-@functools.cache
-def _cpu_srste():
-    return torch.compile(_srste_cpu, dynamic=True, fullgraph=True)
-
-
-@functools.cache
-def _cpu_adamw():
-    return torch.compile(_adamw_cpu, dynamic=True, fullgraph=True)

@@ -125,3 +125,25 @@ def test_a_masked_tensor_the_step_never_sees_is_an_error():
     stepped.grad = torch.ones(8)
     with pytest.raises(DeepSpeedMismatch, match="did not get 1 of the 1 tensors that hold masked weights"):
         opt.step()
+
+
+@pytest.mark.parametrize("second_moment", ["update", "gradient"])
+def test_the_fused_cpu_step_is_the_accelerators_rule(second_moment):
+    """fp32, a flat partition as ZeRO-Offload steps it: the C loop (training/srste_cpu.c) against the whole-tensor
+    torch kernels an accelerator runs, to float32 rounding, over several steps."""
+    torch.manual_seed(3)
+    n = 100_003  # not a multiple of any vector width: the loop's tail too
+    ind = torch.randint(-1, 2, (n,), dtype=torch.int8)
+    fused = torch.nn.Parameter(torch.randn(n) * 0.02)
+    eager = torch.nn.Parameter(fused.detach().clone())
+    opt = SRSTEAdamW([fused], lr=3e-3, weight_decay=0.1, srste_lambda=0.01, srste_t_inc=2, second_moment=second_moment)
+    opt.set_pruned(fused, ind)
+    group, m, v = opt.param_groups[0], torch.zeros(n), torch.zeros(n)
+    for t in range(1, 5):
+        g = torch.randn(n) * 1e-3
+        fused.grad = g.clone()
+        opt.step()
+        with torch.no_grad():
+            SRSTEAdamW._update(group, t, eager.data, g, m, v, ind, second_moment == "update")
+    assert torch.allclose(fused, eager, rtol=1e-4, atol=1e-6)  # float32, summed in another order
+    assert not torch.equal(fused, opt.state[fused]["exp_avg"])  # it did step
