@@ -132,10 +132,10 @@ def _cmd_train(a: argparse.Namespace) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:
             distributed.fail_every_rank(str(e))  # the others may be blocked in a collective: end them too
         raise
-    distributed.stop_watching()
-    # a clean teardown: MPI launchers flag a rank that exits with the group still up
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    finally:  # also after SIGUSR1's save (SystemExit 138): a clean teardown, which MPI launchers expect
+        distributed.stop_watching()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _cmd_quantize(a: argparse.Namespace) -> None:
@@ -159,11 +159,7 @@ def _cmd_checkpoint_universal(a: argparse.Namespace) -> None:
     from megatron_ast.training import checkpoint
 
     tag = Path(a.checkpoint)
-    if not (tag / checkpoint.COMPLETE).is_file():
-        raise UsageError(f"{tag} is not a complete checkpoint (no {checkpoint.COMPLETE}): pass a checkpoints/stepN dir")
-    problem = checkpoint.verify(tag)
-    if problem is not None:
-        raise UsageError(f"{problem}: convert another checkpoint")
+    checkpoint.require_complete(tag, "convert another checkpoint")
     out = checkpoint.convert_universal(tag, a.trust_checkpoint)
     print(json.dumps({"checkpoint": str(tag), "universal": str(out)}, indent=2))
 

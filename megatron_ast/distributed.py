@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import sys
@@ -125,7 +126,8 @@ class _ErrorChannel:
     def __init__(self) -> None:
         self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                                    timeout=timedelta(seconds=30), wait_for_workers=False)
-        run = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's store outlives a restart
+        # keys of this process group only: torchrun's store outlives a restart, and its restart counts are per node
+        run = int(all_reduced([float(random.getrandbits(52)) if dist.get_rank() == 0 else 0.0], "max")[0])
         self.key, self.acks = f"megatron_ast/{run}/error", f"megatron_ast/{run}/error_acks"
         self.published = False
         self.stopped = threading.Event()

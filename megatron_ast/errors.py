@@ -12,8 +12,9 @@ def _tested_deepspeed() -> str:
     try:
         reqs = metadata.requires("megatron-ast") or []
     except metadata.PackageNotFoundError:
-        return "the range in setup.py"
-    return next((r.split(";")[0].strip() for r in reqs if r.replace(" ", "").startswith("deepspeed")), "setup.py's")
+        reqs = []
+    return next((r.split(";")[0].strip() for r in reqs if r.replace(" ", "").startswith("deepspeed")),
+                "the deepspeed range in setup.py")
 
 
 class DeepSpeedMismatch(UsageError):

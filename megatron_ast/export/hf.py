@@ -34,14 +34,6 @@ from megatron_ast.training.mask_partitions import masks_from_rank_files
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _verify(ckpt: Path) -> None:
-    if not (ckpt / checkpoint.COMPLETE).is_file():
-        raise UsageError(f"{ckpt} is not a complete checkpoint (no {checkpoint.COMPLETE}): pass a checkpoints/stepN dir")
-    problem = checkpoint.verify(ckpt)
-    if problem is not None:
-        raise UsageError(f"{problem}: export an earlier checkpoint")
-
-
 def _lora(sd: dict, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     s = sd.get(f"{module}.slorb.S")
     if s is None:
@@ -66,7 +58,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
         raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: choose {' or '.join(FORMATS)}")
-    _verify(ckpt)
+    checkpoint.require_complete(ckpt, "export an earlier checkpoint")
     run = json.loads((ckpt / checkpoint.STATE).read_text())["config"]
     src = run["init"] if run["init"] not in ("magnitude", "wanda") else run["model"]
     check_model_dir(src)

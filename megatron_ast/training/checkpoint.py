@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
 import shutil
 import subprocess
@@ -73,9 +74,11 @@ def safe_load(path: str | Path, map_location=None, trust: bool = False, mmap: bo
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as e:  # pickle.UnpicklingError; a legacy-format file cannot mmap
+    except RuntimeError as e:  # a legacy-format (non-zip) file cannot be memory-mapped
         if mmap and "mmap" in str(e):
             return safe_load(path, map_location, trust=False, mmap=False)
+        raise
+    except pickle.UnpicklingError:
         try:
             allowed = {f"{g.__module__}.{g.__qualname__}" for g in _allowed_globals()}
             what = ", ".join(g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed)
@@ -86,13 +89,23 @@ def safe_load(path: str | Path, map_location=None, trust: bool = False, mmap: bo
                          "--trust-checkpoint if you trust whoever wrote it") from None
 
 
-def check_pickles(root: Path, trust: bool = False) -> None:
+def check_pickles(root: Path, trust: bool = False, rank: int = 0, world: int = 1) -> None:
     """Every pickle (*.pt) under `root`, read by the weights-only unpickler (memory-mapped: tensors not read) before
-    DeepSpeed or its scripts (which unpickle freely) touch them."""
+    DeepSpeed or its scripts (which unpickle freely) touch them. On `world` ranks each reads its share, as the
+    manifest check does; a refusal on any rank ends every rank (megatron_ast/distributed.py)."""
     if trust:
         return
-    for path in sorted(Path(root).rglob("*.pt")):
+    for path in sorted(Path(root).rglob("*.pt"))[rank::world]:
         safe_load(path, map_location="cpu", mmap=True)
+
+
+def require_complete(tag_dir: Path, fix: str) -> None:
+    """One process: `tag_dir` is a complete checkpoint whose every file matches its manifest (else `fix`)."""
+    if not (tag_dir / COMPLETE).is_file():
+        raise UsageError(f"{tag_dir} is not a complete checkpoint (no {COMPLETE}): pass a checkpoints/stepN dir")
+    problem = verify(tag_dir)
+    if problem is not None:
+        raise UsageError(f"{problem}: {fix}")
 
 
 class HashingCheckpointEngine:
@@ -120,7 +133,7 @@ class HashingCheckpointEngine:
             def write(self, b) -> int:
                 nonlocal size
                 h.update(b)
-                size += len(memoryview(b))
+                size += memoryview(b).nbytes
                 return self.f.write(b)
 
             def flush(self) -> None:
@@ -153,7 +166,6 @@ def save(engine, root: Path, step: int, state: dict, rank_tensors: dict[str, tor
     hashing = install_checkpoint_engine(engine)
     tag = f"step{step}"
     tag_dir = root / tag
-    distributed.barrier()
     if rank == 0 and tag_dir.exists():  # a crashed save of this step, or one skipped as corrupt: replaced
         shutil.rmtree(tag_dir)
     distributed.barrier()
@@ -273,11 +285,10 @@ def universal(tag_dir: Path, trust: bool = False, poll_s: float = 1.0) -> Path:
     checkpoint: its bytes at UNIVERSAL_MB_PER_S, at least 10 minutes."""
     out = tag_dir.parent / "universal" / tag_dir.name
     timeout_s = max(600.0, _size(tag_dir) / (UNIVERSAL_MB_PER_S * 1e6))
-    distributed.barrier()
-    if dist.get_rank() == 0:
-        (out.parent / f"{out.name}.{FAILED}").unlink(missing_ok=True)
-    distributed.barrier()  # no rank reads a stale failure
     failed = out.parent / f"{out.name}.{FAILED}"
+    if dist.get_rank() == 0:
+        failed.unlink(missing_ok=True)
+    distributed.barrier()  # no rank reads a stale failure
     if dist.get_rank() == 0:
         try:
             convert_universal(tag_dir, trust, timeout_s)
@@ -304,7 +315,8 @@ def load(engine, tag_dir: Path, trust: bool = False) -> dict:
     the weights-only loader refuses, unless `trust`."""
     state = json.loads((tag_dir / STATE).read_text())
     src = universal(tag_dir, trust) if state["world_size"] != dist.get_world_size() else tag_dir
-    check_pickles(src, trust)  # DeepSpeed's universal loader unpickles past its checkpoint engine
+    check_pickles(src, trust, dist.get_rank(), dist.get_world_size())  # its universal loader unpickles past the engine
+    distributed.barrier()  # every share checked before any rank loads
     install_checkpoint_engine(engine, trust)
     path, _ = engine.load_checkpoint(str(src.parent), tag=src.name, load_lr_scheduler_states=False)
     if path is None:

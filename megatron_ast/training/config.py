@@ -228,6 +228,9 @@ def load_ds_config(path: str | Path, world_size: int) -> dict:
         if section in ds:
             raise UsageError(f"{p} has a '{section}' section: AST uses its own SR-STE AdamW and cosine schedule; "
                              "remove it and set lr/optimizer in run.yaml")
+    if ds.get("torch_autocast", {}).get("enabled") is True:
+        raise UsageError(f"{p} enables torch_autocast: AST runs DeepSpeed's bf16 section or fp32 (its fp16 grad scaler "
+                         "can skip a sub-group's step, which the mask bookkeeping does not follow); use bf16")
     if ds.get("fp16", {}).get("enabled") is True:
         raise UsageError(f"{p} enables fp16: AST runs in bf16 (Ampere or newer) or fp32 (V100-class GPUs), not fp16 "
                          "with loss scaling (untested: DeepSpeed's CPU accelerator has no fp16); set bf16 or remove fp16")

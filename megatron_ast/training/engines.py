@@ -136,6 +136,6 @@ def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None,
                 raise UsageError(f"slorb init fitted: the pruned dir's adapter has no branch for {name}: "
                                  "prune with --slorb-group")
             sparsify_module_(mod, mask, slorb, name, hold_mask=False,
-                             fitted_s=fitted_s[name].to(mod.weight.device) if fitted_s is not None else None)
+                             fitted_s=fitted_s[name] if fitted_s is not None else None)
             local[name] = local_mask(mask, mod.weight)
     return local

@@ -96,12 +96,13 @@ class PartitionedMasks:
 
     def _check_items(self) -> None:
         """The masked weights' working partitions are where the flat buffers say, and apart from the master."""
+        flats16 = getattr(self.zero, "fp16_partitioned_groups_flat", None)
         for it in self.items:
             work, master = it.module.weight.ds_tensor, self.zero.fp32_partitioned_groups_flat[it.group]
             if work.untyped_storage().data_ptr() == master.untyped_storage().data_ptr():
                 raise DeepSpeedMismatch(f"the working partition of {it.name} shares memory with its fp32 master, so "
                                         "masking the working copy would zero the master's pruned weights")
-            flat16 = getattr(self.zero, "fp16_partitioned_groups_flat", [None] * (it.group + 1))[it.group]
+            flat16 = flats16[it.group] if flats16 is not None else None
             if torch.is_tensor(flat16) and flat16.numel() and \
                     work.data_ptr() != flat16.data_ptr() + it.offset * flat16.element_size():
                 raise DeepSpeedMismatch(f"{it.name}'s working partition is not at offset {it.offset} of its "
@@ -236,14 +237,14 @@ class PartitionedMasks:
             total += it.valid
             kept += int(new.sum())
             old.copy_(new)
-        counts = torch.tensor(distributed.all_reduced([changed_prev, changed_init, total, kept]), dtype=torch.float64)
-        counts[2] = counts[2].clamp_min(1)
+        changed_prev, changed_init, total, kept = distributed.all_reduced([changed_prev, changed_init, total, kept])
+        total = max(total, 1.0)
         self._masks_changed()
         if self.score == "wanda":
             for v in self.input_sq.values():
                 v.zero_()
-        return {"flip_rate_prev": float(counts[0] / counts[2]), "flip_rate_init": float(counts[1] / counts[2]),
-                "sparsity": 1.0 - float(counts[3] / counts[2])}
+        return {"flip_rate_prev": changed_prev / total, "flip_rate_init": changed_init / total,
+                "sparsity": 1.0 - kept / total}
 
     def _masks_changed(self) -> None:
         """After the local masks were written: the optimizer's indicators and the working partitions follow."""

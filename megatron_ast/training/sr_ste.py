@@ -124,4 +124,3 @@ class SRSTEAdamW(torch.optim.Optimizer):
         denom = torch.div(v, 1 - b2**t, out=sq).sqrt_().add_(group["eps"])
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.addcdiv_(u, denom, value=-group["lr"] / (1 - b1**t))
-

@@ -218,10 +218,10 @@ class Trainer:
                 parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / self.gas
         self.step += 1
         self.tokens += batch.numel()
+        step_s = time.perf_counter() - t0
         rec = {"step": self.step, "lr": lr, "lambda": self.srste.current_lambda(),
                **{f"loss_{k}" if k != "loss" else "loss": v for k, v in parts_sum.items()},
-               "tokens": self.tokens, "tokens_per_s": batch.numel() / (time.perf_counter() - t0),
-               "step_s": time.perf_counter() - t0,
+               "tokens": self.tokens, "tokens_per_s": batch.numel() / step_s, "step_s": step_s,
                "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         if torch.cuda.is_available():
             rec["max_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -12,8 +12,9 @@ from tests.training.conftest import REPO
 
 SRUN = """#!/usr/bin/env bash
 # stands in for srun and the ranks it starts: on SIGUSR1 "save" and exit 128+10, as the trainer does
+trap 'echo saved >> "$STUB_LOG"; exit 138' USR1  # before it says it started: the test signals on that line
+echo "master $MASTER_ADDR" >> "$STUB_LOG"
 echo "srun $*" >> "$STUB_LOG"
-trap 'echo saved >> "$STUB_LOG"; exit 138' USR1
 case "$STUB_MODE" in
   finish) sleep 0.5; echo finished >> "$STUB_LOG"; exit 0 ;;
   crash) sleep 0.5; exit 1 ;;
@@ -22,7 +23,7 @@ while true; do sleep 0.05; done
 """
 SCONTROL = """#!/usr/bin/env bash
 case "$1" in
-  show) echo node01; echo node02 ;;
+  show) for i in $(seq -w 1 20000); do echo "node$i"; done ;;  # a big allocation: more than a pipe holds
   requeue) echo "requeue $2" >> "$STUB_LOG" ;;
 esac
 """
@@ -52,7 +53,7 @@ def test_usr1_leads_to_a_save_then_a_requeue(tmp_path):
     proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@LEAD sends to the batch shell
     assert proc.wait(timeout=30) == 0, proc.stderr.read()
     text = log.read_text()
-    assert text.startswith("srun --kill-on-bad-exit=1 bash -c") and "megatron-ast train --config" in text
+    assert text.startswith("master node00001\nsrun --kill-on-bad-exit=1 bash -c") and "megatron-ast train --config" in text
     assert "--resume auto" in text and text.splitlines()[-3].endswith("run.yaml")
     assert text.splitlines()[-2:] == ["saved", "requeue 4242"]
     assert "requeueing job 4242" in proc.stderr.read()
@@ -63,6 +64,13 @@ def test_no_signal_no_requeue(tmp_path, mode, code):
     proc, log = _start(tmp_path, mode)
     assert proc.wait(timeout=30) == code
     assert "requeue" not in log.read_text()
+
+
+def test_the_master_address_is_the_first_node(tmp_path):
+    """`scontrol show hostnames | head -n 1` under pipefail: scontrol dies of SIGPIPE and the script with it."""
+    proc, log = _start(tmp_path, "finish")
+    assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    assert log.read_text().startswith("master node00001\n")
 
 
 def test_the_lead_time_given_to_the_trainer_is_the_signals():

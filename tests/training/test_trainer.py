@@ -105,6 +105,12 @@ def test_bad_configs_fail_at_load(run_dir, change, match, capsys):
      "has a 'optimizer' section"),
     ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}, "fp16": {"enabled": True}},
      "enables fp16: AST runs in bf16"),
+    ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
+      "torch_autocast": {"enabled": True, "dtype": "torch.float16"}}, "enables torch_autocast"),
+    ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu",
+      "ratio": 0.5}}}, "offload_optimizer.ratio 0.5"),
+    ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}},
+     "offload_param to nvme is untested"),
 ])
 def test_inconsistent_deepspeed_configs(tmp_path, ds, match):
     from megatron_ast.errors import UsageError
