@@ -1,4 +1,5 @@
-"""AST step overhead: the full AST step vs plain dense distillation, same setup, one run, 2 ranks.
+"""AST step overhead: the full AST step vs plain dense distillation, same setup, one run, 2 ranks; and the
+teacher held whole on every rank (`teacher.zero: false`) against the ZeRO-3 teacher (phase `ast_replica`).
 
 Both phases run on SmolLM2-135M (ZeRO-3 student and teacher, CPU/gloo or
 GPU/NCCL, whatever DeepSpeed finds): `method: dense` (distillation, no masks,
@@ -8,9 +9,12 @@ in fresh processes, one after the other, and the parent compares them: run in
 the same processes, the second phase inherited the first one's memory (peak RSS
 +2.5 GiB) and ran ~1.2 s/step slower whichever it was (measured: AST second
 +20.0%, AST first -11.6%). Prints the mean step time of each phase, the overhead
-ratio and peak RSS per rank; writes bench/results/ast_overhead-<host>.json.
+ratio and peak RSS per rank; writes bench/results/ast_overhead-<host>.json. With `ast_replica` in --order it
+also prints the replica's step time and memory against `ast`'s, and the ZeRO-3 teacher's all-gather volume
+per step by arithmetic at Llama-3-8B (every parameter gathered for every micro-batch's forward).
 
-    python bench/ast_overhead.py [--steps 10 --seq-len 128 --ranks 2 --mask-interval 10]
+    python bench/ast_overhead.py [--steps 10 --seq-len 128 --ranks 2 --mask-interval 10 --order dense ast]
+    python bench/ast_overhead.py --order ast ast_replica --out bench/results/teacher_replica-vm.json
     python bench/ast_overhead.py --model DIR --shards DIR --ds-config ds_configs/zero3_bf16.json --ranks 1  # GPU
 """
 from __future__ import annotations
@@ -56,15 +60,23 @@ def _launch(args) -> None:
         phases[method] = json.loads((work / f"phase-{method}.json").read_text())
     from machine import machine_info
 
-    ratio = phases["ast"]["mean_step_s"] / phases["dense"]["mean_step_s"]
     for m, p in phases.items():
-        print(f"{m:6s} mean step {p['mean_step_s']:.3f} s over {args.steps} steps   peak RSS per rank "
+        print(f"{m:11s} mean step {p['mean_step_s']:.3f} s over {args.steps} steps   peak RSS per rank "
               f"{p['peak_rss_gib_per_rank']} GiB")
-    print(f"AST overhead vs dense distillation: {100 * (ratio - 1):+.1f}% (ratio {ratio:.3f})")
+    result = {}
+    if "dense" in phases:
+        result["ratio"] = ratio = phases["ast"]["mean_step_s"] / phases["dense"]["mean_step_s"]
+        print(f"AST overhead vs dense distillation: {100 * (ratio - 1):+.1f}% (ratio {ratio:.3f})")
+    if "ast_replica" in phases:
+        result["replica_over_zero3_step"] = r = phases["ast_replica"]["mean_step_s"] / phases["ast"]["mean_step_s"]
+        gb = 2 * 8.03e9 * (64 - 1) / 64 / 1e9  # bf16 bytes a rank receives per micro-batch, 64 ranks
+        result["all_gather_gb_per_micro_batch_llama3_8b_64_ranks"] = {"zero3": round(gb, 2), "replica": 0}
+        print(f"replica teacher vs ZeRO-3 teacher: step time x{r:.3f}; at Llama-3-8B on 64 ranks the ZeRO-3 teacher "
+              f"all-gathers {gb:.1f} GB per rank per micro-batch (2 bytes x 8.03e9 x 63/64), the replica none")
     out = Path(args.out) if args.out else HERE / "results" / f"ast_overhead-{platform.node() or 'host'}.json"
     out.write_text(json.dumps({"model": args.model, "seq_len": args.seq_len, "deepspeed": ds, "ranks": args.ranks,
                                "mask_interval": args.mask_interval, "order": args.order, "phases": phases,
-                               "ratio": ratio, "machine": machine_info(), "date": time.strftime("%Y-%m-%d")},
+                               **result, "machine": machine_info(), "date": time.strftime("%Y-%m-%d")},
                               indent=2) + "\n")
     print(f"wrote {out}")
 
@@ -72,13 +84,14 @@ def _launch(args) -> None:
 def _worker(args) -> None:
     import torch
 
-    from megatron_ast.training.config import DataConfig, EvalConfig, LRConfig, TrainConfig
+    from megatron_ast.training.config import DataConfig, EvalConfig, LRConfig, TeacherConfig, TrainConfig
     from megatron_ast.training.trainer import Trainer
 
     work = Path(args.work)
-    method = args.phase
-    cfg = TrainConfig(model=os.environ["BENCH_MODEL"], deepspeed=str(work / "ds.json"), output_dir=str(work / method),
+    method = args.phase.removesuffix("_replica")
+    cfg = TrainConfig(model=os.environ["BENCH_MODEL"], deepspeed=str(work / "ds.json"), output_dir=str(work / args.phase),
                       data=DataConfig(train=[os.environ["BENCH_SHARDS"]], seq_len=args.seq_len), method=method,
+                      teacher=TeacherConfig(zero=not args.phase.endswith("_replica")),
                       steps=args.steps + 1, mask_interval=args.mask_interval, lr=LRConfig(1e-4, 1e-5, 0),
                       eval=EvalConfig(0, 0)).validate()
     trainer = Trainer(cfg)
@@ -99,7 +112,7 @@ def _worker(args) -> None:
     if torch.cuda.is_available():
         phase["max_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if torch.distributed.get_rank() == 0:
-        (work / f"phase-{method}.json").write_text(json.dumps(phase, indent=2))
+        (work / f"phase-{args.phase}.json").write_text(json.dumps(phase, indent=2))
 
 
 def main() -> None:
@@ -111,8 +124,9 @@ def main() -> None:
     ap.add_argument("--mask-interval", type=int, default=TrainConfig.mask_interval,
                     help="steps between mask recomputes (default: the trainer's)")
     ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--order", nargs=2, default=["dense", "ast"], choices=["dense", "ast"], help="phase order")
-    ap.add_argument("--phase", choices=["dense", "ast"], help=argparse.SUPPRESS)
+    phases = ["dense", "ast", "ast_replica"]
+    ap.add_argument("--order", nargs="+", default=["dense", "ast"], choices=phases, help="phases, in this order")
+    ap.add_argument("--phase", choices=phases, help=argparse.SUPPRESS)
     ap.add_argument("--work", default="runs/bench_ast_overhead")
     ap.add_argument("--model", help="HF model dir (default: the reference SmolLM2-135M)")
     ap.add_argument("--shards", help="token-shard dir made with the model's tokenizer (with --model)")

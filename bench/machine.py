@@ -85,10 +85,22 @@ def peak_rss_of(fn_args, target) -> tuple[object, float, float]:
     return result, peak_total / 2**30, peak_one / 2**30
 
 
-def run_process(cmd: list[str], log: Path, env: dict | None = None) -> dict:
+def _anon(proc) -> int:
+    """RssAnon of `proc` (bytes): its own memory, without the file pages it maps (safetensors, torch mmap loads),
+    which the kernel can drop and which RSS counts too."""
+    try:
+        for line in open(f"/proc/{proc.pid}/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_process(cmd: list[str], log: Path, env: dict | None = None, cwd: str | Path | None = None) -> dict:
     """Run `cmd` as a whole process (start-up included), its output to `log`; its wall seconds, the CPU seconds
-    of its process tree (user + system), and the peak RSS of the tree (sampled every 20 ms) and of its largest
-    process, in GiB. Raises on a non-zero exit."""
+    of its process tree (user + system), the peak RSS of the tree (sampled every 20 ms) and of its largest
+    process, and the peak RssAnon of its largest process, in GiB. Raises on a non-zero exit."""
     import subprocess
     import time
 
@@ -99,11 +111,15 @@ def run_process(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as out:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        proc, peak_total, peak_one = psutil.Process(p.pid), 0, 0
+        p = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+        proc, peak_total, peak_one, peak_anon = psutil.Process(p.pid), 0, 0, 0
         while p.poll() is None:
             rss = _tree_rss(proc)
             peak_total, peak_one = max(peak_total, sum(rss)), max(peak_one, max(rss))
+            try:
+                peak_anon = max([peak_anon, _anon(proc), *(_anon(c) for c in proc.children(recursive=True))])
+            except psutil.Error:
+                pass
             time.sleep(0.02)
         seconds = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the process and every child it waited for
@@ -111,7 +127,7 @@ def run_process(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     if p.returncode:
         raise RuntimeError(f"{' '.join(cmd[:3])} ... exited {p.returncode}: {Path(log).read_text()[-2000:]}")
     return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_gib_tree": peak_total / 2**30,
-            "peak_rss_gib_max_process": peak_one / 2**30}
+            "peak_rss_gib_max_process": peak_one / 2**30, "peak_anon_gib_max_process": peak_anon / 2**30}
 
 
 def _child(q, target, args):
@@ -119,3 +135,50 @@ def _child(q, target, args):
         q.put(target(*args))
     except BaseException as e:  # report to the parent instead of hanging it
         q.put(e)
+
+
+class TensorBytes:
+    """Live and peak bytes of every tensor storage made while active (forward and backward, autograd's saved
+    tensors included): the allocator's view, measured in this process, for comparing two codes side by side.
+
+        with TensorBytes() as mem:
+            ...
+        mem.peak  # bytes above what was live on entry
+    """
+
+    def __enter__(self) -> "TensorBytes":
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+        def free(key: int, nbytes: int) -> None:
+            tracker._seen.discard(key)
+            tracker.live -= nbytes
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if any(r.alias_info is not None for r in func._schema.returns):
+                    return out  # a view or an in-place op: no new storage
+                for t in tree_flatten(out)[0]:
+                    if hasattr(t, "untyped_storage") and t.device.type != "meta":
+                        st = t.untyped_storage()
+                        key = st.data_ptr()
+                        if key and key not in tracker._seen:
+                            tracker._seen.add(key)
+                            tracker.live += st.nbytes()
+                            tracker.peak = max(tracker.peak, tracker.live)
+                            weakref.finalize(st, free, key, st.nbytes())
+                return out
+
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)

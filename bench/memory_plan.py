@@ -69,7 +69,7 @@ def worker(args) -> None:
     teacher = _engine(config, ds, trainable=False)
     after_teacher = _rss()
     student = _engine(config, ds, trainable=True)
-    local = sparsify_zero3_(student, 2, 4)
+    local, _ = sparsify_zero3_(student, 2, 4)
     opt = SRSTEAdamW(param_groups(student, 0.1), lr=1e-4, srste_lambda=6e-5)
     engine, *_ = deepspeed.initialize(model=student, optimizer=opt, config=ds)
     masks = PartitionedMasks(engine, local)

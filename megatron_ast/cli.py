@@ -44,13 +44,26 @@ def _cmd_eval_ppl(a: argparse.Namespace) -> None:
 
     check_model_dir(a.model)
     windows = token_windows(a.data, a.tokenizer or a.model, a.seq_len, a.max_windows)
-    model = load_causal_lm(a.model, adapter=a.adapter)
+    model = load_causal_lm(a.model, _dtype(a), adapter=a.adapter).to(_device(a))
     if a.expect:
         _expect(model, a.expect, a.model)
     result = perplexity(model, windows, batch_size=a.batch_size)
     print(json.dumps({"model": a.model, "slorb_adapter": _adapter_used_by(a.model, a.adapter), "seq_len": a.seq_len,
                       "perplexity": result}, indent=2))
 
+
+
+def _device(a: argparse.Namespace) -> str:
+    """--device, by default the GPU when there is one."""
+    import torch
+
+    return a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype(a: argparse.Namespace):
+    import torch
+
+    return getattr(torch, a.dtype)
 
 
 def _adapter_used_by(model_dir: str, wanted: bool) -> str | None:
@@ -77,7 +90,8 @@ def _cmd_eval_lm_eval(a: argparse.Namespace) -> None:
         for m in a.model:
             check_model_dir(m)
             _expect(load_causal_lm(m, adapter=False), a.expect, m)
-    results = evaluate(a.model, a.tasks, _local_tasks_dir(a.n), a.allow_hub, a.batch_size, a.limit, a.device, a.adapter)
+    results = evaluate(a.model, a.tasks, _local_tasks_dir(a.n), a.allow_hub, a.batch_size, a.limit, _device(a), a.adapter,
+                       _dtype(a))
     print(table(results), file=sys.stderr)
     print(json.dumps({"tasks": a.tasks, "limit": a.limit, "results": results,
                       "slorb_adapters": {m: _adapter_used_by(m, a.adapter) for m in a.model}}, indent=2))
@@ -97,7 +111,7 @@ def _cmd_prune(a: argparse.Namespace) -> None:
     from megatron_ast.pruning.pipeline import PruneConfig, SparseLLMConfig
     from megatron_ast.sparsity import SparsityPattern
 
-    cfg = PruneConfig(a.method, SparsityPattern.parse(a.pattern, a.sparsity), a.blocksize, a.damp, a.device,
+    cfg = PruneConfig(a.method, SparsityPattern.parse(a.pattern, a.sparsity), a.blocksize, a.damp, _device(a),
                       SparseLLMConfig(a.sparsellm_rounds, a.sparsellm_alpha, a.sparsellm_beta, a.sparsellm_gamma),
                       prune_head=a.prune_head, prune_embeddings=a.prune_embeddings, scope=a.scope,
                       slorb_group=a.slorb_group)
@@ -116,7 +130,7 @@ def _cmd_train(a: argparse.Namespace) -> None:
     if a.dry_run:
         from megatron_ast.training.plan import plan
 
-        print(json.dumps(plan(cfg, a.world_size, a.nodes), indent=2))
+        print(json.dumps(plan(cfg, a.world_size, a.nodes, a.gpu_gib or None), indent=2))
         return
     import torch.distributed as dist
 
@@ -143,14 +157,15 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     from megatron_ast.quantization.groupwise import QuantSpec
 
     r = quantize_dir(a.model, a.out, QuantSpec(a.bits, a.group_size), a.method, a.calib, a.nsamples, a.seqlen,
-                     a.seed, a.device, fmt=a.format, adapter=a.adapter)
+                     a.seed, _device(a), fmt=a.format, adapter=a.adapter)
     print(json.dumps({k: v for k, v in r.items() if k != "layers"}, indent=2))
 
 
 def _cmd_export(a: argparse.Namespace) -> None:
     from megatron_ast.export.hf import export_checkpoint
 
-    print(json.dumps(export_checkpoint(a.checkpoint, a.out, a.dtype, a.format, a.trust_checkpoint), indent=2))
+    print(json.dumps(export_checkpoint(a.checkpoint, a.out, a.dtype, a.format, a.trust_checkpoint,
+                                                   a.max_shard_size), indent=2))
 
 
 def _cmd_checkpoint_universal(a: argparse.Namespace) -> None:
@@ -224,6 +239,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=_positive, default=512)
     s.add_argument("--max-windows", type=_positive, help="per domain, evenly spaced (default: all)")
     s.add_argument("--batch-size", type=_positive, default=4)
+    s.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when there is a GPU)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     s.add_argument("--expect", help="N:M pattern every decoder Linear must hold (e.g. 2:4), checked before evaluating")
     s.add_argument("--no-adapter", dest="adapter", action="store_false",
                    help="leave a dir's SLoRB adapter (slorb_adapter/) off: measure the 2:4 base alone")
@@ -236,7 +253,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=_positive, default=200, help="examples per local task (built once, cached)")
     s.add_argument("--limit", type=_positive, help="evaluate only the first LIMIT examples of each task")
     s.add_argument("--batch-size", type=_positive, default=8)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when there is a GPU)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     s.add_argument("--expect", help="N:M pattern every decoder Linear must hold (e.g. 2:4), checked first")
     s.add_argument("--no-adapter", dest="adapter", action="store_false",
                    help="leave a dir's SLoRB adapter (slorb_adapter/) off: measure the 2:4 base alone")
@@ -253,7 +271,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="output model dir (must not exist)")
     s.add_argument("--tokenizer", help="default: the model dir")
-    s.add_argument("--device", default="cpu", help="where each layer is pruned: cpu, cuda, cuda:1 ...")
+    s.add_argument("--device", help="where each layer is pruned: cpu, cuda, cuda:1 ... (default: cuda when there is a GPU)")
     s.add_argument("--blocksize", type=_positive, default=128, help="SparseGPT column block")
     s.add_argument("--damp", type=float, default=0.01, help="Hessian damping, relative to mean(diag H)")
     s.add_argument("--scope", choices=["row", "block"], default="row",
@@ -280,6 +298,8 @@ def parser() -> argparse.ArgumentParser:
                    help="print the resolved world, batch arithmetic and ZeRO-3 memory estimate; start nothing")
     s.add_argument("--world-size", type=_positive, help="with --dry-run: plan for this many ranks")
     s.add_argument("--nodes", type=_positive, help="with --dry-run: ... on this many nodes")
+    s.add_argument("--gpu-gib", type=float, default=80.0,
+                   help="with --dry-run: each GPU's memory, for teacher.zero auto (default 80; 0: CPU ranks)")
     s.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     s.set_defaults(fn=_cmd_train)
 
@@ -292,7 +312,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--nsamples", type=_positive, default=128)
     s.add_argument("--seqlen", type=_positive, default=2048)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when there is a GPU)")
     s.add_argument("--format", choices=["hf", "compressed-tensors"], default="hf",
                    help="hf: dequantized safetensors + our packed 2:4 file; compressed-tensors: what vLLM loads")
     s.add_argument("--out", required=True, help="output model dir (must not exist)")
@@ -303,7 +323,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="a training checkpoint -> Hugging Face safetensors (W*M) + masks + SLoRB as PEFT LoRA")
     s.add_argument("checkpoint", help="a complete checkpoint dir: <output_dir>/checkpoints/stepN")
     s.add_argument("--out", required=True, help="output model dir (must not exist)")
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the source model's")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the run's (bf16 for a bf16 run)")
+    s.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB; e.g. 500MB, 2GiB)")
     s.add_argument("--format", choices=["hf", "compressed-tensors"], default="hf",
                    help="hf: dense safetensors (W*M); compressed-tensors: 2:4 as sparse-24-bitmask, what vLLM loads")
     s.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)

@@ -70,10 +70,24 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
+_HOST_GROUP: list = []
+
+
+def host_group():
+    """A gloo group over the default group's ranks, for numbers that live on the host: a stop flag reduced every
+    step through NCCL would copy to the GPU and back, a host sync per step. Made at first use (every rank makes
+    its first `all_reduced` call at the same point, so the groups are made in the same order everywhere)."""
+    if dist.get_backend() == "gloo":
+        return None  # the default group already is
+    if not _HOST_GROUP:
+        _HOST_GROUP.append(dist.new_group(backend="gloo"))
+    return _HOST_GROUP[0]
+
+
 def all_reduced(values: list[float], op: str = "sum") -> list[float]:
-    """A few numbers reduced over all ranks (float64, one collective)."""
-    t = torch.tensor(values, dtype=torch.float64, device=backend_device())
-    dist.all_reduce(t, op=_OPS[op])
+    """A few host numbers reduced over all ranks (float64, one gloo collective: no GPU sync)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=_OPS[op], group=host_group())
     return t.tolist()
 
 

@@ -42,6 +42,21 @@ def load_causal_lm(path: str | Path, dtype=None, trust_remote_code: bool = False
     return model
 
 
+def read_flat(handle, key: str, start: int, stop: int) -> tuple["torch.Tensor", int]:  # noqa: F821
+    """Elements [start, stop) of a tensor in a safetensors file, flattened row-major, reading only the rows that
+    hold them (`get_slice`); returns them and the bytes read (what a ZeRO-3 rank needs of its partition)."""
+    sl = handle.get_slice(key)
+    shape = sl.get_shape()
+    cols = 1
+    for d in shape[1:]:
+        cols *= d
+    if stop <= start:  # a rank past the end of a small tensor holds only padding
+        return sl[0:0].reshape(-1), 0
+    r0, r1 = start // cols, -(-stop // cols)
+    rows = sl[r0:r1]
+    return rows.reshape(-1)[start - r0 * cols : stop - r0 * cols], rows.numel() * rows.element_size()
+
+
 class WeightReader:
     """Tensors of a local HF dir's safetensors weights by name, one at a time (sharded dirs too): the dense
     values a one-shot init keeps under its masks, read one Linear at a time."""
@@ -62,11 +77,32 @@ class WeightReader:
             raise UsageError(f"{p} stores its weights as pytorch_model.bin: re-save it with safetensors "
                              "(save_pretrained(..., safe_serialization=True))")
         self.path = p
+        self.bytes_read = 0
+
+    def _known(self, name: str) -> None:
+        if name not in self.files:
+            raise UsageError(f"{self.path} has no tensor {name}: is it the dense model the pruned dir was made from?")
 
     def get(self, name: str):
         from safetensors import safe_open
 
-        if name not in self.files:
-            raise UsageError(f"{self.path} has no tensor {name}: is it the dense model the pruned dir was made from?")
+        self._known(name)
         with safe_open(str(self.files[name]), framework="pt") as h:
             return h.get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        from safetensors import safe_open
+
+        self._known(name)
+        with safe_open(str(self.files[name]), framework="pt") as h:
+            return tuple(h.get_slice(name).get_shape())
+
+    def flat(self, name: str, start: int, stop: int) -> "torch.Tensor":  # noqa: F821
+        """`read_flat` of one tensor, the bytes counted in `bytes_read`."""
+        from safetensors import safe_open
+
+        self._known(name)
+        with safe_open(str(self.files[name]), framework="pt") as h:
+            values, n = read_flat(h, name, start, stop)
+        self.bytes_read += n
+        return values

@@ -37,7 +37,8 @@ def check_tasks(tasks: list[str], allow_hub: bool) -> None:
 
 
 def evaluate(models: list[str | Path], tasks: list[str], tasks_dir: Path | None, allow_hub: bool = False,
-             batch_size: int = 8, limit: int | None = None, device: str = "cpu", adapter: bool = True) -> dict:
+             batch_size: int = 8, limit: int | None = None, device: str = "cpu", adapter: bool = True,
+             dtype=None) -> dict:
     """{model dir: {task: {metric: value}}} for every model, the same tasks and documents."""
     check_tasks(tasks, allow_hub)
     for m in models:
@@ -55,7 +56,7 @@ def evaluate(models: list[str | Path], tasks: list[str], tasks_dir: Path | None,
     for m in models:
         print(f"[lm-eval] {m}: {', '.join(tasks)}", file=sys.stderr)
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries our JSON only
-            lm = HFLM(pretrained=load_causal_lm(m, adapter=adapter).to(device), tokenizer=str(m), batch_size=batch_size,
+            lm = HFLM(pretrained=load_causal_lm(m, dtype, adapter=adapter).to(device), tokenizer=str(m), batch_size=batch_size,
                       device=device)
             res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, batch_size=batch_size, limit=limit,
                                           log_samples=False, bootstrap_iters=0)

@@ -1,8 +1,9 @@
 """`megatron-ast export`: a training checkpoint -> a Hugging Face dir anyone can load.
 
-The ZeRO-3 partitions are consolidated (DeepSpeed's zero_to_fp32: the dense fp32
-master) after the checkpoint's manifest verified every file, the masks assembled
-from every rank's slices (rank<r>.safetensors); each masked weight is written as W*M
+The ZeRO-3 partitions are consolidated one tensor at a time (DeepSpeed's zero_to_fp32
+in lazy mode: the dense fp32 master) after the checkpoint's manifest verified every
+file, each mask assembled from every rank's slice (rank<r>.safetensors); each masked
+weight is written as W*M into sharded safetensors with an index (export/shards.py),
 and checked to be exactly the run's N:M pattern, so `AutoModelForCausalLM` loads
 the sparse model with no project code. Beside it: `masks.safetensors` (the same
 format `megatron-ast prune` writes, so the dir can seed another run) and, when the
@@ -29,7 +30,7 @@ from megatron_ast.sparsity import SparsityPattern, nm_violations, slorb_adapter
 from megatron_ast.sparsity.slorb import group_projection
 from megatron_ast.sparsity.slorb_adapter import ADAPTER_DIR
 from megatron_ast.training import checkpoint
-from megatron_ast.training.mask_partitions import masks_from_rank_files
+from megatron_ast.training.mask_partitions import RankMasks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,18 +39,37 @@ def _lora(sd: dict, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     s = sd.get(f"{module}.slorb.S")
     if s is None:
         return None
+    s = s.contiguous()
     in_features = sd[f"{module}.weight"].shape[1]
     p = sd.get(f"{module}.slorb.P")
-    return (p if p is not None else group_projection(in_features, in_features // s.shape[1])), s
+    return (p.contiguous() if p is not None else group_projection(in_features, in_features // s.shape[1])), s
+
+
+def _layout(config) -> tuple[list[str], set[str]]:
+    """The tensors `save_pretrained` writes for `config`'s model, in its order (parameters once each, persistent
+    buffers), and the names it does not write because they are tied to one it does (a tied lm_head). Counted on
+    the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = dict(model.named_parameters())  # tied duplicates removed: the first name is kept
+    every = set(dict(model.named_parameters(remove_duplicate=False)))
+    return [k for k in model.state_dict() if k in params or k not in every], every - set(params)
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = None, fmt: str = "hf",
-                      trust: bool = False) -> dict:
+                      trust: bool = False, max_shard_size: str = "5GB") -> dict:
     """Write `out` (must not exist) from the complete checkpoint dir `ckpt`; returns the export report. DeepSpeed's
-    consolidation unpickles its files: each must pass the weights-only loader first, unless `trust`."""
+    consolidation unpickles its files: each must pass the weights-only loader first, unless `trust`.
+
+    The HF format streams: DeepSpeed's lazy consolidation (`lazy_mode`: the optimizer files memory-mapped) gives
+    one fp32 tensor at a time, masked, cast and written into shards of `max_shard_size` (shards.py), so the
+    process holds about one tensor. The default dtype is the run's (bf16 for a bf16 run)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from megatron_ast.export import shards
 
     ckpt, out = Path(ckpt), Path(out)
     if out.exists():
@@ -58,55 +78,66 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
         raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: choose {' or '.join(FORMATS)}")
+    shard_bytes = shards.parse_size(max_shard_size)
     checkpoint.require_complete(ckpt, "export an earlier checkpoint")
-    run = json.loads((ckpt / checkpoint.STATE).read_text())["config"]
+    state = json.loads((ckpt / checkpoint.STATE).read_text())
+    run = state["config"]
     src = run["init"] if run["init"] not in ("magnitude", "wanda") else run["model"]
     check_model_dir(src)
     pattern = SparsityPattern.parse(run["pattern"])
-    checkpoint.check_pickles(ckpt, trust)
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    masks = masks_from_rank_files(checkpoint.rank_files(ckpt))
-    base, adapter = {}, {}
-    for k, v in sd.items():
-        if ".slorb." in k:
-            continue
-        module = k.rsplit(".", 1)[0]
-        base[k] = v * masks[module] if k.endswith(".weight") and module in masks else v
-    for module, mask in masks.items():
-        bad = nm_violations(base[f"{module}.weight"], pattern.n, pattern.m)
-        if bad:
-            raise RuntimeError(f"{module}: {bad} groups are not {pattern} after masking")
-        lora = _lora(sd, module)
-        if lora is not None:
-            adapter[module] = lora
-    config = AutoConfig.from_pretrained(src, local_files_only=True)
-    target = DTYPES[dtype] if dtype else getattr(config, "dtype", None) or torch.float32
-    target = DTYPES.get(target, torch.float32) if isinstance(target, str) else target
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(base, strict=False)
-    tied = {k for k in missing if model.get_parameter(k) is model.get_input_embeddings().weight}
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint does not match {src}: missing {sorted(set(missing) - tied)}, "
-                           f"unexpected {sorted(unexpected)}")
-    model.to(target)
-    report = {"checkpoint": str(ckpt), "source_model": src, "pattern": str(pattern), "dtype": str(target), "format": fmt,
-              "sparse_linears": len(masks), "all_valid": True, "slorb_adapter": ADAPTER_DIR if adapter else None,
-              "slorb_params": sum(b.numel() for _, b in adapter.values())}
     if fmt == FORMAT and (pattern.n, pattern.m) != (2, 4):
         raise UsageError(f"--format {FORMAT} stores 2:4 models, this run is {pattern}: export with --format hf")
+    checkpoint.check_pickles(ckpt, trust)
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
+    masks = RankMasks(checkpoint.rank_files(ckpt))
+    config = AutoConfig.from_pretrained(src, local_files_only=True)
+    target = DTYPES[dtype] if dtype else DTYPES.get(state.get("dtype", ""), None)
+    if target is None:  # a checkpoint from before the run's dtype was recorded: the source model's
+        target = getattr(config, "dtype", None) or torch.float32
+        target = DTYPES.get(target, torch.float32) if isinstance(target, str) else target
+    names, tied = _layout(config)
+    have = {k for k in sd if ".slorb." not in k}
+    missing, unexpected = set(names) - have, have - set(names) - tied
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not match {src}: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+
+    def make(name: str) -> torch.Tensor:
+        """One tensor as exported: the fp32 master, masked and checked for Linears, cast to `target`."""
+        t = sd[name].contiguous()
+        module = name.rsplit(".", 1)[0]
+        if name.endswith(".weight") and module in masks.shapes:
+            t = t * masks.get(module)
+            bad = nm_violations(t, pattern.n, pattern.m)
+            if bad:
+                raise RuntimeError(f"{module}: {bad} groups are not {pattern} after masking")
+        return t.to(target) if t.is_floating_point() else t
+
+    adapter = {m: lora for m in masks.shapes if (lora := _lora(sd, m)) is not None}
+    report = {"checkpoint": str(ckpt), "source_model": src, "pattern": str(pattern), "dtype": str(target), "format": fmt,
+              "sparse_linears": len(masks.shapes), "all_valid": True, "slorb_adapter": ADAPTER_DIR if adapter else None,
+              "slorb_params": sum(b.numel() for _, b in adapter.values())}
     with atomic_dir(out) as tmp:
-        if fmt == FORMAT:
-            save_compressed_tensors(model, tmp, {f"{m}.weight": v for m, v in masks.items()})
+        if fmt == FORMAT:  # compressed-tensors packs whole modules: built in memory (not streamed)
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_config(config, dtype=target)
+            model.load_state_dict({k: make(k) for k in names}, strict=False)
+            save_compressed_tensors(model, tmp, {f"{m}.weight": masks.get(m) for m in masks.shapes})
         else:
-            model.save_pretrained(tmp, safe_serialization=True)
+            specs = [(k, target if sd[k].dtype.is_floating_point else sd[k].dtype, tuple(sd[k].shape)) for k in names]
+            files = shards.write_sharded(tmp, specs, make, shard_bytes, {"format": "pt"}, desc=f"export {ckpt.name}")
+            report["files"] = [f.name for f in files]
+            config.dtype = target
+            config.save_pretrained(tmp)
         for name in TOKENIZER_FILES:
             if (Path(src) / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(Path(src) / name, tmp / name)
-        save_file({f"{m}.weight": v.contiguous() for m, v in masks.items()}, str(tmp / MASKS_FILE),
-                  metadata={"pattern": str(pattern), "method": f"{run['method']} (exported from {ckpt.name})"})
+        shards.write_file(tmp / MASKS_FILE, [(f"{m}.weight", torch.bool, shape) for m, shape in masks.shapes.items()],
+                          lambda k: masks.get(k.removesuffix(".weight")),
+                          {"pattern": str(pattern), "method": f"{run['method']} (exported from {ckpt.name})"})
         if adapter:
             slorb_adapter.save(tmp / ADAPTER_DIR, adapter, target, out)
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"exported {ckpt} -> {out}: {len(masks)} sparse Linears, all {pattern}"
+    print(f"exported {ckpt} -> {out}: {len(masks.shapes)} sparse Linears, all {pattern}"
           + (f", SLoRB adapter in {ADAPTER_DIR}/" if adapter else ""), file=sys.stderr)
     return report

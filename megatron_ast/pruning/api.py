@@ -9,10 +9,10 @@ from pathlib import Path
 
 from megatron_ast.errors import UsageError
 from megatron_ast.fsutil import atomic_dir
-from megatron_ast.modeling import check_model_dir, load_causal_lm
+from megatron_ast.modeling import check_model_dir
 from megatron_ast.pruning.calibration import calibration_samples
-from megatron_ast.pruning.pipeline import PruneConfig, prune_model, validate_shapes
-from megatron_ast.pruning.architectures import architecture_of
+from megatron_ast.pruning.pipeline import PruneConfig, model_dtype, prune_model, validate_shapes
+from megatron_ast.pruning.streamed import StreamedModel
 from megatron_ast.sparsity import slorb_adapter
 from megatron_ast.sparsity.slorb import group_projection
 
@@ -43,40 +43,38 @@ def prune_to_dir(
         if not calib:
             raise UsageError(f"--method {cfg.method} needs calibration data: pass --calib SHARD_DIRS_OR_FILES")
         samples = calibration_samples(calib, tokenizer or model_dir, nsamples, seqlen, seed)
-    model = load_causal_lm(model_dir)
-    architecture_of(model)
-    validate_shapes(model, cfg.pattern, cfg.slorb_group)
     branches = {}
-    masks, rows = prune_model(model, cfg, samples, branches)
-    report = {
-        "method": cfg.method, "pattern": str(cfg.pattern), "sparsity_target": cfg.pattern.sparsity,
-        "source_model": str(model_dir),
-        "calibration": None if samples is None else {"data": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
-        "linears": len(rows),
-        "all_valid": all(r["pattern_valid"] for r in rows),
-        "sparsity": sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in rows)
-        / sum(r["shape"][0] * r["shape"][1] for r in rows),
-        "seconds": round(time.perf_counter() - t0, 1),
-        "layers": rows,
-    }
-    errors = [r["reconstruction_error"] for r in rows if r["reconstruction_error"] is not None]
-    report["mean_reconstruction_error"] = sum(errors) / len(errors) if errors else None
-    if branches:
-        ratios = sorted(r["slorb_residual_ratio"] for r in rows if "slorb_residual_ratio" in r)
-        report["slorb"] = {"group": cfg.slorb_group, "init": "fitted", "adapter": slorb_adapter.ADAPTER_DIR,
-                           "branches": len(branches), "parameters": sum(s.numel() for s in branches.values()),
-                           "median_residual_ratio": ratios[len(ratios) // 2]}
-    from safetensors.torch import save_file
-
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+    with atomic_dir(out_dir) as tmp:  # the layers' files go inside: a failure leaves nothing behind
+        streamed = StreamedModel(model_dir, tmp / ".layers", cfg.device)
+        if slorb_adapter.adapter_dir(model_dir) is not None:
+            print(f"[prune] {slorb_adapter.adapter_dir(model_dir)} not used: the base is pruned", file=sys.stderr)
+        validate_shapes(streamed.model, cfg.pattern, cfg.slorb_group)
+        masks, rows = prune_model(streamed.model, cfg, samples, branches, layers_io=streamed)
+        report = {
+            "method": cfg.method, "pattern": str(cfg.pattern), "sparsity_target": cfg.pattern.sparsity,
+            "source_model": str(model_dir),
+            "calibration": None if samples is None else {"data": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+            "linears": len(rows),
+            "all_valid": all(r["pattern_valid"] for r in rows),
+            "sparsity": sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in rows)
+            / sum(r["shape"][0] * r["shape"][1] for r in rows),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "layers": rows,
+        }
+        errors = [r["reconstruction_error"] for r in rows if r["reconstruction_error"] is not None]
+        report["mean_reconstruction_error"] = sum(errors) / len(errors) if errors else None
+        if branches:
+            ratios = sorted(r["slorb_residual_ratio"] for r in rows if "slorb_residual_ratio" in r)
+            report["slorb"] = {"group": cfg.slorb_group, "init": "fitted", "adapter": slorb_adapter.ADAPTER_DIR,
+                               "branches": len(branches), "parameters": sum(s.numel() for s in branches.values()),
+                               "median_residual_ratio": ratios[len(ratios) // 2]}
+        streamed.save(tmp, masks, MASKS_FILE, {"pattern": str(cfg.pattern), "method": cfg.method})
+        shutil.rmtree(tmp / ".layers")
         for name in TOKENIZER_FILES:
             if (Path(model_dir) / name).is_file():
                 shutil.copy2(Path(model_dir) / name, tmp / name)
-        save_file({k: v.contiguous() for k, v in masks.items()}, str(tmp / MASKS_FILE),
-                  metadata={"pattern": str(cfg.pattern), "method": cfg.method})
         if branches:  # base + adapter, as an AST export: every loader measures the two together
-            dtype = next(model.parameters()).dtype
+            dtype = model_dtype(streamed.model)
             slorb_adapter.save(tmp / slorb_adapter.ADAPTER_DIR, {name: (group_projection(b.shape[1] * cfg.slorb_group,
                                cfg.slorb_group), b) for name, b in branches.items()}, dtype, out_dir)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")

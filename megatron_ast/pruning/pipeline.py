@@ -94,16 +94,37 @@ def _layer_forward(layer: nn.Module, x: torch.Tensor, args, kwargs) -> torch.Ten
     return (out[0] if isinstance(out, tuple) else out)[0]
 
 
-def _outside_layers_to(model: nn.Module, layers_path: str, device: str) -> None:
-    """Move everything but the decoder layers (embeddings, rotary tables, final norm) to `device`."""
+def _outside_layers_to(model: nn.Module, layers_path: str, device: str, dtype: torch.dtype) -> None:
+    """Move everything but the decoder layers (embeddings, rotary tables, final norm) to `device`, the parameters
+    in `dtype` (buffers such as rotary tables keep theirs)."""
     parent_path, _, attr = layers_path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     layers = getattr(parent, attr)
     setattr(parent, attr, nn.ModuleList())
     try:
-        model.to(device)
+        for module in model.modules():
+            for name, p in module._parameters.items():
+                if p is not None:
+                    p.data = p.data.to(device, dtype if p.is_floating_point() else p.dtype)
+            for name, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[name] = b.to(device)
     finally:
         setattr(parent, attr, layers)
+
+
+class InMemoryLayers:
+    """Where walk_layers gets each decoder layer: here, the model's own, moved to `device` in fp32 for its turn
+    and back to the CPU in the model's dtype after (pruning/streamed.py reads and writes files instead)."""
+
+    def __init__(self, device: str, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+
+    def load(self, i: int, layer: nn.Module) -> None:
+        layer.to(self.device).float()
+
+    def release(self, i: int, layer: nn.Module) -> None:
+        layer.to("cpu").to(self.dtype)
 
 
 def validate_shapes(model: nn.Module, pattern: SparsityPattern, slorb_group: int | None = None) -> None:
@@ -130,24 +151,31 @@ def _prune_linear(method: str, w: torch.Tensor, h: torch.Tensor | None, cfg: Pru
     return sparsegpt(w, h, cfg.pattern, cfg.blocksize, cfg.damp, cfg.scope)
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return model.get_input_embeddings().weight.dtype
+
+
 def walk_layers(model: nn.Module, calib: torch.Tensor | None, device: str, desc: str, visit,
-                record_ffn: bool = False, after=None) -> torch.Tensor | None:
+                record_ffn: bool = False, after=None, layers_io=None) -> torch.Tensor | None:
     """The sequential pass: per decoder layer, collect its Linears' input moments on the dense layer,
     `visit(i, layer, linears, hessians, ffn_io)` (which may change the layer), then push the calibration
-    activations through the changed layer, then `after(i, layer)` when given. Returns the last layer's
-    outputs (None without `calib`)."""
+    activations through the changed layer, then `after(i, layer)` when given. Everything runs in fp32 on
+    `device`; `layers_io` (default InMemoryLayers) brings each layer there and takes it away. Returns the
+    last layer's outputs (None without `calib`)."""
     arch = architecture_of(model)
     layers = arch.layers(model)
+    home = model_dtype(model)
+    layers_io = layers_io or InMemoryLayers(device, home)
     model.eval()
     inps = None
     with torch.no_grad():
         if calib is not None:
-            _outside_layers_to(model, arch.layers_path, device)
+            _outside_layers_to(model, arch.layers_path, device, torch.float32)
             inps, args, kwargs = _capture_inputs(model, layers[0], calib, device)
-            _outside_layers_to(model, arch.layers_path, "cpu")
+            _outside_layers_to(model, arch.layers_path, "cpu", home)
         # shown in a log file too (a bar redrawn at most every 5 s): minutes of silence look like a hang
         for i, layer in enumerate(tqdm(layers, desc=desc, file=sys.stderr, mininterval=0 if sys.stderr.isatty() else 5)):
-            layer.to(device)
+            layers_io.load(i, layer)
             linears = prunable_linears(layer)
             hessians = ffn_io = None
             if calib is not None:
@@ -163,18 +191,21 @@ def walk_layers(model: nn.Module, calib: torch.Tensor | None, device: str, desc:
                 inps = torch.stack([_layer_forward(layer, x, args, kwargs) for x in inps])
             if after is not None:
                 after(i, layer)
-            layer.to("cpu")
+            layers_io.release(i, layer)
     return inps
 
 
 def prune_model(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | None,
-                branches: dict | None = None) -> tuple[dict, list[dict]]:
+                branches: dict | None = None, layers_io=None) -> tuple[dict, list[dict]]:
     """Prune every decoder Linear of `model` in place; returns (masks by parameter name, per-Linear report).
     With `cfg.slorb_group`, `branches` gets each decoder Linear's fitted SLoRB S (by module name); the
-    calibration pass then runs each pruned layer with its branches on, as the model will be used."""
+    calibration pass then runs each pruned layer with its branches on, as the model will be used.
+    `layers_io` (pruning/streamed.py) loads each layer and writes it away with its masks: the masks
+    returned are then those it did not take (lm_head's, the embedding's)."""
     arch = architecture_of(model)
     validate_shapes(model, cfg.pattern, cfg.slorb_group)
-    masks, report = {}, []
+    masks = layers_io.masks if layers_io is not None else {}
+    report = []
     branches = {} if branches is None else branches
     pruned_weights = {}  # this layer's, while its branches are folded in for the calibration pass
 
@@ -221,7 +252,8 @@ def prune_model(model: nn.Module, cfg: PruneConfig, calib: torch.Tensor | None,
                 fit_branch(i, name, mod, dense, new, h, report[-1])
 
     hidden = walk_layers(model, calib if needs_data else None, cfg.device, f"prune {cfg.method} {cfg.pattern}", visit,
-                         record_ffn=cfg.method == "sparsellm", after=unfold if cfg.slorb_group else None)
+                         record_ffn=cfg.method == "sparsellm", after=unfold if cfg.slorb_group else None,
+                         layers_io=layers_io)
     with torch.no_grad():
         _prune_outside_layers(model, arch, cfg, hidden, masks, report)
     return masks, report
@@ -241,14 +273,15 @@ def _prune_outside_layers(model: nn.Module, arch, cfg: PruneConfig, hidden, mask
         name = f"{names[id(module)]}.weight"
         cfg.pattern.check_shape(module.weight.shape[1], name)
         h = None
+        home = model_dtype(model)
         if what == "lm_head" and hidden is not None:
-            _outside_layers_to(model, arch.layers_path, cfg.device)
+            _outside_layers_to(model, arch.layers_path, cfg.device, torch.float32)
             h = torch.zeros(module.weight.shape[1], module.weight.shape[1], device=cfg.device)
             for x in hidden:
                 x = arch.to_head(model, x.unsqueeze(0)).reshape(-1, h.shape[0]).float()
                 h.addmm_(x.t(), x)
             h /= hidden.shape[0] * hidden.shape[1]
-            _outside_layers_to(model, arch.layers_path, "cpu")
+            _outside_layers_to(model, arch.layers_path, "cpu", home)
         method = cfg.method if what == "lm_head" else "magnitude"
         method = "sparsegpt" if method == "sparsellm" else method
         dense = module.weight.detach().float().clone()

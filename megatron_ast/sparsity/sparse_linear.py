@@ -39,14 +39,15 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor], slorb: SLoRBConf
     return model
 
 
-def sparsify_module_(module: nn.Module, mask: torch.Tensor, slorb: SLoRBConfig | None = None, name: str = "",
+def sparsify_module_(module: nn.Module, mask: torch.Tensor | None, slorb: SLoRBConfig | None = None, name: str = "",
                      hold_mask: bool = True, fitted_s: torch.Tensor | None = None) -> None:
     """Make one nn.Linear a SparseLinear. Its full weight must be present (under ZeRO-3: gathered).
-    `hold_mask=False`: the caller keeps the weight masked (ZeRO-3's partitions), the module holds no mask.
+    `hold_mask=False`: the caller keeps the weight masked (ZeRO-3's partitions), the module holds no mask (and
+    without SLoRB needs none: `mask` None).
     `fitted_s`: SLoRB's S for init fitted."""
     if type(module) is not nn.Linear:
         raise TypeError(f"{name} belongs to a {type(module).__name__}, not an nn.Linear")
-    if mask.shape != module.weight.shape:
+    if mask is not None and mask.shape != module.weight.shape:
         raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, the weight {tuple(module.weight.shape)}")
     module.__class__ = SparseLinear
     module.mask = (nn.Parameter(mask.to(module.weight.dtype).to(module.weight.device), requires_grad=False)

@@ -66,6 +66,16 @@ class GMPConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """How the frozen teacher is held. `zero: true`: a ZeRO-3 engine (1/world of it per rank; every layer is
+    all-gathered for every micro-batch). `false`: a whole replica per rank in the run's dtype, no all-gather.
+    `auto`: the replica when it takes at most `replica_max_fraction` of the GPU's memory, else ZeRO-3; on the
+    CPU always ZeRO-3 (a replica per rank multiplies the node's host memory by its ranks)."""
+    zero: bool | str = "auto"
+    replica_max_fraction: float = 0.25
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 0  # steps; 0 = only at the end (and on SIGTERM/SIGUSR1)
     keep: int = 3  # complete checkpoints kept (older ones are deleted); 0 = all
@@ -103,6 +113,7 @@ class TrainConfig:
     srste: SRSTEConfig = field(default_factory=SRSTEConfig)
     gmp: GMPConfig = field(default_factory=GMPConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     slorb: SLoRBConfig | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -133,6 +144,10 @@ class TrainConfig:
             raise UsageError(f"optimizer.second_moment must be update or gradient, got {self.optimizer.second_moment!r}")
         if self.srste.lam < 0 or self.srste.t_inc < 0:
             raise UsageError("srste.lam and srste.t_inc must be >= 0")
+        if self.teacher.zero not in (True, False, "auto"):
+            raise UsageError(f"teacher.zero must be true, false or auto, got {self.teacher.zero!r}")
+        if not 0 < self.teacher.replica_max_fraction <= 1:
+            raise UsageError(f"teacher.replica_max_fraction must be in (0, 1], got {self.teacher.replica_max_fraction}")
         if self.dist_timeout_s < 1:
             raise UsageError(f"dist_timeout_s must be at least 1, got {self.dist_timeout_s}")
         if self.checkpoint.every < 0 or self.checkpoint.keep < 0:
@@ -184,6 +199,12 @@ class TrainConfig:
         """Where the student's weights (and tokenizer) come from."""
         return self.model if self.init in INIT_METRICS else self.init
 
+    def teacher_on_zero3(self, teacher_bytes: int, gpu_bytes: int | None) -> bool:
+        """Whether the teacher is a ZeRO-3 engine (see TeacherConfig); `gpu_bytes` None: no GPU."""
+        if self.teacher.zero != "auto":
+            return bool(self.teacher.zero)
+        return gpu_bytes is None or teacher_bytes > self.teacher.replica_max_fraction * gpu_bytes
+
     @property
     def pattern_obj(self) -> SparsityPattern:
         return SparsityPattern.parse(self.pattern)
@@ -201,7 +222,7 @@ def _build(cls, raw: Any, where: str):
         raise UsageError(f"unknown key(s) {unknown} in {where}; known: {sorted(fields)}")
     kwargs = {}
     hints = {"data": DataConfig, "lr": LRConfig, "optimizer": OptimConfig, "srste": SRSTEConfig, "gmp": GMPConfig,
-             "distill": DistillConfig, "slorb": SLoRBConfig, "eval": EvalConfig,
+             "distill": DistillConfig, "teacher": TeacherConfig, "slorb": SLoRBConfig, "eval": EvalConfig,
              "checkpoint": CheckpointConfig}
     for k, v in raw.items():
         kwargs[k] = _build(hints[k], v, f"{where}.{k}") if k in hints and v is not None else v

@@ -51,7 +51,7 @@ def decoder_linears(model) -> dict:
 def input_norms_zero3(engine, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """||X_j||_2 of every decoder Linear's inputs over all ranks' `batches` (Wanda's input norms).
 
-    Runs `engine` (a ZeRO-3 engine of the dense model) forward on this rank's batches; every rank
+    Runs `engine` (a ZeRO-3 engine of the dense model, or a whole replica of it) forward on this rank's batches; every rank
     must pass the same number of batches (ZeRO-3's gathers are collective). The sums of squares
     are all-reduced, so every rank returns the same norms.
     """
@@ -63,7 +63,8 @@ def input_norms_zero3(engine, batches: list[torch.Tensor]) -> dict[str, torch.Te
             sq[name] = sq.get(name, 0) + (x.reshape(-1, x.shape[-1]) ** 2).sum(0)
         return record
 
-    handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in decoder_linears(engine.module).items()]
+    model = getattr(engine, "module", engine)  # DeepSpeed's engine wraps the model
+    handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in decoder_linears(model).items()]
     was_training = engine.training
     engine.eval()
     try:
@@ -78,25 +79,10 @@ def input_norms_zero3(engine, batches: list[torch.Tensor]) -> dict[str, torch.Te
     return {name: v.sqrt().cpu() for name, v in sq.items()}
 
 
-def initial_mask(name: str, weight: torch.Tensor, n: int, m: int, stored=None, reader=None, dense: bool = False,
-                 input_norms: dict[str, torch.Tensor] | None = None, masks_file=None, dense_values=None) -> torch.Tensor:
-    """The starting mask of one (gathered) decoder weight, on the weight's device: the stored one (a safe_open
-    handle of masks.safetensors; with `reader`, the dense values go under its pruned positions), all ones
-    (`dense`), Wanda's (`input_norms`) or magnitude's."""
-    if stored is not None:
-        if f"{name}.weight" not in stored.keys():
-            raise UsageError(f"{masks_file} has no mask for {name}: was it pruned from this model?")
-        mask = stored.get_tensor(f"{name}.weight").to(weight.device, torch.bool)
-        if mask.shape != weight.shape:
-            raise UsageError(f"{masks_file}: the mask of {name} is {tuple(mask.shape)}, the weight "
-                             f"{tuple(weight.shape)}: was it pruned from this model?")
-        if reader is not None:
-            values = reader.get(f"{name}.weight")
-            if values.shape != weight.shape:
-                raise UsageError(f"{dense_values}: {name}.weight is {tuple(values.shape)}, the pruned model's "
-                                 f"{tuple(weight.shape)}: give the dense model the pruned dir was made from")
-            weight.data.copy_(torch.where(mask, weight.data, values.to(weight.device, weight.dtype)))
-        return mask
+def initial_mask(name: str, weight: torch.Tensor, n: int, m: int, dense: bool = False,
+                 input_norms: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The starting mask of one gathered decoder weight made from it, on the weight's device: all ones (`dense`),
+    Wanda's (`input_norms`) or magnitude's. (A stored mask is read slice by slice: `_stored_slice`.)"""
     if dense:
         return torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
     score = weight.detach().float().abs()
@@ -105,16 +91,58 @@ def initial_mask(name: str, weight: torch.Tensor, n: int, m: int, stored=None, r
     return nm_mask(score, n, m)
 
 
+def _partition_range(weight) -> tuple[int, int]:
+    """[start, stop) of the flattened weight that this rank's ZeRO-3 partition holds (padding excluded)."""
+    ps = weight.partition_numel()
+    start = torch.distributed.get_rank() * ps
+    return start, max(start, min(weight.ds_numel, start + ps))
+
+
+def _stored_slice(stored, masks_file, name: str, weight, reader, dense_values) -> tuple[torch.Tensor, int]:
+    """This rank's slice of a stored mask, read alone; with `reader`, the dense values under its pruned positions
+    go straight into the partition (no gather). Returns the slice and the bytes read."""
+    from megatron_ast.modeling import read_flat
+
+    key = f"{name}.weight"
+    if key not in stored.keys():
+        raise UsageError(f"{masks_file} has no mask for {name}: was it pruned from this model?")
+    shape = tuple(weight.ds_shape)
+    if tuple(stored.get_slice(key).get_shape()) != shape:
+        raise UsageError(f"{masks_file}: the mask of {name} is {tuple(stored.get_slice(key).get_shape())}, the weight "
+                         f"{shape}: was it pruned from this model?")
+    start, stop = _partition_range(weight)
+    mask, n = read_flat(stored, key, start, stop)
+    mask = mask.to(weight.ds_tensor.device, torch.bool)
+    if reader is not None:
+        if reader.shape(key) != shape:
+            raise UsageError(f"{dense_values}: {key} is {reader.shape(key)}, the pruned model's {shape}: give the "
+                             "dense model the pruned dir was made from")
+        part = weight.ds_tensor.data[: stop - start]
+        values = reader.flat(key, start, stop).to(part.device, part.dtype)
+        part.copy_(torch.where(mask, part, values))
+    return mask, n
+
+
+def _whole(local: torch.Tensor, weight) -> torch.Tensor:
+    """The full mask from every rank's slice (all-gathered: the network, not the file system, serves it)."""
+    ps = weight.partition_numel()
+    padded = torch.zeros(ps, dtype=torch.bool, device=local.device)
+    padded[: local.numel()] = local
+    flat = torch.cat(distributed.all_gather(padded.to(torch.uint8)))[: weight.ds_numel].bool()
+    return flat.reshape(tuple(weight.ds_shape))
+
+
 def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None, slorb: SLoRBConfig | None = None,
                     input_norms: dict[str, torch.Tensor] | None = None, dense: bool = False,
-                    dense_values: str | Path | None = None,
-                    fitted_s: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Make every decoder Linear sparse; returns this rank's mask slices (for PartitionedMasks). Masks: from
-    `masks_file` (a one-shot pruned dir's), else by Wanda when `input_norms` are given, else by magnitude;
-    `dense` starts with all-ones masks (gmp). `dense_values`: the dense model dir whose values the weights
-    under a stored mask's pruned positions take (kept ones stay the pruned dir's reconstruction), so the
-    forward is the one-shot model's while SLoRB's init, SR-STE and regrowth see the dense weights.
-    `fitted_s`: SLoRB's S by Linear name, for `slorb.init: fitted` (the pruned dir's adapter)."""
+                    dense_values: str | Path | None = None, fitted_s: dict[str, torch.Tensor] | None = None,
+                    ds_config: dict | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """Make every decoder Linear sparse; returns this rank's mask slices (for PartitionedMasks) and the bytes it
+    read of the masks and dense values. Masks: from `masks_file` (a one-shot pruned dir's: each rank reads only
+    the rows its partition overlaps), else by Wanda when `input_norms` are given, else by magnitude; `dense`
+    starts with all-ones masks (gmp). `dense_values`: the dense model dir whose values the weights under a
+    stored mask's pruned positions take (kept ones stay the pruned dir's reconstruction), so the forward is the
+    one-shot model's while SLoRB's init, SR-STE and regrowth see the dense weights. `fitted_s`: SLoRB's S by
+    Linear name, for `slorb.init: fitted`. SLoRB's parameters are partitioned (`ds_config`) as each is made."""
     import deepspeed
 
     from megatron_ast.modeling import WeightReader
@@ -125,17 +153,27 @@ def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None,
 
         stored = safe_open(str(masks_file), framework="pt")
     reader = WeightReader(dense_values) if dense_values is not None and stored is not None else None
-    local = {}
+    local, read = {}, 0
     for name, mod in decoder_linears(model).items():
-        # all ranks compute the same weight; rank 0's is re-partitioned when it was changed
-        with deepspeed.zero.GatheredParameters([mod.weight], modifier_rank=0 if reader is not None else None):
-            if mod.weight.shape[1] % m:
-                raise UsageError(f"{name}: in_features {mod.weight.shape[1]} is not a multiple of M={m}")
-            mask = initial_mask(name, mod.weight, n, m, stored, reader, dense, input_norms, masks_file, dense_values)
-            if fitted_s is not None and name not in fitted_s:
-                raise UsageError(f"slorb init fitted: the pruned dir's adapter has no branch for {name}: "
-                                 "prune with --slorb-group")
+        w = mod.weight
+        if w.ds_shape[1] % m:
+            raise UsageError(f"{name}: in_features {w.ds_shape[1]} is not a multiple of M={m}")
+        if fitted_s is not None and name not in fitted_s:
+            raise UsageError(f"slorb init fitted: the pruned dir's adapter has no branch for {name}: "
+                             "prune with --slorb-group")
+        if stored is not None:
+            local[name], nbytes = _stored_slice(stored, masks_file, name, w, reader, dense_values)
+            read += nbytes
+            if slorb is None:
+                sparsify_module_(mod, None, None, name, hold_mask=False)
+                continue
+            mask = _whole(local[name], w)
+        with deepspeed.zero.GatheredParameters([w]):
+            if stored is None:
+                mask = initial_mask(name, w, n, m, dense, input_norms)
+                local[name] = local_mask(mask, w)
             sparsify_module_(mod, mask, slorb, name, hold_mask=False,
                              fitted_s=fitted_s[name] if fitted_s is not None else None)
-            local[name] = local_mask(mask, mod.weight)
-    return local
+        if mod.slorb is not None and ds_config is not None:
+            deepspeed.zero.Init(module=mod.slorb, config_dict_or_path=ds_config)  # partitioned now, not at initialize
+    return local, read + (reader.bytes_read if reader is not None else 0)

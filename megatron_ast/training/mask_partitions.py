@@ -307,21 +307,33 @@ def _check_zero3(zero) -> None:
                                     "masking the working copy would zero the master's pruned weights")
 
 
-def masks_from_rank_files(files: list, kind: str = "current") -> dict[str, torch.Tensor]:
-    """Full masks (bool, weight-shaped, by Linear name) assembled from every rank's `state_dict` file:
-    for export and inspection, in one process."""
-    from safetensors import safe_open
+class RankMasks:
+    """The full masks of a checkpoint, assembled one Linear at a time from every rank's file (`state_dict`):
+    `shapes` is read at once (a few bytes per Linear), each mask only when asked for (export streams them)."""
 
-    flat: dict[str, torch.Tensor] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as h:
+    def __init__(self, files: list, kind: str = "current"):
+        from safetensors import safe_open
+
+        self.kind = kind
+        self.handles = [safe_open(str(f), framework="pt") for f in files]
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._ranges: dict[str, list[tuple[int, int, int]]] = {}  # name: (handle, start, valid)
+        for i, h in enumerate(self.handles):
             for key in h.keys():
-                if not (key.startswith("mask.") and key.endswith(".shape")):
-                    continue
-                name = key[len("mask.") : -len(".shape")]
-                shapes[name] = tuple(h.get_tensor(key).tolist())
-                start, valid = h.get_tensor(f"mask.{name}.range").tolist()
-                full = flat.setdefault(name, torch.zeros(math.prod(shapes[name]), dtype=torch.bool))
-                full[start : start + valid] = h.get_tensor(f"mask.{name}.{kind}").bool()
-    return {name: v.view(shapes[name]) for name, v in flat.items()}
+                if key.startswith("mask.") and key.endswith(".shape"):
+                    name = key[len("mask.") : -len(".shape")]
+                    self.shapes[name] = tuple(h.get_tensor(key).tolist())
+                    start, valid = h.get_tensor(f"mask.{name}.range").tolist()
+                    self._ranges.setdefault(name, []).append((i, start, valid))
+
+    def get(self, name: str) -> torch.Tensor:
+        full = torch.zeros(math.prod(self.shapes[name]), dtype=torch.bool)
+        for i, start, valid in self._ranges[name]:
+            full[start : start + valid] = self.handles[i].get_tensor(f"mask.{name}.{self.kind}").bool()
+        return full.view(self.shapes[name])
+
+
+def masks_from_rank_files(files: list, kind: str = "current") -> dict[str, torch.Tensor]:
+    """Every full mask at once (bool, weight-shaped, by Linear name): for inspection and tests, in one process."""
+    masks = RankMasks(files, kind)
+    return {name: masks.get(name) for name in masks.shapes}

@@ -92,6 +92,33 @@ def memory_per_rank(total: int, largest: int, masked: int, world: int, bf16: boo
             "cpu": sum(b for b, on in parts.values() if on == "cpu")}
 
 
+def working_memory(config, micro: int, seq_len: int, bf16: bool = True, checkpointing: bool = False,
+                   teacher: bool = True) -> dict[str, int]:
+    """Bytes one GPU holds for one micro-batch's forward and backward beyond the model states, per part.
+
+    Assumptions (a Llama-shaped decoder, as transformers runs it with SDPA/flash attention: no s x s scores
+    kept):
+      - activations saved for the backward, per token and layer, in the run's dtype: the two RMSNorms' inputs
+        and outputs (4h), q and the attention output (2h), k and v (2 h_kv), the o_proj input (h), and the
+        MLP's gate, up, SiLU(gate) and their product (4i): 7h + 2 h_kv + 4i elements. With
+        activation_checkpointing only each layer's input (h) is kept, and one layer is recomputed at a time;
+      - the student's and the teacher's logits and the loss's gradient (3 x tokens x vocabulary in the run's
+        dtype), plus the chunked loss's working set (training/distillation.py: 8 chunks of CHUNK_BYTES,
+        measured 0.5 GiB at 128k vocabulary by bench/loss_memory.py);
+      - the teacher's forward (no_grad) keeps one layer's outputs at a time: 2 x tokens x hidden."""
+    from megatron_ast.training.distillation import CHUNK_BYTES
+
+    bw = 2 if bf16 else 4
+    tokens = micro * seq_len
+    h, layers, i = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    kv = h // config.num_attention_heads * getattr(config, "num_key_value_heads", config.num_attention_heads)
+    per_layer = (7 * h + 2 * kv + 4 * i) * tokens * bw
+    acts = layers * tokens * h * bw + per_layer if checkpointing else layers * per_layer
+    return {"activations": acts,
+            "logits_and_loss": 3 * tokens * config.vocab_size * bw + 8 * CHUNK_BYTES,
+            "teacher_forward": 2 * tokens * h * bw if teacher else 0}
+
+
 def deepspeed_estimate(total: int, largest: int, per_node: int, nodes: int, offload_optimizer: bool,
                        offload_params: bool) -> dict:
     """DeepSpeed's own ZeRO-3 model-state estimate (per GPU, and CPU per node), for comparison."""
@@ -115,21 +142,31 @@ def gpus_needed(total: int, largest: int, masked: int, gpu_gib: float = 80.0, re
     raise UsageError(f"{total:,} parameters do not fit any world size")
 
 
-def plan(cfg: TrainConfig, world_size: int | None = None, nodes: int | None = None) -> dict:
+def plan(cfg: TrainConfig, world_size: int | None = None, nodes: int | None = None, gpu_gib: float | None = 80.0) -> dict:
+    """The dry run's report; `gpu_gib`: the memory of the GPUs planned for (None: CPU ranks)."""
     from transformers import AutoConfig
 
     world = resolve_world(world_size, nodes)
     ds = load_ds_config(cfg.deepspeed, world["world_size"])
     micro, gas = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
     global_batch = micro * gas * world["world_size"]
-    total, largest, masked = param_counts(AutoConfig.from_pretrained(cfg.student_dir, local_files_only=True))
+    model_config = AutoConfig.from_pretrained(cfg.student_dir, local_files_only=True)
+    total, largest, masked = param_counts(model_config)
     zero = ds.get("zero_optimization", {})
     offload_opt = zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
     offload_param = zero.get("offload_param", {}).get("device") in ("cpu", "nvme")
     bf16 = bool(ds.get("bf16", {}).get("enabled"))
     teacher = cfg.method in ("ast", "dense") and (cfg.distill.w_kl > 0 or cfg.distill.w_sq > 0)
+    teacher_zero3 = cfg.teacher_on_zero3(total * (2 if bf16 else 4), int(gpu_gib * 2**30) if gpu_gib else None)
     mem = memory_per_rank(total, largest, masked, world["world_size"], bf16, offload_opt, offload_param, teacher,
                           cfg.method != "dense", int(zero.get("sub_group_size", 10**9)))
+    if teacher and not teacher_zero3:  # a whole replica instead of a partition
+        mem["parts"]["teacher_params"] = {"bytes": total * (2 if bf16 else 4), "on": "gpu"}
+    work = working_memory(model_config, micro, cfg.data.seq_len, bf16, cfg.activation_checkpointing, teacher)
+    for k, b in work.items():
+        mem["parts"][k] = {"bytes": b, "on": "gpu"}
+    mem["gpu"] = sum(v["bytes"] for v in mem["parts"].values() if v["on"] == "gpu")
+    mem["cpu"] = sum(v["bytes"] for v in mem["parts"].values() if v["on"] == "cpu")
     est = deepspeed_estimate(total, largest, world["per_node"], world["nodes"], offload_opt, offload_param)
     gib = lambda b: float(f"{b / 2**30:.4g}")  # noqa: E731
     return {
@@ -144,6 +181,14 @@ def plan(cfg: TrainConfig, world_size: int | None = None, nodes: int | None = No
                                    "student_model_states_cpu_per_node": gib(est["cpu_per_node"]),
                                    "ours_over_deepspeed": round(mem["student_model_states_gpu"] / est["gpu"], 3)},
         "offload": {"optimizer": offload_opt, "params": offload_param},
-        "not_counted": "activations (micro batch x seq_len x layers; checkpointed with activation_checkpointing), "
-                       "the CUDA context, allocator slack",
+        "teacher": None if not teacher else {
+            "held_as": "zero3" if teacher_zero3 else "replica",
+            "why": f"teacher.zero {cfg.teacher.zero!r}" + (
+                f": {gib(total * (2 if bf16 else 4))} GiB against {cfg.teacher.replica_max_fraction:g} of a "
+                f"{gpu_gib:g} GiB GPU" if cfg.teacher.zero == "auto" and gpu_gib else ""),
+            "all_gather_gib_per_step": gib(0 if not teacher_zero3 else
+                                           total * (2 if bf16 else 4) * gas * (world["world_size"] - 1) / world["world_size"])},
+        "activation_checkpointing": cfg.activation_checkpointing,
+        "assumptions": "activations, logits and loss, teacher forward: plan.working_memory's docstring; "
+                       "not counted: the CUDA context, NCCL buffers, allocator fragmentation",
     }

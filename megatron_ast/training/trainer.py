@@ -105,9 +105,18 @@ class Trainer:
         self.distill = DistillConfig(1.0, 0.0, 0.0, cfg.distill.temperature) if baseline else cfg.distill
 
         self.teacher = None
+        self.teacher_zero3 = None
         if self.distill.w_kl > 0 or self.distill.w_sq > 0:
-            _rank0_print(f"[train] teacher: {cfg.model} (frozen, ZeRO-3, no optimizer)")
-            self.teacher = self._dense_engine(dtype)
+            from transformers import AutoConfig
+
+            from megatron_ast.training.plan import param_counts
+
+            total = param_counts(AutoConfig.from_pretrained(cfg.model, local_files_only=True))[0]
+            gpu = torch.cuda.get_device_properties(distributed.local_rank()).total_memory if torch.cuda.is_available() else None
+            self.teacher_zero3 = cfg.teacher_on_zero3(total * dtype.itemsize, gpu)
+            _rank0_print(f"[train] teacher: {cfg.model} (frozen, "
+                         f"{'ZeRO-3' if self.teacher_zero3 else 'a whole replica on every rank'}, no optimizer)")
+            self.teacher = self._dense_engine(dtype) if self.teacher_zero3 else self._replica(dtype)
             self._teacher_sum = self._teacher_checksum()
         # a resumed run takes its masks from the checkpoint: no calibration pass then
         wanda = cfg.init == "wanda" and cfg.method != "dense" and self.resume_tag is None
@@ -119,12 +128,13 @@ class Trainer:
                      f" ZeRO-3 on {self.world} ranks")
         student = load_zero3(cfg.student_dir, self.ds, dtype)
         masks_file = None if cfg.init in ("magnitude", "wanda") else Path(cfg.init) / "masks.safetensors"
-        local_masks = {} if cfg.method == "dense" else sparsify_zero3_(
+        local_masks, self.startup_read_bytes = ({}, 0) if cfg.method == "dense" else sparsify_zero3_(
             student, pattern.n, pattern.m, masks_file, cfg.slorb, input_norms=norms, dense=cfg.method == "gmp",
-            dense_values=cfg.model if cfg.pruned_values == "dense" else None, fitted_s=self._fitted_s())
+            dense_values=cfg.model if cfg.pruned_values == "dense" else None, fitted_s=self._fitted_s(),
+            ds_config=self.ds)
         self.n_sparse = len(local_masks)
         if cfg.activation_checkpointing:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         o = cfg.optimizer
         ast = cfg.method == "ast"  # the baselines: plain AdamW
         opt = SRSTEAdamW(param_groups(student, o.weight_decay, o.slorb_weight_decay), lr=cfg.lr.peak, betas=o.betas,
@@ -166,6 +176,17 @@ class Trainer:
         engine.eval()
         return engine
 
+    def _replica(self, dtype: torch.dtype):
+        """The dense model whole on this rank's device, frozen (`teacher.zero: false`): no all-gathers."""
+        from transformers import AutoModelForCausalLM
+
+        from megatron_ast.modeling import check_model_dir
+
+        check_model_dir(self.cfg.model)
+        device = torch.device("cuda", distributed.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+        model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=dtype, local_files_only=True).to(device)
+        return model.requires_grad_(False).eval()
+
     def _fitted_s(self) -> dict[str, torch.Tensor] | None:
         """SLoRB's S from the pruned dir's adapter (`prune --slorb-group`) for `slorb.init: fitted`."""
         from megatron_ast.sparsity import slorb_adapter
@@ -197,13 +218,13 @@ class Trainer:
         lr = lr_at(self.step + 1, cfg.steps, cfg.lr.peak, cfg.lr.min, cfg.lr.warmup)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = torch.from_numpy(self.sampler.next_batch(self.micro * self.gas * self.world))
-        parts_sum: dict[str, float] = {}
-        t0 = time.perf_counter()
+        # this rank's micro-batches of the global batch: micro-batch i of rank r is rows (i * world + r) * micro ...
+        rows = [(i * self.world + self.rank) * self.micro + j for i in range(self.gas) for j in range(self.micro)]
+        batch = torch.from_numpy(self.sampler.next_batch(self.micro * self.gas * self.world, rows))
+        parts_sum: dict[str, torch.Tensor] = {}  # on the device: read once per logging interval (`_flush`)
         self.student.train()
         for i in range(self.gas):
-            rows = (i * self.world + self.rank) * self.micro
-            x = batch[rows : rows + self.micro].to(self.student.device)
+            x = batch[i * self.micro : (i + 1) * self.micro].to(self.student.device)
             hidden = d.w_sq > 0
             out = self.student(input_ids=x, output_hidden_states=hidden)
             t_out = None
@@ -212,24 +233,35 @@ class Trainer:
                     t_out = self.teacher(input_ids=x, output_hidden_states=hidden)
             parts = distillation_loss(out.logits, x, d, t_out.logits if t_out is not None else None,
                                       out.hidden_states[1:] if hidden else (), t_out.hidden_states[1:] if hidden else ())
+            del out, t_out
             self.student.backward(parts["loss"])
             self.student.step()
             for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / self.gas
+                parts_sum[k] = parts_sum.get(k, 0.0) + v.detach() / self.gas
         self.step += 1
-        self.tokens += batch.numel()
-        step_s = time.perf_counter() - t0
+        self.tokens += batch.numel() * self.world
         rec = {"step": self.step, "lr": lr, "lambda": self.srste.current_lambda(),
                **{f"loss_{k}" if k != "loss" else "loss": v for k, v in parts_sum.items()},
-               "tokens": self.tokens, "tokens_per_s": batch.numel() / step_s, "step_s": step_s,
-               "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-        if torch.cuda.is_available():
-            rec["max_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+               "tokens": self.tokens, "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         if cfg.method == "ast" and self.step % cfg.mask_interval == 0:
             rec.update(self.masks.recompute())
         elif cfg.method == "gmp" and (self.step % cfg.mask_interval == 0 or self.step == cfg.gmp.end):
             rec.update(self.masks.recompute(self._gmp_fraction()))
         return rec
+
+    def _flush(self, pending: list[dict], since: float) -> float:
+        """The loss parts of the steps since the last flush, read from the device in one transfer (the only host
+        sync of the loop outside evaluation and mask recomputes); returns the mean step seconds since `since`."""
+        keys = [(r, k) for r in pending for k, v in r.items() if torch.is_tensor(v)]
+        values = torch.stack([r[k].float() for r, k in keys]).tolist() if keys else []
+        for (r, k), v in zip(keys, values):
+            r[k] = v
+        step_s = (time.perf_counter() - since) / len(pending)
+        for r in pending:
+            r.update({"step_s": step_s, "tokens_per_s": self.micro * self.gas * self.world * self.cfg.data.seq_len / step_s})
+            if torch.cuda.is_available():
+                r["max_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return step_s
 
     def _gmp_fraction(self) -> float:
         """Zhu & Gupta's cubic ramp: the share of the final sparsity reached at this step."""
@@ -243,14 +275,15 @@ class Trainer:
         out = {"student_working": name(next(self.student.module.parameters()).ds_tensor),
                "student_master": name(self.student.optimizer.fp32_partitioned_groups_flat[0])}
         if self.teacher is not None:
-            out["teacher"] = name(next(self.teacher.module.parameters()).ds_tensor)
+            p = next(self.teacher.parameters())
+            out["teacher"] = name(getattr(p, "ds_tensor", p))
         return out
 
     def _teacher_checksum(self) -> str:
-        """sha256 of this rank's teacher partitions: a frozen teacher must stay bit-identical."""
+        """sha256 of this rank's teacher partitions (or replica): a frozen teacher must stay bit-identical."""
         h = hashlib.sha256()
-        for p in self.teacher.module.parameters():
-            h.update(p.ds_tensor.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+        for p in self.teacher.parameters():
+            h.update(getattr(p, "ds_tensor", p).detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
         return h.hexdigest()
 
     # --- evaluation ------------------------------------------------------------------------------
@@ -289,7 +322,10 @@ class Trainer:
         tb = _tensorboard(self.out / "tensorboard") if self.rank == 0 else None
         summary = {"method": cfg.method, "sparse_linears": self.n_sparse, "slorb_params": self.slorb_params,
                    "world_size": self.world, "micro_batch": self.micro, "grad_accum": self.gas,
-                   "cpu_threads_per_rank": torch.get_num_threads(), "dtypes": self._dtypes()}
+                   "cpu_threads_per_rank": torch.get_num_threads(), "dtypes": self._dtypes(),
+                   "teacher": None if self.teacher is None else "zero3" if self.teacher_zero3 else "replica",
+                   # bytes of masks.safetensors and dense values each rank read at start-up (its partition's rows)
+                   "startup_read_bytes_per_rank": distributed.all_gather_json(self.startup_read_bytes)}
         if self.step == 0:
             self.ppl_before = self.evaluate() if self.windows else None
         summary["ppl_before"] = self.ppl_before
@@ -297,35 +333,43 @@ class Trainer:
         lines = not sys.stderr.isatty()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method} {cfg.pattern}",
                    disable=self.rank != 0 or lines, file=sys.stderr)
-        t0, start, rec = time.perf_counter(), self.step, {}
+        t0, start, rec, pending, since = time.perf_counter(), self.step, {}, [], time.perf_counter()
         while self.step < cfg.steps:
             rec = self.train_step()
-            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.windows:
-                rec["val"] = self.evaluate()
-            if log is not None and self.step % cfg.log_every == 0:
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                if tb is not None:
-                    for k, v in rec.items():
-                        if isinstance(v, (int, float)) and k != "step":
-                            tb.add_scalar(k, v, self.step)
-            bar.update(1)
-            bar.set_postfix_str(f"loss {rec['loss']:.3f} lr {rec['lr']:.2e}", refresh=False)
-            if lines:  # no terminal (a launcher's pipe, a log file): one line per step instead of a bar
-                done = self.step - start
-                eta = (time.perf_counter() - t0) / done * (cfg.steps - self.step)
-                _rank0_print(f"[train] step {self.step}/{cfg.steps} loss {rec['loss']:.3f} "
-                             f"{rec['tokens_per_s']:.0f} tokens/s ETA {eta / 60:.1f} min")
+            pending.append(rec)
+            evaluate = bool(cfg.eval.every and self.step % cfg.eval.every == 0 and self.windows)
             stop = self._should_stop()
-            if stop or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.steps):
-                path = self.save()
-                self._check_signal_lead(rec["step_s"])
-                if stop:
-                    _rank0_print(f"[train] {signal.Signals(stop).name}: saved {path} at step {self.step}; "
-                                 "continue with --resume auto")
-                    if log is not None:
-                        log.close()
-                    raise SystemExit(128 + stop)
+            save = stop or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.steps)
+            if save or evaluate or self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                step_s = self._flush(pending, since)
+                if evaluate:
+                    rec["val"] = self.evaluate()
+                for r in pending:
+                    if log is not None and r["step"] % cfg.log_every == 0:
+                        log.write(json.dumps(r) + "\n")
+                        if tb is not None:
+                            for k, v in r.items():
+                                if isinstance(v, (int, float)) and k != "step":
+                                    tb.add_scalar(k, v, r["step"])
+                if log is not None:
+                    log.flush()
+                bar.update(len(pending))
+                bar.set_postfix_str(f"loss {rec['loss']:.3f} lr {rec['lr']:.2e}", refresh=False)
+                if lines:  # no terminal (a launcher's pipe, a log file): a line per flush instead of a bar
+                    eta = (time.perf_counter() - t0) / (self.step - start) * (cfg.steps - self.step)
+                    _rank0_print(f"[train] step {self.step}/{cfg.steps} loss {rec['loss']:.3f} "
+                                 f"{rec['tokens_per_s']:.0f} tokens/s ETA {eta / 60:.1f} min")
+                pending = []
+                if save:
+                    path = self.save()
+                    self._check_signal_lead(step_s)
+                    if stop:
+                        _rank0_print(f"[train] {signal.Signals(stop).name}: saved {path} at step {self.step}; "
+                                     "continue with --resume auto")
+                        if log is not None:
+                            log.close()
+                        raise SystemExit(128 + stop)
+                since = time.perf_counter()
         bar.close()
         summary["ppl_after"] = self.evaluate() if self.windows else None
         if self.teacher is not None:
@@ -345,6 +389,7 @@ class Trainer:
     def save(self) -> Path:
         """A complete sharded checkpoint of everything the next step depends on (training/checkpoint.py)."""
         state = {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict(),
+                 "dtype": self._dtypes()["student_working"],  # what export writes by default
                  "ppl_before": self.ppl_before,
                  "config": json.loads(json.dumps(self.cfg, default=lambda o: o.__dict__))}
         _, keys, pos, has_gauss, cached = np.random.get_state()

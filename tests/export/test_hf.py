@@ -50,6 +50,34 @@ def test_export_round_trip_with_and_without_the_slorb_adapter(run_dir, trained, 
 
 
 @pytest.mark.slow
+def test_a_sharded_export_is_the_unsharded_one_with_an_index_transformers_loads(trained, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    one, many = tmp_path / "one", tmp_path / "many"
+    assert main(["export", str(trained), "--out", str(one)]) == 0
+    assert main(["export", str(trained), "--out", str(many), "--max-shard-size", "100KB", "--dtype", "bfloat16"]) == 0
+    index = json.loads((many / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    whole = load_file(str(one / "model.safetensors"))
+    got = {}
+    for f in files:
+        assert (many / f).stat().st_size <= 100_000 + 20_000  # header and the one tensor that crossed the limit
+        with safe_open(str(many / f), framework="pt") as h:
+            assert h.metadata()["format"] == "pt"
+            got.update({k: h.get_tensor(k) for k in h.keys()})
+    assert set(got) == set(whole) == set(index["weight_map"])
+    assert all(torch.equal(got[k], whole[k].to(torch.bfloat16)) for k in whole)
+    assert index["metadata"]["total_size"] == sum(v.numel() * 2 for v in got.values())
+    loaded = AutoModelForCausalLM.from_pretrained(many)
+    assert loaded.dtype == torch.bfloat16 and torch.equal(loaded.model.layers[0].mlp.up_proj.weight,
+                                                          got["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(load_file(str(many / "masks.safetensors"))["model.layers.0.mlp.up_proj.weight"],
+                       load_file(str(one / "masks.safetensors"))["model.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("projection", [False, True])
 def test_our_loader_gives_the_trainers_student_with_and_without_the_adapter(run_dir, trained, trained_projection,
                                                                            projection, tmp_path, capsys):

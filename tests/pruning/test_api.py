@@ -99,3 +99,36 @@ def test_slorb_group_needs_calibration_and_a_group_that_divides(model_dir, calib
     assert "--slorb-group fits the branch on calibration inputs" in capsys.readouterr().err
     assert main(base + ["--method", "sparsegpt", "--slorb-group", "48"]) == 2
     assert "not a multiple of --slorb-group 48" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method,extra", [("sparsegpt", []), ("sparsellm", ["--prune-head"])])
+def test_layer_at_a_time_pruning_is_the_whole_model_pruning_in_the_source_dtype(model_dir, calib_file, tmp_path,
+                                                                                dtype, method, extra):
+    """The dir is read one layer at a time and written sharded like the source, in its dtype. Every statistic and
+    solve runs in fp32 as when the whole model is loaded in fp32, so the masks are identical and the weights
+    are the whole-model pruning's cast to the source dtype: the tolerance is zero after that one rounding."""
+    from megatron_ast.modeling import load_causal_lm
+    from megatron_ast.pruning.calibration import calibration_samples
+    from megatron_ast.pruning.pipeline import PruneConfig, prune_model
+    from megatron_ast.sparsity import SparsityPattern
+
+    src = tmp_path / "src"
+    AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).save_pretrained(src, max_shard_size="150KB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (src / f).write_bytes((model_dir / f).read_bytes())
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(src), "--method", method, "--pattern", "2:4", "--calib", str(calib_file),
+                 "--nsamples", "8", "--seqlen", "64", "--out", str(out), *extra]) == 0
+    whole = load_causal_lm(src)  # fp32, as prune loaded it before
+    masks, _ = prune_model(whole, PruneConfig(method, SparsityPattern.parse("2:4"), prune_head=bool(extra)),
+                           calibration_samples([str(calib_file)], src, 8, 64, 0))
+    assert sorted(p.name for p in out.glob("model*.safetensors")) == sorted(p.name for p in src.glob("model*.safetensors"))
+    assert len(list(src.glob("model*.safetensors"))) > 2
+    assert (out / "model.safetensors.index.json").read_text() == (src / "model.safetensors.index.json").read_text()
+    got = AutoModelForCausalLM.from_pretrained(out)
+    assert got.dtype == dtype
+    expected = {k: v.to(dtype) for k, v in whole.state_dict().items()}
+    assert all(torch.equal(v, expected[k]) for k, v in got.state_dict().items())
+    stored = load_file(str(out / "masks.safetensors"))
+    assert set(stored) == set(masks) and all(torch.equal(stored[k], masks[k]) for k in masks)

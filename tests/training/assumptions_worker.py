@@ -20,7 +20,7 @@ DS = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "ze
 
 def engine(optimizer=SRSTEAdamW):
     model = load_zero3(sys.argv[1], DS, torch.float32)
-    local = sparsify_zero3_(model, 2, 4)
+    local, _ = sparsify_zero3_(model, 2, 4)
     eng, *_ = deepspeed.initialize(model=model, optimizer=optimizer(model.parameters(), lr=1e-3), config=DS)
     return eng, local
 

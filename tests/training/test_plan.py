@@ -57,3 +57,51 @@ def test_ast_adds_an_int8_indicator_and_two_bool_masks_and_a_teacher(counts):
 def test_gpus_needed_at_80_gb(counts):
     assert [gpus_needed(*counts[n]) for n in CONFIGS] == [8, 8, 32]
     assert [gpus_needed(*counts[n], offload=True) for n in CONFIGS] == [8, 8, 16]  # 70B: 1 TiB of CPU per node
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_activation_estimate_is_what_a_llama_keeps_for_its_backward(checkpointing):
+    """plan.working_memory's per-token count against the tensors a real transformers Llama keeps after its
+    forward (fp32, SDPA), counted by bench/machine.py's TensorBytes."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from megatron_ast.training.plan import working_memory
+    from tests.bench.scripts import load
+
+    torch.manual_seed(0)
+    c = LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    model = LlamaForCausalLM(c).train()
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    with load("machine").TensorBytes() as mem:
+        out = model(input_ids=torch.randint(0, 1000, (2, 256)))
+        kept = mem.live - out.logits.numel() * 4
+    est = working_memory(c, 2, 256, bf16=False, checkpointing=checkpointing, teacher=False)["activations"]
+    layer_inputs = 4 * 2 * 256 * 128 * 4
+    if checkpointing:  # the layers' inputs and a few hidden-sized tensors; the estimate adds one layer's recompute
+        assert layer_inputs <= kept <= 2 * layer_inputs < est
+    else:
+        assert kept == pytest.approx(est, rel=0.25)
+
+
+def test_the_dry_run_counts_activations_the_loss_and_picks_the_teacher(counts):
+    from megatron_ast.training.plan import working_memory
+
+    c = LlamaConfig(**CONFIGS["Llama-3-70B"])
+    full, ckpt = (working_memory(c, 8, 1024, checkpointing=x) for x in (False, True))
+    assert full["logits_and_loss"] == ckpt["logits_and_loss"] == 3 * 8 * 1024 * 128256 * 2 + 8 * 64 * 2**20
+    assert ckpt["activations"] < full["activations"] / 10  # 13.6 GB against 228 GB at 8 x 1024 tokens
+
+
+def test_auto_picks_a_replica_teacher_when_it_fits_a_quarter_of_the_gpu():
+    from megatron_ast.training.config import DataConfig, TeacherConfig, TrainConfig
+
+    cfg = TrainConfig(model="m", deepspeed="d", data=DataConfig(train=["x"]))
+    gb80 = 80 * 2**30
+    assert not cfg.teacher_on_zero3(16 * 10**9, gb80)  # Llama-3-8B in bf16: a replica
+    assert cfg.teacher_on_zero3(141 * 10**9, gb80)  # 70B: ZeRO-3
+    assert cfg.teacher_on_zero3(10**6, None)  # CPU ranks: ZeRO-3
+    cfg.teacher = TeacherConfig(zero=True)
+    assert cfg.teacher_on_zero3(10**6, gb80)

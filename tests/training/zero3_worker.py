@@ -49,7 +49,7 @@ def main(model_dir: str, out: str, spec: str) -> None:
     if dtype == torch.bfloat16:
         ds["bf16"] = {"enabled": True}
     model = load_zero3(model_dir, ds, dtype)
-    local = sparsify_zero3_(model, 2, 4)
+    local, _ = sparsify_zero3_(model, 2, 4)
     opt = SRSTEAdamW([p for p in model.parameters() if p.requires_grad], **cfg["opt"])
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     hooks = PartitionedMasks(engine, local)

@@ -1,0 +1,115 @@
+"""A Hugging Face model dir worked on one decoder layer at a time: what lets one node prune a 70B model.
+
+The model is built on the meta device (no memory); the parameters outside the decoder layers (embeddings,
+final norm, lm_head) are read in the source dtype. Each decoder layer is read from the safetensors shards
+when its turn comes, in fp32 on the pruning device, and once pruned is written back in the source dtype
+with its masks to a file of its own and dropped. `save` then writes the pruned dir sharded exactly like the
+source (same files, same index, same dtypes), one tensor at a time (export/shards.py). The host holds the
+outside parameters, one layer and one tensor: 4.2 GB + 1.7 GB for Llama-3-70B in bf16, against 280 GB for
+the whole model in fp32.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from megatron_ast.export import shards
+from megatron_ast.modeling import WeightReader
+from megatron_ast.pruning.architectures import architecture_of
+
+_DTYPES = {v: k for k, v in shards.TAGS.items()}
+
+
+def _set(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_path, _, attr = name.rpartition(".")
+    module = root.get_submodule(module_path) if module_path else root
+    module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+
+
+class StreamedModel:
+    def __init__(self, model_dir: str | Path, work: Path, device: str):
+        from accelerate import init_empty_weights
+        from safetensors import safe_open
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.source, self.work, self.device = Path(model_dir), work, device
+        self.reader = WeightReader(model_dir)
+        self.dtypes = {}
+        for f in sorted(set(self.reader.files.values())):
+            with safe_open(str(f), framework="pt") as h:
+                self.dtypes.update({k: _DTYPES[h.get_slice(k).get_dtype()] for k in h.keys()})
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        with init_empty_weights(include_buffers=False):  # parameters on meta, rotary tables computed
+            self.model = AutoModelForCausalLM.from_config(config)
+        self.arch = architecture_of(self.model)
+        self.prefix = self.arch.layers_path + "."
+        for name, _ in list(self.model.named_parameters()):
+            if not name.startswith(self.prefix) and name in self.reader.files:  # a tied lm_head is not stored
+                _set(self.model, name, self.reader.get(name))
+        self.model.tie_weights()
+        self.masks: dict[str, torch.Tensor] = {}  # prune_model's: each layer's are written with it, then dropped
+        self.written: dict[str, Path] = {}  # tensor name -> the layer file holding it
+        work.mkdir(parents=True, exist_ok=True)
+
+    def load(self, i: int, layer: nn.Module) -> None:
+        for name, _ in list(layer.named_parameters()):
+            _set(layer, name, self.reader.get(f"{self.prefix}{i}.{name}").to(self.device, torch.float32))
+
+    def release(self, i: int, layer: nn.Module) -> None:
+        from safetensors.torch import save_file
+
+        mine = f"{self.prefix}{i}."
+        tensors = {f"{mine}{n}": p.detach().to("cpu", self.dtypes[f"{mine}{n}"]).contiguous()
+                   for n, p in layer.named_parameters()}
+        tensors.update({f"mask:{k}": self.masks.pop(k).contiguous() for k in list(self.masks) if k.startswith(mine)})
+        path = self.work / f"layer{i}.safetensors"
+        save_file(tensors, str(path))
+        self.written.update({k: path for k in tensors})
+        for name, p in list(layer.named_parameters()):
+            _set(layer, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+
+    def _from_layer_file(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.written[key]), framework="pt") as h:
+            return h.get_tensor(key)
+
+    def _shape(self, key: str) -> tuple[int, ...]:
+        from safetensors import safe_open
+
+        with safe_open(str(self.written[key]), framework="pt") as h:
+            return tuple(h.get_slice(key).get_shape())
+
+    def save(self, out: Path, outside_masks: dict[str, torch.Tensor], masks_file: str,
+             metadata: dict[str, str]) -> list[str]:
+        """The pruned weights into `out`, sharded like the source; `masks_file` beside them (the layers' masks
+        from their files, `outside_masks` for lm_head/embeddings). Returns the mask names."""
+        outside = dict(self.model.named_parameters())
+
+        def make(name: str) -> torch.Tensor:
+            if name in self.written:
+                return self._from_layer_file(name)
+            return outside[name].detach().to("cpu", self.dtypes[name])
+
+        by_file: dict[str, list[shards.Spec]] = {}
+        for name, f in self.reader.files.items():
+            by_file.setdefault(f.name, []).append((name, self.dtypes[name], self.reader.shape(name)))
+        for fname, specs in sorted(by_file.items()):
+            shards.write_file(out / fname, specs, make, {"format": "pt"})
+        index = self.source / "model.safetensors.index.json"
+        if index.is_file():
+            shutil.copy2(index, out / index.name)  # the same tensors in the same files at the same dtypes and sizes
+        layer_masks = {k.removeprefix("mask:"): None for k in self.written if k.startswith("mask:")}
+        names = sorted({**layer_masks, **outside_masks})
+
+        def make_mask(name: str) -> torch.Tensor:
+            return outside_masks[name] if name in outside_masks else self._from_layer_file(f"mask:{name}")
+
+        specs = [(k, torch.bool, tuple(outside_masks[k].shape) if k in outside_masks else self._shape(f"mask:{k}"))
+                 for k in names]  # a GPT-2 Conv1D's mask is (out, in), its stored weight (in, out)
+        shards.write_file(out / masks_file, specs, lambda k: make_mask(k).bool(), metadata)
+        shutil.copy2(self.source / "config.json", out / "config.json")  # the source dtype is kept
+        return names
