@@ -230,3 +230,20 @@ def test_weight_decay_goes_to_matrices_only():
     assert plain == {n for n in names.values() if n.endswith((".bias", "norm.weight"))} and len(plain) == 7
     _, plain = ({names[id(p)] for p in g["params"]} for g in param_groups(model, 0.1, slorb_decay=False))
     assert "model.layers.0.mlp.up_proj.slorb.S" in plain
+
+
+@pytest.mark.slow
+def test_a_replica_teacher_without_activation_checkpointing_trains_as_the_defaults(run_dir):
+    """teacher.zero false (a whole teacher per rank, no all-gathers) and activation_checkpointing off change where
+    memory goes, not the arithmetic: the losses of 2 steps on 2 ranks are the defaults' (ZeRO-3 teacher,
+    checkpointed layers)."""
+    runs = {}
+    for name, over in (("defaults", {}), ("replica", {"teacher": {"zero": False}, "activation_checkpointing": False})):
+        out = run_dir / f"out_teacher_{name}"
+        train(config_file(run_dir, output_dir=str(out), steps=2, mask_interval=2, slorb=None,
+                          eval={"every": 0, "windows": 2}, **over))
+        runs[name] = ([json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()],
+                      json.loads((out / "summary.json").read_text()))
+    (base, s0), (rep, s1) = runs["defaults"], runs["replica"]
+    assert s0["teacher"] == "zero3" and s1["teacher"] == "replica" and s1["teacher_unchanged"]
+    assert len(base) == 2 and rep == pytest.approx(base, rel=1e-6, abs=0)
