@@ -1,8 +1,10 @@
-"""Peak host memory of one-shot pruning and of export, on a random-init Llama of ~1.5B parameters in bf16
-with Llama-3's vocabulary, for this checkout and (--before) an earlier one, run one after the other.
+"""Peak host memory of one-shot pruning and of export, on random-init Llamas in bf16 with Llama-3's
+vocabulary, for this checkout and (--before) an earlier one, run one after the other.
 
-The model: hidden 2048, intermediate 8192, 16 layers, 16 heads (8 KV), vocabulary 128,256, untied:
-1.53B parameters, 3.06 GB in bf16, saved in 1 GB shards. Stages, each a whole CLI process
+The models: hidden 2048, intermediate 8192, 16 heads (8 KV), vocabulary 128,256, untied, saved in 1 GB
+shards; 16 layers (1.53B parameters, 2.85 GiB in bf16) for pruning, 8 layers (1.03B) for export: making
+the 1.5B model's ZeRO-3 checkpoint on one rank (bf16 working copy, fp32 master, gradient buffers, masks)
+did not fit this machine's 23 GB. Stages, each a whole CLI process
 (bench/machine.py's run_process: RSS and RssAnon sampled every 20 ms; RssAnon leaves out the file
 pages a process maps, which the kernel may drop):
   - prune: `megatron-ast prune --method magnitude --pattern 2:4` (no calibration: the model's loading and
@@ -29,12 +31,12 @@ sys.path.insert(0, str(HERE.parent))
 from machine import run_process, write_result  # noqa: E402
 
 
-def _model(args, out: Path) -> int:
+def _model(args, layers: int, out: Path) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=8,
+                         num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=8,
                          tie_word_embeddings=False, dtype="bfloat16")
     if not (out / "config.json").is_file():
         torch.manual_seed(0)
@@ -59,7 +61,8 @@ def _checkpoint_worker(model_dir: str, root: str) -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
-          "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+          "zero_optimization": {"stage": 3, "sub_group_size": 10**8}, "zero_allow_untested_optimizer": True,
+          "steps_per_print": 10**9}
     import torch
 
     student = load_zero3(model_dir, ds, torch.bfloat16)
@@ -80,7 +83,8 @@ def _cli(repo: Path, args: list[str], log: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=16, help="the pruned model's")
+    ap.add_argument("--export-layers", type=int, default=8, help="the exported model's")
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--intermediate", type=int, default=8192)
     ap.add_argument("--vocab", type=int, default=128_256)
@@ -92,19 +96,21 @@ def main() -> None:
     if a.checkpoint_worker:
         return _checkpoint_worker(*a.checkpoint_worker)
     work = Path(a.work).resolve()
-    model = work / "model"
-    params = _model(a, model)
-    print(f"model: {params / 1e9:.2f}B parameters, {params * 2 / 2**30:.2f} GiB in bf16")
-    ckpts = work / "run" / "checkpoints"
+    models, params = {}, {}
+    for stage, layers in (("prune", a.layers), ("export", a.export_layers)):
+        models[stage] = work / f"model-{layers}layers"
+        params[stage] = _model(a, layers, models[stage])
+        print(f"{stage} model: {params[stage] / 1e9:.2f}B parameters, {params[stage] * 2 / 2**30:.2f} GiB in bf16")
+    ckpts = work / f"run-{a.export_layers}layers" / "checkpoints"
     if not (ckpts / "step1" / "complete.json").is_file():
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=29641",
-                        __file__, "--checkpoint-worker", str(model), str(ckpts)], check=True,
+                        __file__, "--checkpoint-worker", str(models["export"]), str(ckpts)], check=True,
                        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"})
     repos = {"after": HERE.parent, **({"before": Path(a.before).resolve()} if a.before else {})}
     results = {}
     for label, repo in repos.items():
         results[label] = {}
-        for stage, cmd in (("prune", ["prune", "--model", str(model), "--method", "magnitude", "--pattern", "2:4",
+        for stage, cmd in (("prune", ["prune", "--model", str(models["prune"]), "--method", "magnitude", "--pattern", "2:4",
                                       "--device", "cpu"]),
                            ("export", ["export", str(ckpts / "step1")])):
             out = work / f"{stage}-{label}"
@@ -119,8 +125,9 @@ def main() -> None:
             subprocess.run(["rm", "-rf", str(out)], check=True)
     write_result("stage_memory", a.name, {
         "command": " ".join(["python", "bench/stage_memory.py", *sys.argv[1:]]),
-        "model": {"params": params, "bf16_gib": params * 2 / 2**30, "layers": a.layers, "hidden": a.hidden,
-                  "intermediate": a.intermediate, "vocab": a.vocab},
+        "models": {stage: {"params": params[stage], "bf16_gib": params[stage] * 2 / 2**30, "hidden": a.hidden,
+                           "layers": a.layers if stage == "prune" else a.export_layers,
+                           "intermediate": a.intermediate, "vocab": a.vocab} for stage in params},
         "before_commit": subprocess.run(["git", "-C", a.before, "rev-parse", "HEAD"], capture_output=True,
                                         text=True).stdout.strip() if a.before else None,
         "results": results})

@@ -189,6 +189,10 @@ def plan(cfg: TrainConfig, world_size: int | None = None, nodes: int | None = No
             "all_gather_gib_per_step": gib(0 if not teacher_zero3 else
                                            total * (2 if bf16 else 4) * gas * (world["world_size"] - 1) / world["world_size"])},
         "activation_checkpointing": cfg.activation_checkpointing,
+        "fits": None if not gpu_gib else (
+            "yes" if mem["gpu"] <= gpu_gib * 2**30 else
+            f"no: {gib(mem['gpu'])} GiB per rank on a {gpu_gib:g} GiB GPU"
+            + ("" if cfg.activation_checkpointing else "; activation_checkpointing: true keeps one input per layer")),
         "assumptions": "activations, logits and loss, teacher forward: plan.working_memory's docstring; "
                        "not counted: the CUDA context, NCCL buffers, allocator fragmentation",
     }

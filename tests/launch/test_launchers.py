@@ -40,7 +40,7 @@ def test_dry_run_prints_the_world_batch_and_memory_without_starting(run_dir, cap
     assert mem["gpu_total"] == pytest.approx(sum(v for k, v in mem.items() if not k.endswith("_total")), rel=1e-3)
     assert mem["activations"] > 0 and mem["logits_and_loss"] > 0 and mem["teacher_forward"] > 0
     # 0.7M parameters fit any GPU: auto holds a replica (the whole teacher, more than a partition), no all-gather
-    assert p["teacher"]["held_as"] == "replica" and p["teacher"]["all_gather_gib_per_step"] == 0
+    assert p["teacher"]["held_as"] == "replica" and p["teacher"]["all_gather_gib_per_step"] == 0 and p["fits"] == "yes"
     assert main(["train", "--config", str(cfg), "--dry-run", "--world-size", "8", "--gpu-gib", "0"]) == 0
     cpu = json.loads(capsys.readouterr().out)
     assert cpu["teacher"]["held_as"] == "zero3" and cpu["memory_gib_per_rank"]["teacher_params"] < mem["teacher_params"]
