@@ -3,7 +3,8 @@
 #   0. smoke test of every training path, before any measurement (bench/gpu_smoke.py, under 3 minutes): prune
 #      with a fitted SLoRB, AST from it in bf16 ZeRO-3 with --resume auto (fresh, then resumed after a
 #      checkpoint), ZeRO-Offload, export and eval of the export
-#   1. bf16 ZeRO-3 AST step vs dense distillation step, SmolLM2-135M, seq 1024 (bench/ast_overhead.py)
+#   1. bf16 ZeRO-3 AST step vs dense distillation step, and with a replica teacher, SmolLM2-135M, seq 1024
+#      (bench/ast_overhead.py); the distillation loss's GPU memory at 8 x 1024 tokens x 128k (bench/loss_memory.py)
 #   2. N:M mask recompute vs the per-group loop (bench/masks.py)
 #   3. 2:4 Linear shapes and the whole SmolLM2 forward, prefill and decode, with and without CUDA graphs
 #      (bench/sparse_speed.py)
@@ -76,7 +77,8 @@ run() {  # name, then the command; a failing check is reported and the others st
 : > /tmp/gpu-summary.txt
 run smoke $PY bench/gpu_smoke.py --name "$NAME"
 run overhead $PY bench/ast_overhead.py --ranks 1 --seq-len 1024 --steps 6 --mask-interval 5 \
-  --ds-config ds_configs/zero3_bf16.json --out "bench/results/ast_overhead-$NAME.json"
+  --ds-config ds_configs/zero3_bf16.json --order dense ast ast_replica --out "bench/results/ast_overhead-$NAME.json"
+run loss $PY bench/loss_memory.py --tokens 8192 --device cuda --name "$NAME"
 run masks $PY bench/masks.py --out "bench/results/masks-$NAME.json"
 run speed $PY bench/sparse_speed.py --tokens 1 16 128 1024 4096 --out "bench/results/sparse_speed-$NAME.json"
 run speed_cg $PY bench/sparse_speed.py --tokens 1 16 128 1024 4096 --cuda-graph \

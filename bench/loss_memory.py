@@ -8,7 +8,7 @@ bench/results/loss_memory-<name>.json. Per GPU at another shape, both scale line
 the chunked one's extra is one gradient in the logits' dtype plus a constant (a few chunks of
 CHUNK_BYTES); the whole-batch one's is about 16 x that gradient.
 
-    python bench/loss_memory.py [--tokens 2048 --vocab 128256 --name vm]
+    python bench/loss_memory.py [--tokens 2048 --vocab 128256 --name vm --device cpu]
 """
 from __future__ import annotations
 
@@ -41,10 +41,20 @@ def unchunked(s: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, cfg: Disti
 
 def _measure(fn, s: torch.Tensor) -> dict:
     s.grad = None
+    cuda = s.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with TensorBytes() as mem:
         fn().backward()
-    return {"peak_gib": mem.peak / 2**30, "seconds": time.perf_counter() - t0}
+    if cuda:
+        torch.cuda.synchronize()
+    out = {"peak_gib": mem.peak / 2**30, "seconds": time.perf_counter() - t0}
+    if cuda:  # the allocator's own count, beside the tracker's
+        out["cuda_allocator_peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    return out
 
 
 def main() -> None:
@@ -52,12 +62,13 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=128_256)
     ap.add_argument("--name", default="vm")
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
     torch.manual_seed(0)
     B, L = 2, a.tokens // 2
-    s = (torch.randn(B, L, a.vocab) * 3).to(torch.bfloat16).requires_grad_()
-    t = (torch.randn(B, L, a.vocab) * 3).to(torch.bfloat16)
-    labels = torch.randint(0, a.vocab, (B, L))
+    s = (torch.randn(B, L, a.vocab, device=a.device) * 3).to(torch.bfloat16).requires_grad_()
+    t = (torch.randn(B, L, a.vocab, device=a.device) * 3).to(torch.bfloat16)
+    labels = torch.randint(0, a.vocab, (B, L), device=a.device)
     logits_gib = s.numel() * s.element_size() / 2**30
     rows = {}
     for T in (1.0, 2.0):
@@ -71,7 +82,7 @@ def main() -> None:
               f"; one bf16 logits tensor is {logits_gib:.2f} GiB")
     write_result("loss_memory", a.name, {
         "command": " ".join(["python", "bench/loss_memory.py", *sys.argv[1:]]), "tokens": B * L, "vocab": a.vocab,
-        "logits_dtype": "bfloat16", "one_logits_tensor_gib": logits_gib, "chunk_bytes": CHUNK_BYTES,
+        "logits_dtype": "bfloat16", "device": a.device, "one_logits_tensor_gib": logits_gib, "chunk_bytes": CHUNK_BYTES,
         "measured": "every tensor the loss makes above the given logits, forward + backward (TensorBytes)",
         "results": rows})
 

@@ -73,14 +73,16 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
 _HOST_GROUP: list = []
 
 
-def host_group():
+def host_group(timeout: timedelta | None = None):
     """A gloo group over the default group's ranks, for numbers that live on the host: a stop flag reduced every
-    step through NCCL would copy to the GPU and back, a host sync per step. Made at first use (every rank makes
-    its first `all_reduced` call at the same point, so the groups are made in the same order everywhere)."""
+    step through NCCL would copy to the GPU and back, a host sync per step. Megatron-LM makes such gloo groups
+    too; like its, it needs TCP between the nodes' ranks (set GLOO_SOCKET_IFNAME to the interface when the
+    hostname resolves to a loopback address). The trainer makes it right after the default group, with the
+    run's `dist_timeout_s`; a first `all_reduced` elsewhere makes it with torch's default timeout."""
     if dist.get_backend() == "gloo":
         return None  # the default group already is
     if not _HOST_GROUP:
-        _HOST_GROUP.append(dist.new_group(backend="gloo"))
+        _HOST_GROUP.append(dist.new_group(backend="gloo", timeout=timeout))
     return _HOST_GROUP[0]
 
 

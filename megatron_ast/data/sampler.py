@@ -19,6 +19,7 @@ from megatron_ast.data.tokenizer import TokenizerIdentity
 from megatron_ast.errors import UsageError
 
 
+ORDER = "feistel-1"  # how epochs are ordered, in the sampler's state: a checkpoint continues only on its own
 _M64 = (1 << 64) - 1
 _ROUNDS = 6
 
@@ -106,13 +107,17 @@ class BlendedSampler:
 
     def state_dict(self) -> dict:
         return {
-            "seed": self.seed, "seq_len": self.seq_len,
+            "order": ORDER, "seed": self.seed, "seq_len": self.seq_len,
             "domains": self.domains, "weights": self.weights.tolist(),
             "sample": self.sample, "drawn": self.drawn.tolist(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
+        if state.get("order") != ORDER:
+            raise UsageError("the checkpoint's sampler shuffled each epoch with a stored permutation (a megatron-ast from "
+                             "before 2026-12-02); this one computes the order without a table, so the run would not "
+                             "continue on the same windows: resume it with the version that wrote it")
         for key in ("seed", "seq_len", "domains"):
             if state[key] != mine[key]:
                 raise UsageError(f"sampler state has {key}={state[key]!r} but this run has {mine[key]!r}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -43,6 +44,23 @@ def _lora(sd: dict, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     in_features = sd[f"{module}.weight"].shape[1]
     p = sd.get(f"{module}.slorb.P")
     return (p.contiguous() if p is not None else group_projection(in_features, in_features // s.shape[1])), s
+
+
+class _Adapter(Mapping):
+    """SLoRB's (A = P, B = S) by Linear, each pair made from the lazy state dict when asked (at 70B with group 16
+    all of S is ~17 GB in fp32, and the default P's as much again)."""
+
+    def __init__(self, sd: dict, modules: list[str]):
+        self.sd, self.modules = sd, modules
+
+    def __getitem__(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return _lora(self.sd, module)
+
+    def __iter__(self):
+        return iter(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
 
 
 def _layout(config) -> tuple[list[str], set[str]]:
@@ -112,10 +130,10 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
                 raise RuntimeError(f"{module}: {bad} groups are not {pattern} after masking")
         return t.to(target) if t.is_floating_point() else t
 
-    adapter = {m: lora for m in masks.shapes if (lora := _lora(sd, m)) is not None}
+    adapter = _Adapter(sd, [m for m in masks.shapes if f"{m}.slorb.S" in sd])
     report = {"checkpoint": str(ckpt), "source_model": src, "pattern": str(pattern), "dtype": str(target), "format": fmt,
               "sparse_linears": len(masks.shapes), "all_valid": True, "slorb_adapter": ADAPTER_DIR if adapter else None,
-              "slorb_params": sum(b.numel() for _, b in adapter.values())}
+              "slorb_params": sum(sd[f"{m}.slorb.S"].shape.numel() for m in adapter)}
     with atomic_dir(out) as tmp:
         if fmt == FORMAT:  # compressed-tensors packs whole modules: built in memory (not streamed)
             from transformers import AutoModelForCausalLM

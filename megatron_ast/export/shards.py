@@ -46,7 +46,7 @@ def write_file(path: Path, specs: list[Spec], make: Callable[[str], torch.Tensor
             t = make(name)
             if t.dtype != dtype or tuple(t.shape) != tuple(shape):
                 raise RuntimeError(f"{name}: made {t.dtype} {tuple(t.shape)}, the header says {dtype} {tuple(shape)}")
-            f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+            f.write(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))  # no copy
             if progress is not None:
                 progress()
 

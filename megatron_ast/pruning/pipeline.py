@@ -94,23 +94,29 @@ def _layer_forward(layer: nn.Module, x: torch.Tensor, args, kwargs) -> torch.Ten
     return (out[0] if isinstance(out, tuple) else out)[0]
 
 
-def _outside_layers_to(model: nn.Module, layers_path: str, device: str, dtype: torch.dtype) -> None:
-    """Move everything but the decoder layers (embeddings, rotary tables, final norm) to `device`, the parameters
-    in `dtype` (buffers such as rotary tables keep theirs)."""
+def _outside_layers_to(model: nn.Module, layers_path: str, device: str,
+                       dtype: torch.dtype | dict[int, torch.dtype]) -> dict[int, torch.dtype]:
+    """Move everything but the decoder layers (embeddings, rotary tables, final norm) to `device`, the floating
+    parameters in `dtype` (or back to each one's own, a dict this returned: a bf16 checkpoint may keep an fp32
+    norm); buffers such as rotary tables keep their dtype. Returns the parameters' dtypes before the move."""
     parent_path, _, attr = layers_path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     layers = getattr(parent, attr)
     setattr(parent, attr, nn.ModuleList())
+    before = {}
     try:
         for module in model.modules():
             for name, p in module._parameters.items():
-                if p is not None:
-                    p.data = p.data.to(device, dtype if p.is_floating_point() else p.dtype)
+                if p is not None and id(p) not in before:  # a tied weight is moved once
+                    before[id(p)] = p.dtype
+                    to = (dtype.get(id(p), p.dtype) if isinstance(dtype, dict) else dtype) if p.is_floating_point() else p.dtype
+                    p.data = p.data.to(device, to)
             for name, b in module._buffers.items():
                 if b is not None:
                     module._buffers[name] = b.to(device)
     finally:
         setattr(parent, attr, layers)
+    return before
 
 
 class InMemoryLayers:
@@ -170,9 +176,9 @@ def walk_layers(model: nn.Module, calib: torch.Tensor | None, device: str, desc:
     inps = None
     with torch.no_grad():
         if calib is not None:
-            _outside_layers_to(model, arch.layers_path, device, torch.float32)
+            own = _outside_layers_to(model, arch.layers_path, device, torch.float32)
             inps, args, kwargs = _capture_inputs(model, layers[0], calib, device)
-            _outside_layers_to(model, arch.layers_path, "cpu", home)
+            _outside_layers_to(model, arch.layers_path, "cpu", own)
         # shown in a log file too (a bar redrawn at most every 5 s): minutes of silence look like a hang
         for i, layer in enumerate(tqdm(layers, desc=desc, file=sys.stderr, mininterval=0 if sys.stderr.isatty() else 5)):
             layers_io.load(i, layer)
@@ -273,15 +279,14 @@ def _prune_outside_layers(model: nn.Module, arch, cfg: PruneConfig, hidden, mask
         name = f"{names[id(module)]}.weight"
         cfg.pattern.check_shape(module.weight.shape[1], name)
         h = None
-        home = model_dtype(model)
         if what == "lm_head" and hidden is not None:
-            _outside_layers_to(model, arch.layers_path, cfg.device, torch.float32)
+            own = _outside_layers_to(model, arch.layers_path, cfg.device, torch.float32)
             h = torch.zeros(module.weight.shape[1], module.weight.shape[1], device=cfg.device)
             for x in hidden:
                 x = arch.to_head(model, x.unsqueeze(0)).reshape(-1, h.shape[0]).float()
                 h.addmm_(x.t(), x)
             h /= hidden.shape[0] * hidden.shape[1]
-            _outside_layers_to(model, arch.layers_path, "cpu", home)
+            _outside_layers_to(model, arch.layers_path, "cpu", own)
         method = cfg.method if what == "lm_head" else "magnitude"
         method = "sparsegpt" if method == "sparsellm" else method
         dense = module.weight.detach().float().clone()

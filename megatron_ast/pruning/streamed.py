@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from megatron_ast.errors import UsageError
 from megatron_ast.export import shards
 from megatron_ast.modeling import WeightReader
 from megatron_ast.pruning.architectures import architecture_of
@@ -42,27 +43,41 @@ class StreamedModel:
             with safe_open(str(f), framework="pt") as h:
                 self.dtypes.update({k: _DTYPES[h.get_slice(k).get_dtype()] for k in h.keys()})
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-        with init_empty_weights(include_buffers=False):  # parameters on meta, rotary tables computed
-            self.model = AutoModelForCausalLM.from_config(config)
+        with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) in fp32
+            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         self.arch = architecture_of(self.model)
         self.prefix = self.arch.layers_path + "."
+        # the files' names for the model's parameters: GPT-2's hub files leave out the `transformer.` prefix
+        base = getattr(self.model, "base_model_prefix", "") + "."
+        self.key = {}
+        for name, _ in self.model.named_parameters(remove_duplicate=False):
+            short = name.removeprefix(base)
+            self.key[name] = name if name in self.reader.files else short if short in self.reader.files else None
         for name, _ in list(self.model.named_parameters()):
-            if not name.startswith(self.prefix) and name in self.reader.files:  # a tied lm_head is not stored
-                _set(self.model, name, self.reader.get(name))
+            if not name.startswith(self.prefix) and self.key[name] is not None:  # a tied lm_head is not stored
+                _set(self.model, name, self.reader.get(self.key[name]))
         self.model.tie_weights()
+        missing = [n for n, p in self.model.named_parameters() if p.is_meta and not n.startswith(self.prefix)]
+        if missing:
+            raise UsageError(f"{model_dir} has no tensor for {missing[0]}"
+                             f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: is it this config's model?")
+        self.model_name = {k: n for n, k in self.key.items() if k is not None}  # file name -> parameter name
         self.masks: dict[str, torch.Tensor] = {}  # prune_model's: each layer's are written with it, then dropped
         self.written: dict[str, Path] = {}  # tensor name -> the layer file holding it
         work.mkdir(parents=True, exist_ok=True)
 
     def load(self, i: int, layer: nn.Module) -> None:
         for name, _ in list(layer.named_parameters()):
-            _set(layer, name, self.reader.get(f"{self.prefix}{i}.{name}").to(self.device, torch.float32))
+            key = self.key[f"{self.prefix}{i}.{name}"]
+            if key is None:
+                raise UsageError(f"{self.source} has no tensor for {self.prefix}{i}.{name}: is it this config's model?")
+            _set(layer, name, self.reader.get(key).to(self.device, torch.float32))
 
     def release(self, i: int, layer: nn.Module) -> None:
         from safetensors.torch import save_file
 
         mine = f"{self.prefix}{i}."
-        tensors = {f"{mine}{n}": p.detach().to("cpu", self.dtypes[f"{mine}{n}"]).contiguous()
+        tensors = {self.key[f"{mine}{n}"]: p.detach().to("cpu", self.dtypes[self.key[f"{mine}{n}"]]).contiguous()
                    for n, p in layer.named_parameters()}
         tensors.update({f"mask:{k}": self.masks.pop(k).contiguous() for k in list(self.masks) if k.startswith(mine)})
         path = self.work / f"layer{i}.safetensors"
@@ -87,12 +102,16 @@ class StreamedModel:
              metadata: dict[str, str]) -> list[str]:
         """The pruned weights into `out`, sharded like the source; `masks_file` beside them (the layers' masks
         from their files, `outside_masks` for lm_head/embeddings). Returns the mask names."""
-        outside = dict(self.model.named_parameters())
+        outside = dict(self.model.named_parameters(remove_duplicate=False))  # a tied lm_head the source stores too
 
-        def make(name: str) -> torch.Tensor:
-            if name in self.written:
-                return self._from_layer_file(name)
-            return outside[name].detach().to("cpu", self.dtypes[name])
+        def make(key: str) -> torch.Tensor:
+            """A file's tensor: pruned (a layer's file), the model's outside parameter, or the source's own (a stored
+            buffer, which the model does not own as a parameter)."""
+            if key in self.written:
+                return self._from_layer_file(key)
+            if key in self.model_name and self.model_name[key] in outside:
+                return outside[self.model_name[key]].detach().to("cpu", self.dtypes[key])
+            return self.reader.get(key)
 
         by_file: dict[str, list[shards.Spec]] = {}
         for name, f in self.reader.files.items():

@@ -12,6 +12,8 @@ Everything that measures or transforms an exported dir loads it when present
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -38,23 +40,33 @@ def used(model_dir: str | Path, wanted: bool) -> str | None:
     return str(found) if found is not None and wanted else None
 
 
-def save(out_dir: Path, loras: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype, base: Path) -> int:
-    """Write `out_dir` (created) from {Linear name: (A, B)}; returns the bytes of its tensors."""
-    from safetensors.torch import save_file
+def save(out_dir: Path, loras: Mapping[str, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype, base: Path) -> int:
+    """Write `out_dir` (created) from {Linear name: (A, B)}; returns the bytes of its tensors. `loras` may make each
+    pair when asked (export's does): the file is written one tensor at a time, so only one pair is held."""
+    from megatron_ast.export.shards import write_file
 
     out_dir.mkdir()
-    tensors = {}
-    for module, (a, b) in loras.items():
-        tensors[f"base_model.model.{module}.lora_A.weight"] = a.detach().to(dtype).contiguous()
-        tensors[f"base_model.model.{module}.lora_B.weight"] = b.detach().to(dtype).contiguous()
-    save_file(tensors, str(out_dir / WEIGHTS))
-    ranks = {module: int(a.shape[0]) for module, (a, _) in loras.items()}
+    specs, ranks = [], {}
+    for module in loras:  # shapes first (the header), each pair made and dropped
+        a, b = loras[module]
+        ranks[module] = int(a.shape[0])
+        specs += [(f"base_model.model.{module}.lora_A.weight", dtype, tuple(a.shape)),
+                  (f"base_model.model.{module}.lora_B.weight", dtype, tuple(b.shape))]
+    held: dict = {}
+
+    def make(key: str) -> torch.Tensor:
+        module, part = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
+        if held.get("module") != module:
+            held.update(module=module, pair=loras[module])
+        return held["pair"][0 if part.startswith("A") else 1].detach().to(dtype).contiguous()
+
+    write_file(out_dir / WEIGHTS, specs, make, {"format": "pt"})
     (out_dir / CONFIG).write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(Path(base).resolve()),
         "target_modules": sorted(ranks), "r": max(ranks.values()), "lora_alpha": max(ranks.values()),
         "rank_pattern": ranks, "alpha_pattern": ranks,  # alpha = r per module: scaling 1, y = W x + S (P x)
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True}, indent=2) + "\n")
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return sum(math.prod(shape) * torch.empty(0, dtype=dtype).element_size() for _, _, shape in specs)
 
 
 def read(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -272,6 +272,9 @@ def load_ds_config(path: str | Path, world_size: int) -> dict:
     for what in ("offload_optimizer", "offload_param"):
         if (zero.get(what) or {}).get("device") == "nvme":
             raise UsageError(f"{p}: zero_optimization.{what} to nvme is untested with AST's masks: offload to cpu")
+    if int(zero.get("zero_hpz_partition_size", 1)) > 1:
+        raise UsageError(f"{p}: zero_hpz_partition_size {zero['zero_hpz_partition_size']} (ZeRO++ hpZ) gathers from a "
+                         "secondary copy of the partitions that AST's start-up writes do not reach: remove it")
     ratio = (zero.get("offload_optimizer") or {}).get("ratio", 1.0)
     if ratio != 1.0:
         raise UsageError(f"{p}: offload_optimizer.ratio {ratio}: the rest would step with DeepSpeed's AdamW, not "

@@ -134,15 +134,15 @@ def _whole(local: torch.Tensor, weight) -> torch.Tensor:
 
 def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None, slorb: SLoRBConfig | None = None,
                     input_norms: dict[str, torch.Tensor] | None = None, dense: bool = False,
-                    dense_values: str | Path | None = None, fitted_s: dict[str, torch.Tensor] | None = None,
-                    ds_config: dict | None = None) -> tuple[dict[str, torch.Tensor], int]:
+                    dense_values: str | Path | None = None,
+                    fitted_s: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """Make every decoder Linear sparse; returns this rank's mask slices (for PartitionedMasks) and the bytes it
     read of the masks and dense values. Masks: from `masks_file` (a one-shot pruned dir's: each rank reads only
     the rows its partition overlaps), else by Wanda when `input_norms` are given, else by magnitude; `dense`
     starts with all-ones masks (gmp). `dense_values`: the dense model dir whose values the weights under a
     stored mask's pruned positions take (kept ones stay the pruned dir's reconstruction), so the forward is the
     one-shot model's while SLoRB's init, SR-STE and regrowth see the dense weights. `fitted_s`: SLoRB's S by
-    Linear name, for `slorb.init: fitted`. SLoRB's parameters are partitioned (`ds_config`) as each is made."""
+    Linear name, for `slorb.init: fitted`. SLoRB's parameters are partitioned as each is made."""
     import deepspeed
 
     from megatron_ast.modeling import WeightReader
@@ -174,6 +174,6 @@ def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None,
                 local[name] = local_mask(mask, w)
             sparsify_module_(mod, mask, slorb, name, hold_mask=False,
                              fitted_s=fitted_s[name] if fitted_s is not None else None)
-        if mod.slorb is not None and ds_config is not None:
-            deepspeed.zero.Init(module=mod.slorb, config_dict_or_path=ds_config)  # partitioned now, not at initialize
+        if mod.slorb is not None:  # partitioned now, by the Init that made the student, not whole until initialize
+            w.convert_to_zero_parameters(list(mod.slorb.parameters()))
     return local, read + (reader.bytes_read if reader is not None else 0)

@@ -80,6 +80,7 @@ class Trainer:
                                    distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
         if torch.cuda.is_available():
             torch.cuda.set_device(distributed.local_rank())
+        distributed.host_group(timedelta(seconds=cfg.dist_timeout_s))  # host numbers (stop flags): no GPU syncs
         distributed.watch_errors()  # a UsageError on any rank now ends every rank
         threads = distributed.cpu_threads_per_rank()
         if threads is not None:
@@ -130,8 +131,7 @@ class Trainer:
         masks_file = None if cfg.init in ("magnitude", "wanda") else Path(cfg.init) / "masks.safetensors"
         local_masks, self.startup_read_bytes = ({}, 0) if cfg.method == "dense" else sparsify_zero3_(
             student, pattern.n, pattern.m, masks_file, cfg.slorb, input_norms=norms, dense=cfg.method == "gmp",
-            dense_values=cfg.model if cfg.pruned_values == "dense" else None, fitted_s=self._fitted_s(),
-            ds_config=self.ds)
+            dense_values=cfg.model if cfg.pruned_values == "dense" else None, fitted_s=self._fitted_s())
         self.n_sparse = len(local_masks)
         if cfg.activation_checkpointing:
             student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -184,7 +184,8 @@ class Trainer:
 
         check_model_dir(self.cfg.model)
         device = torch.device("cuda", distributed.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
-        model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=dtype, local_files_only=True).to(device)
+        model = AutoModelForCausalLM.from_pretrained(self.cfg.model, dtype=dtype, local_files_only=True,
+                                                     device_map={"": str(device)})  # straight to the GPU, not via the host
         return model.requires_grad_(False).eval()
 
     def _fitted_s(self) -> dict[str, torch.Tensor] | None:

@@ -102,3 +102,10 @@ def test_a_rank_reads_only_its_rows_and_the_position_moves_by_the_whole_batch(sh
     np.testing.assert_array_equal(mine.next_batch(8, rows), whole.next_batch(8)[rows])
     assert mine.state_dict() == whole.state_dict()
     np.testing.assert_array_equal(mine.next_batch(8), whole.next_batch(8))
+
+
+def test_a_state_from_the_stored_permutation_era_is_refused(shard_dir):
+    s = BlendedSampler([shard_dir], 32, seed=7)
+    old = {k: v for k, v in s.state_dict().items() if k != "order"}
+    with pytest.raises(UsageError, match="stored permutation"):
+        s.load_state_dict(old)

@@ -132,3 +132,23 @@ def test_layer_at_a_time_pruning_is_the_whole_model_pruning_in_the_source_dtype(
     assert all(torch.equal(v, expected[k]) for k, v in got.state_dict().items())
     stored = load_file(str(out / "masks.safetensors"))
     assert set(stored) == set(masks) and all(torch.equal(stored[k], masks[k]) for k in masks)
+
+
+def test_layer_at_a_time_pruning_reads_gpt2_hub_names_and_keeps_stored_buffers(tmp_path, calib_file):
+    """GPT-2's hub files name tensors without the `transformer.` prefix and store non-parameter buffers
+    (attn.bias): the streamed pruner maps the names, copies what is not a parameter and prunes the rest."""
+    from safetensors.torch import save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    src = tmp_path / "gpt2"
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=600, n_embd=64, n_layer=2, n_head=4, n_positions=128))
+    model.save_pretrained(src)
+    sd = {k.removeprefix("transformer."): v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    sd["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 128, 128))  # as the hub's gpt2 stores it
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(src), "--method", "magnitude", "--pattern", "2:4", "--out", str(out)]) == 0
+    got = load_file(str(out / "model.safetensors"))
+    assert set(got) == set(sd) and torch.equal(got["h.0.attn.bias"], sd["h.0.attn.bias"])
+    assert nm_violations(got["h.1.mlp.c_fc.weight"].t(), 2, 4) == 0
+    assert torch.equal(got["wte.weight"], sd["wte.weight"])

@@ -111,6 +111,8 @@ def test_bad_configs_fail_at_load(run_dir, change, match, capsys):
       "ratio": 0.5}}}, "offload_optimizer.ratio 0.5"),
     ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}},
      "offload_param to nvme is untested"),
+    ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8}},
+     r"ZeRO\+\+ hpZ"),
 ])
 def test_inconsistent_deepspeed_configs(tmp_path, ds, match):
     from megatron_ast.errors import UsageError
