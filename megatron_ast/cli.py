@@ -119,6 +119,22 @@ def _cmd_prune(a: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in r.items() if k != "layers"}, indent=2))
 
 
+def _single_process_world() -> None:
+    """No launcher set a world (plain `megatron-ast train`): one rank, on this host, instead of DeepSpeed's MPI
+    discovery (which needs mpi4py and an MPI launcher)."""
+    import socket
+
+    from megatron_ast.training.plan import resolve_world
+
+    if resolve_world()["world_size"] == 1 and "RANK" not in os.environ and "MASTER_ADDR" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        print("[train] no launcher: one process (world size 1)", file=sys.stderr)
+
+
 def _cmd_train(a: argparse.Namespace) -> None:
     from megatron_ast.training.config import load_config
 
@@ -132,6 +148,10 @@ def _cmd_train(a: argparse.Namespace) -> None:
 
         print(json.dumps(plan(cfg, a.world_size, a.nodes, a.gpu_gib or None), indent=2))
         return
+    if a.world_size is not None or a.nodes is not None:
+        raise UsageError("--world-size and --nodes plan another world with --dry-run; to train on N ranks, start "
+                         "under a launcher: deepspeed, torchrun, srun or mpirun (launch/)")
+    _single_process_world()
     import torch.distributed as dist
 
     from megatron_ast import distributed

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,22 +212,56 @@ class TrainConfig:
         return SparsityPattern.parse(self.pattern)
 
 
+def _type_name(hint) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in args)
+    plural = lambda h: _type_name(h).removeprefix("an ").removeprefix("a ") + "s"  # noqa: E731
+    if typing.get_origin(hint) is list:
+        return f"a list of {plural(args[0])}"
+    if typing.get_origin(hint) is tuple:
+        return f"{len(args)} {plural(args[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}.get(
+        hint, getattr(hint, "__name__", str(hint)))
+
+
+def _is(value, hint) -> bool:
+    """Whether a YAML/JSON value is of a config field's type (an int is a float; a bool is neither)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_is(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_is(v, args[0]) for v in value)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and len(value) == len(args) and all(map(_is, value, args))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is Any or dataclasses.is_dataclass(hint):
+        return True
+    return isinstance(value, hint)
+
+
 def _build(cls, raw: Any, where: str):
-    """Instantiate a (nested) dataclass from a mapping, rejecting unknown keys by name."""
-    if not dataclasses.is_dataclass(cls):
-        return raw
+    """Instantiate a (nested) dataclass from a mapping, rejecting unknown keys by name and values of the wrong
+    type by key, expected type and value."""
     if not isinstance(raw, dict):
         raise UsageError(f"{where} must be a mapping, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise UsageError(f"unknown key(s) {unknown} in {where}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
-    hints = {"data": DataConfig, "lr": LRConfig, "optimizer": OptimConfig, "srste": SRSTEConfig, "gmp": GMPConfig,
-             "distill": DistillConfig, "teacher": TeacherConfig, "slorb": SLoRBConfig, "eval": EvalConfig,
-             "checkpoint": CheckpointConfig}
     for k, v in raw.items():
-        kwargs[k] = _build(hints[k], v, f"{where}.{k}") if k in hints and v is not None else v
+        nested = [h for h in (hints[k], *typing.get_args(hints[k])) if dataclasses.is_dataclass(h)]
+        if nested and v is not None:
+            kwargs[k] = _build(nested[0], v, f"{where}.{k}")
+            continue
+        if not _is(v, hints[k]):
+            raise UsageError(f"{where}.{k} must be {_type_name(hints[k])}, got {v!r} ({type(v).__name__})")
+        kwargs[k] = v
     try:
         return cls(**kwargs)
     except TypeError as e:
@@ -243,6 +279,8 @@ def load_ds_config(path: str | Path, world_size: int) -> dict:
     """The user's DeepSpeed JSON, checked for what would clash with AST."""
     p = Path(path)
     ds = read_config_file(p, "DeepSpeed config")
+    if not isinstance(ds.get("zero_optimization", {}), dict):
+        raise UsageError(f"{p}: zero_optimization must be a mapping, got {ds['zero_optimization']!r}")
     if ds.get("zero_optimization", {}).get("stage") != 3:
         raise UsageError(f"{p}: AST runs student and teacher under ZeRO-3; set zero_optimization.stage to 3")
     for section in ("optimizer", "scheduler"):
@@ -258,6 +296,17 @@ def load_ds_config(path: str | Path, world_size: int) -> dict:
     if any(v == "auto" for v in (ds.get("train_batch_size"), ds.get("train_micro_batch_size_per_gpu"),
                                  ds.get("gradient_accumulation_steps"))):
         raise UsageError(f"{p} uses 'auto' batch sizes (a Hugging Face Trainer convention): give numbers")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        v = ds.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise UsageError(f"{p}: {key} must be a positive integer, got {v!r} ({type(v).__name__})")
+    clip = ds.get("gradient_clipping")
+    if clip is not None and (not isinstance(clip, (int, float)) or isinstance(clip, bool) or clip < 0):
+        raise UsageError(f"{p}: gradient_clipping must be a number >= 0, got {clip!r}")
+    for section in ("bf16", "fp16"):
+        enabled = (ds.get(section) or {}).get("enabled", False)
+        if not isinstance(enabled, bool):
+            raise UsageError(f"{p}: {section}.enabled must be true or false, got {enabled!r} ({type(enabled).__name__})")
     mb, gas, tb = ds.get("train_micro_batch_size_per_gpu"), ds.get("gradient_accumulation_steps", 1), ds.get("train_batch_size")
     if mb is None and tb is None:
         raise UsageError(f"{p}: set train_micro_batch_size_per_gpu (and gradient_accumulation_steps)")

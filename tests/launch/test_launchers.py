@@ -116,3 +116,18 @@ def test_a_dead_or_hung_rank_fails_the_whole_job_in_bounded_time(run_dir, tmp_pa
             p.kill()
     assert code != 0 and time.time() - t0 < 120  # the launcher notices and fails the job
     assert not alive  # and no rank is left hanging
+
+
+def test_train_without_a_launcher_is_one_process_and_world_size_needs_dry_run(run_dir, capsys):
+    """A newcomer's first try: no launcher. It trains as world size 1 (DeepSpeed's MPI discovery wanted mpi4py
+    and crashed); --world-size without --dry-run is refused in one line instead of being ignored."""
+    env = {k: v for k, v in TRAIN_ENV.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
+    cfg = _cfg(run_dir, "plain", steps=1)
+    proc = subprocess.run([sys.executable, "-m", "megatron_ast.cli", "train", "--config", str(cfg)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no launcher: one process" in proc.stderr
+    assert json.loads((run_dir / "plain" / "summary.json").read_text())["world_size"] == 1
+    assert main(["train", "--config", str(cfg), "--world-size", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--world-size and --nodes plan another world with --dry-run" in err[0]
