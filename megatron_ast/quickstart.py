@@ -72,7 +72,8 @@ def _train_ast(out: Path, dense: str, pruned: Path) -> dict:
         port = s.getsockname()[1]
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
     cli = shutil.which("megatron-ast", path=str(Path(sys.executable).parent)) or "megatron-ast"
-    cmd = [launcher, "--num_gpus", str(AST_RANKS), "--master_port", str(port), cli, "train", "--config", str(run / "run.yaml")]
+    cmd = [launcher, "--num_gpus", str(AST_RANKS), "--master_port", str(port), cli, "train", "--config", str(run / "run.yaml"),
+           "--resume", "auto"]  # the job run again continues (or, finished, just reports) its run
     print(f"      $ {' '.join(cmd)}", flush=True)
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     code = run_relayed(cmd, env, run / "train.log", "[train]", "      ")

@@ -29,6 +29,7 @@ import torch
 
 from megatron_ast import distributed
 from megatron_ast.data.blend import BlendSpec
+from megatron_ast.errors import UsageError
 from megatron_ast.data.sampler import BlendedSampler
 from megatron_ast.data.tokenizer import Tokenizer
 from megatron_ast.eval.perplexity import token_windows
@@ -91,6 +92,8 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.resume_tag = self._resume_tag()
+        if self.resume_tag is None:
+            self._check_fresh_dir()
         if self.resume_tag is not None and checkpoint.saved_world_size(self.resume_tag) != self.world:
             self.ds.setdefault("checkpoint", {})["load_universal"] = True  # elastic: another world size
         bf16 = self.ds.get("bf16", {}).get("enabled", False)
@@ -165,6 +168,19 @@ class Trainer:
         if tag is None:
             _rank0_print(f"[train] --resume auto: no complete checkpoint in {self.ckpt_root}, starting fresh")
         return tag
+
+    def _check_fresh_dir(self) -> None:
+        """A run dir belongs to one run: a fresh start (`resume: none`) into a dir holding another run's checkpoints
+        or log is refused; under `--resume auto` with no complete checkpoint, the log of steps never saved goes."""
+        log = self.out / "log.jsonl"
+        saved = [d.name for d in sorted(self.ckpt_root.glob("step*")) if (d / checkpoint.COMPLETE).is_file()]
+        if self.cfg.resume == "none" and (saved or log.is_file() and log.stat().st_size):
+            what = f"checkpoints {', '.join(saved[-2:])}" if saved else "log.jsonl"
+            raise UsageError(f"{self.out} holds another run ({what}): pass --resume auto to continue it, or give a new "
+                             "output_dir")
+        if self.rank == 0 and log.is_file():
+            log.unlink()  # steps of a run that never saved: the new run starts from step 0
+            _rank0_print(f"[train] no complete checkpoint in {self.ckpt_root}: {log} of the unsaved steps removed")
 
     def _dense_engine(self, dtype: torch.dtype):
         """The dense model as a frozen ZeRO-3 engine with no optimizer (the teacher)."""

@@ -131,3 +131,9 @@ def test_train_without_a_launcher_is_one_process_and_world_size_needs_dry_run(ru
     assert main(["train", "--config", str(cfg), "--world-size", "64"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--world-size and --nodes plan another world with --dry-run" in err[0]
+    # a fresh start into the finished run's dir is refused (it appended to its log and moved `latest` before)
+    log = (run_dir / "plain" / "log.jsonl").read_text()
+    again = subprocess.run([sys.executable, "-m", "megatron_ast.cli", "train", "--config", str(cfg)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "holds another run (checkpoints step1): pass --resume auto" in again.stderr
+    assert (run_dir / "plain" / "log.jsonl").read_text() == log
