@@ -297,10 +297,12 @@ class Trainer:
         return out
 
     def _teacher_checksum(self) -> str:
-        """sha256 of this rank's teacher partitions (or replica): a frozen teacher must stay bit-identical."""
+        """sha256 of this rank's teacher partitions (of a replica, this rank's 1/world of each parameter: together the
+        ranks cover it, none copies the whole model to the host): a frozen teacher must stay bit-identical."""
         h = hashlib.sha256()
         for p in self.teacher.parameters():
-            h.update(getattr(p, "ds_tensor", p).detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+            part = p.ds_tensor if hasattr(p, "ds_tensor") else p.detach().reshape(-1).tensor_split(self.world)[self.rank]
+            h.update(part.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
         return h.hexdigest()
 
     # --- evaluation ------------------------------------------------------------------------------
