@@ -8,6 +8,8 @@ killed run resumes where it stopped.
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import itertools
 import multiprocessing as mp
 import os
@@ -25,7 +27,7 @@ from megatron_ast.data.indexed import ShardWriter, token_dtype
 from megatron_ast.data.manifest import check_tokenizer, meta_path, read_meta, write_manifest
 from megatron_ast.data.tokenizer import Tokenizer
 from megatron_ast.errors import UsageError
-from megatron_ast.fsutil import atomic_write_json
+from megatron_ast.fsutil import atomic_write_json, no_space, out_of_space
 
 UNIT_BYTES = 2 << 20  # a work unit is at most this much of a plain file
 BATCH_CHARS = 1 << 20  # texts per native encode call
@@ -207,6 +209,8 @@ def _tokenize(sources, units, tokenizer, out_dir, workers, strict, rank) -> list
                     "skipped": opened.skipped, "skipped_examples": opened.examples, **info,
                 }
                 atomic_write_json(meta_path(out_dir / src.name), meta)
+                if not info["documents"]:
+                    reports.append(f"{src.name}: warning: {src.path} holds no documents (an empty shard)")
                 if opened.skipped:
                     reports.append(f"{src.name}: skipped {opened.skipped} (first: {opened.examples[0]})")
                 opened = None
@@ -235,6 +239,9 @@ def preprocess(
         raise UsageError(f"--workers must be at least 1, got {workers}")
     comm, rank, size = mpi.world()
     out_dir = Path(output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--output-dir {out_dir} is a file: give a directory (new, or one holding shards)")
+    created = not out_dir.exists()
     error = ""
     try:
         tokenizer = Tokenizer.load(tokenizer_path, eod_token, fast_bpe)
@@ -242,6 +249,9 @@ def preprocess(
         out_dir.mkdir(parents=True, exist_ok=True)
         check_tokenizer(out_dir, tokenizer.identity)
         mine = assign_to_ranks(sources, size)[rank]
+        for s in mine:  # what a killed run of these shards left (shards are this rank's alone)
+            for tmp in out_dir.glob(f".{glob.escape(s.name)}.*.tmp-*"):
+                tmp.unlink(missing_ok=True)
         todo = [s for s in mine if (m := read_meta(out_dir / s.name)) is None or m.get("source_bytes") != s.size]
         if len(todo) < len(mine):
             print(f"[rank {rank}] {len(mine) - len(todo)} shard(s) already complete, skipping", file=sys.stderr)
@@ -249,10 +259,17 @@ def preprocess(
             print(f"[rank {rank}] {line}", file=sys.stderr)
     except UsageError as e:
         error = str(e)
+    except Exception as e:  # a full disk: every rank hears of it (the others would wait in allgather)
+        if not out_of_space(e):
+            raise
+        error = str(no_space(out_dir))
     if comm is not None:
         errors = comm.allgather(error)
         error = next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), "")
     if error:
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            with contextlib.suppress(OSError):  # another rank's rmdir came first
+                out_dir.rmdir()  # an error found early leaves no empty output dir behind
         raise UsageError(error)
     manifest = write_manifest(out_dir) if rank == 0 else {}
     if comm is not None:

@@ -1,16 +1,17 @@
 """`merge` (many shards -> one) and `inspect` (counts, decode a document) for token shards."""
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from megatron_ast.data.indexed import IndexedShard, ShardWriter, idx_path
+from megatron_ast.data.indexed import IndexedShard, ShardWriter, bin_path, idx_path
 from megatron_ast.data.manifest import check_tokenizer, meta_path, read_manifest, write_manifest
 from megatron_ast.data.tokenizer import Tokenizer, TokenizerIdentity
 from megatron_ast.errors import UsageError
-from megatron_ast.fsutil import atomic_write_json
+from megatron_ast.fsutil import atomic_write_json, read_config_file
 
 
 def _shard_metas(inputs: list[str]) -> list[tuple[Path, dict]]:
@@ -21,7 +22,7 @@ def _shard_metas(inputs: list[str]) -> list[tuple[Path, dict]]:
         if p.is_dir():
             out += [(p / name, {**meta, **_dir_common(p)}) for name, meta in sorted(read_manifest(p)["shards"].items())]
         elif idx_path(p).is_file() and meta_path(p).is_file():
-            out.append((p, json.loads(meta_path(p).read_text())))
+            out.append((p, read_config_file(meta_path(p), "shard sidecar", ": re-run `megatron-ast preprocess` on its source")))
         else:
             raise UsageError(f"{p} is neither a token-shard dir nor a shard prefix with .idx and .meta.json")
     if not out:
@@ -45,11 +46,18 @@ def merge(inputs: list[str], output: str | Path, domain: str | None = None) -> d
     if domain is None and len(domains) > 1:
         raise UsageError(f"shards span domains {domains}: pass --domain for the merged shard")
     out = Path(output)
+    if any(f.exists() for f in (bin_path(out), idx_path(out), meta_path(out))):
+        raise UsageError(f"{out}.bin/.idx exists: merge writes a new shard; give another --output or remove it")
+    if next((q for q in (out.parent, *out.parent.parents) if q.exists()), out.parent).is_file():
+        raise UsageError(f"--output {out}: a parent of it is a file; give DIR/NAME with DIR a directory")
+    opened = [IndexedShard(p, m) for p, m in shards]
+    for s in tqdm(opened, desc="verify", disable=None, file=sys.stderr):
+        s.verify()  # a damaged input would give a merged shard that looks whole, with a fresh sha256
     out.parent.mkdir(parents=True, exist_ok=True)
     check_tokenizer(out.parent, TokenizerIdentity(**tok))
     with ShardWriter(out, np.dtype(dtype)) as w:
-        for p, _ in shards:
-            w.add_shard(IndexedShard(p))
+        for s in opened:
+            w.add_shard(s)
         info = w.commit()
     meta = {"tokenizer": tok, "dtype": dtype, "domain": domain or domains[0],
             "source": [str(p) for p, _ in shards], "source_bytes": sum(m["bin_bytes"] for _, m in shards),
@@ -59,17 +67,26 @@ def merge(inputs: list[str], output: str | Path, domain: str | None = None) -> d
     return meta
 
 
-def inspect(path: str | Path, doc: int = 0, tokens: int = 32, tokenizer: str | None = None) -> dict:
-    """Counts of a shard (or of every shard of a dir) and the first tokens of one document, decoded."""
+def inspect(path: str | Path, doc: int = 0, tokens: int = 32, tokenizer: str | None = None,
+            verify: bool = False) -> dict:
+    """Counts of a shard (or of every shard of a dir) and the first tokens of one document, decoded; with `verify`,
+    every shard's index structure and sha256 checked against its sidecar."""
     p = Path(path)
-    prefixes = [p / n for n in sorted(read_manifest(p)["shards"])] if p.is_dir() else [p]
+    if p.is_dir():
+        prefixes = [(p / n, m) for n, m in sorted(read_manifest(p)["shards"].items())]
+    else:
+        sidecar = meta_path(p)
+        prefixes = [(p, read_config_file(sidecar, "shard sidecar") if sidecar.is_file() else None)]
     report = {"shards": {}}
-    for prefix in prefixes:
-        if not idx_path(prefix).is_file():
-            raise UsageError(f"{prefix}.idx does not exist: pass a shard prefix (without .bin/.idx) or a shard dir")
-        s = IndexedShard(prefix)
-        report["shards"][prefix.name] = {"documents": s.num_documents, "tokens": s.num_tokens, "dtype": s.dtype.name}
-    first = IndexedShard(prefixes[0])
+    opened = []
+    for prefix, meta in tqdm(prefixes, desc="verify", disable=None if verify else True, file=sys.stderr):
+        s = IndexedShard(prefix, meta)
+        if verify:
+            s.verify()
+        opened.append(s)
+        report["shards"][prefix.name] = {"documents": s.num_documents, "tokens": s.num_tokens, "dtype": s.dtype.name,
+                                         **({"verified": "sha256" if meta else "structure"} if verify else {})}
+    first, prefixes = opened[0], [q for q, _ in prefixes]
     if not 0 <= doc < first.num_documents:
         raise UsageError(f"--doc {doc} is out of range: {prefixes[0].name} has {first.num_documents} documents")
     ids = first.document(doc)[:tokens].tolist()

@@ -35,7 +35,7 @@ def _cmd_merge(a: argparse.Namespace) -> None:
 def _cmd_inspect(a: argparse.Namespace) -> None:
     from data_tools.shards import inspect
 
-    print(json.dumps(inspect(a.path, a.doc, a.tokens, a.tokenizer), indent=2, ensure_ascii=False))
+    print(json.dumps(inspect(a.path, a.doc, a.tokens, a.tokenizer, a.verify), indent=2, ensure_ascii=False))
 
 
 def _cmd_eval_ppl(a: argparse.Namespace) -> None:
@@ -106,11 +106,26 @@ def _local_tasks_dir(n: int):
                              corpus["github"]["validation"], n)
 
 
+def _ignored_prune_flags(a: argparse.Namespace) -> list[str]:
+    """The flags set away from their defaults that `--method` would ignore (magnitude reads no calibration data)."""
+    calibrated = a.method != "magnitude" or a.slorb_group is not None
+    obs = a.method in ("sparsegpt", "sparsellm")
+    used = {"calib": calibrated, "nsamples": calibrated, "seqlen": calibrated, "seed": calibrated,
+            "tokenizer": calibrated, "blocksize": obs, "damp": obs or a.slorb_group is not None,
+            "scope": obs and a.pattern == "unstructured",
+            **{f"sparsellm_{k}": a.method == "sparsellm" for k in ("rounds", "alpha", "beta", "gamma")}}
+    return [f"--{k.replace('_', '-')}" for k, on in used.items() if not on and getattr(a, k) != a.default_of(k)]
+
+
 def _cmd_prune(a: argparse.Namespace) -> None:
     from megatron_ast.pruning.api import prune_to_dir
     from megatron_ast.pruning.pipeline import PruneConfig, SparseLLMConfig
     from megatron_ast.sparsity import SparsityPattern
 
+    if ignored := _ignored_prune_flags(a):
+        raise UsageError(f"{', '.join(ignored)} mean{'s' if len(ignored) == 1 else ''} nothing to --method {a.method} "
+                         f"with --pattern {a.pattern}: drop {'it' if len(ignored) == 1 else 'them'}, or choose a "
+                         "method that uses them")
     cfg = PruneConfig(a.method, SparsityPattern.parse(a.pattern, a.sparsity), a.blocksize, a.damp, _device(a),
                       SparseLLMConfig(a.sparsellm_rounds, a.sparsellm_alpha, a.sparsellm_beta, a.sparsellm_gamma),
                       prune_head=a.prune_head, prune_embeddings=a.prune_embeddings, scope=a.scope,
@@ -164,7 +179,8 @@ def _cmd_train(a: argparse.Namespace) -> None:
         distributed.barrier()  # all ranks tear down together: a gloo rank whose peers are gone may abort at exit
     except UsageError as e:
         if dist.is_initialized() and dist.get_world_size() > 1:
-            distributed.fail_every_rank(str(e))  # the others may be blocked in a collective: end them too
+            # the others may be blocked in a collective: end them too, then undo what they were writing
+            distributed.fail_every_rank(str(e), e.cleanup)
         raise
     finally:  # also after SIGUSR1's save (SystemExit 138): a clean teardown, which MPI launchers expect
         distributed.stop_watching()
@@ -249,6 +265,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--doc", type=int, default=0)
     s.add_argument("--tokens", type=_positive, default=32)
     s.add_argument("--tokenizer", help="decode with this tokenizer")
+    s.add_argument("--verify", action="store_true", help="read every shard whole: its index structure and the "
+                   "sha256 its sidecar records (merge and train always do)")
     s.set_defaults(fn=_cmd_inspect)
 
     ev = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command", required=True)
@@ -308,7 +326,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--sparsellm-alpha", type=float, default=5.0)
     s.add_argument("--sparsellm-beta", type=float, default=5.0)
     s.add_argument("--sparsellm-gamma", type=float, default=5.0)
-    s.set_defaults(fn=_cmd_prune)
+    s.set_defaults(fn=_cmd_prune, default_of=s.get_default)
 
     s = sub.add_parser("train", help="AST (or the naive baseline) on ZeRO-3; start under deepspeed/torchrun/srun")
     s.add_argument("--config", required=True, help="run.yaml (see launch/run_ast.yaml)")
@@ -373,6 +391,14 @@ def main(argv: list[str] | None = None) -> int:
         args.fn(args)
     except UsageError as e:
         print(f"megatron-ast: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from megatron_ast.fsutil import no_space, out_of_space
+
+        if not out_of_space(e):
+            raise
+        out = next((getattr(args, k) for k in ("out", "output_dir", "output") if getattr(args, k, None)), ".")
+        print(f"megatron-ast: error: {no_space(out)}", file=sys.stderr)
         return 2
     return 0
 

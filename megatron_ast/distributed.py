@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -183,14 +184,18 @@ def watch_errors() -> None:
         _channel = _ErrorChannel()
 
 
-def fail_every_rank(msg: str) -> None:
-    """Print `msg` as the CLI's one-line error and end this rank and every other with exit 2."""
+def fail_every_rank(msg: str, cleanup: Callable[[], None] | None = None) -> None:
+    """Print `msg` as the CLI's one-line error and end this rank and every other with exit 2. `cleanup` runs once
+    the others have read the message and stopped (what they were writing, e.g. a checkpoint's files, then goes)."""
     print(f"{ERROR_PREFIX}{msg}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     # a launcher that ends the job once another rank has exited (torchrun: SIGTERM) still sees exit 2 here
     signal.signal(signal.SIGTERM, lambda *_: os._exit(2))
     if _channel is not None:
         _channel.publish(msg)
+    if cleanup is not None:
+        time.sleep(_ErrorChannel.POLL_S)  # a rank that acknowledged is exiting; let its last write land first
+        cleanup()
     os._exit(2)
 
 

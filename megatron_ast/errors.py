@@ -2,7 +2,10 @@
 
 
 class UsageError(Exception):
-    """Bad input from the user: the message names the problem and the fix."""
+    """Bad input from the user: the message names the problem and the fix. `cleanup`, when set, removes what a
+    failed write left; on many ranks it runs after every rank has stopped (distributed.fail_every_rank)."""
+
+    cleanup = None
 
 
 def _tested_deepspeed() -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -21,11 +22,15 @@ def tmp_name(path: Path) -> Path:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -74,3 +79,30 @@ def read_config_file(path: str | Path, what: str, fix: str = "") -> Any:
         return json.loads(p.read_text())
     except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
         raise UsageError(f"{what} {p} is not valid {'YAML' if as_yaml else 'JSON'} ({e}){fix}") from e
+
+
+def out_of_space(e: BaseException | None) -> bool:
+    """`e`, or an error it was raised from, is a full disk or quota (an OSError, or safetensors' Rust error text)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes (for this user) on the file system that holds `path`, or would hold it once created."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def human_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB ({int(n):,} bytes)" if n >= 2**30 else f"{n / 2**20:.1f} MiB ({int(n):,} bytes)"
+
+
+def no_space(path: str | Path) -> UsageError:
+    """The one-line error for a write that filled the disk (the writer has removed its partial output)."""
+    return UsageError(f"no space left on the device of {path} ({human_bytes(free_bytes(path))} free after removing the "
+                      "partial output): free space or write elsewhere")

@@ -1,19 +1,55 @@
 """Loading Hugging Face causal LMs from local dirs only (no hub, no remote code unless asked)."""
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 from megatron_ast.errors import UsageError
+from megatron_ast.fsutil import read_config_file
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+def check_safetensors(path: str | Path) -> None:
+    """A safetensors file whose size is what its header promises (8 + header + the last tensor's end): a file cut
+    short or damaged is one line naming it, not safetensors' Rust error from deep inside a load. Reads the header."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{p} does not exist: copy or write it again")
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        try:
+            header = json.loads(f.read(n)) if n is not None and n <= size - 8 else None
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+            header = None
+    problem = ("it is shorter than a safetensors header" if n is None else
+               f"its header claims {n:,} bytes of the file's {size:,}" if n > size - 8 else
+               "its header is not a safetensors header" if header is None else
+               f"{size:,} bytes, its header promises {8 + n + end:,}" if 8 + n + end != size else None)
+    if problem:
+        raise UsageError(f"{p} is not a whole safetensors file ({problem}): it was cut short or damaged; copy or "
+                         "write it again")
+
+
 def check_model_dir(path: str | Path) -> Path:
+    """A local Hugging Face model dir: a config.json that parses, and every safetensors weight file whole."""
     p = Path(path)
     if not (p / "config.json").is_file():
         raise UsageError(f"{p} is not a Hugging Face model dir (no config.json): pass --model a local model dir")
+    read_config_file(p / "config.json", "model config", ": fix it or copy the model dir again")
     if not any((p / w).is_file() for w in WEIGHT_FILES):
         raise UsageError(f"{p} has a config.json but no weights ({', '.join(WEIGHT_FILES[:2])}): re-export the model")
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_config_file(index, "weight index", ": copy the model dir again").get("weight_map", {})
+        for f in sorted(set(weight_map.values())):
+            check_safetensors(p / f)
+    elif (p / "model.safetensors").is_file():
+        check_safetensors(p / "model.safetensors")
     return p
 
 
@@ -62,8 +98,6 @@ class WeightReader:
     values a one-shot init keeps under its masks, read one Linear at a time."""
 
     def __init__(self, path: str | Path):
-        import json
-
         p = check_model_dir(path)
         index = p / "model.safetensors.index.json"
         if index.is_file():

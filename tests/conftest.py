@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sysconfig
 from pathlib import Path
 
@@ -61,3 +62,33 @@ def reference_assets() -> dict:
     from megatron_ast.assets import ensure_assets
 
     return ensure_assets()
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """mount(nbytes) -> an empty dir on a tmpfs of that size, unmounted at the end: a real full disk (ENOSPC from
+    every writer, Python's, torch's and safetensors' Rust one). Skips where this process may not mount; then
+    the injected-writer test (tests/export/test_hf.py) still runs."""
+    mounted = []
+
+    def mount(nbytes: int, name: str = "disk") -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(nbytes)}", "tmpfs", str(d)], capture_output=True,
+                           text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}): needs root")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def assert_full_disk_line(err: str, where: Path) -> None:
+    """The CLI's one line for a full disk, naming the output, and nothing left in `where`."""
+    lines = err.strip().splitlines()
+    assert lines and "no space left on the device of" in lines[-1] and "free" in lines[-1], err[-2000:]
+    assert not any(line.startswith("Traceback") for line in lines), err[-2000:]
+    assert not any(where.iterdir()), list(where.iterdir())

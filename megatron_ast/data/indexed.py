@@ -23,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_ast.fsutil import tmp_name
+from megatron_ast.errors import UsageError
+from megatron_ast.fsutil import sha256_file, tmp_name
 
 MAGIC = b"MMIDIDX\x00\x00"
+HEADER_BYTES = len(MAGIC) + 8 + 1 + 8 + 8
 DTYPE_CODES = {
     1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32,
     5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16,
@@ -36,6 +38,14 @@ CODE_OF = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits (Megatron's rule: vocab < 65500), else int32."""
     return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
+
+
+META_SUFFIX = ".meta.json"
+
+
+def meta_path(prefix: Path | str) -> Path:
+    """The shard's sidecar (data/manifest.py): its source, counts and the sha256 of its `.bin`."""
+    return Path(f"{prefix}{META_SUFFIX}")
 
 
 def idx_path(prefix: Path | str) -> Path:
@@ -138,32 +148,88 @@ class ShardWriter:
             self.abort()
 
 
-class IndexedShard:
-    """Read-only view of one `.bin/.idx` pair; tokens are memory-mapped."""
+class CorruptShard(UsageError):
+    """A shard whose files disagree with each other or with its sidecar: never read past it."""
 
-    def __init__(self, prefix: Path | str):
-        self.prefix = Path(prefix)
-        with open(idx_path(prefix), "rb") as f:
-            if f.read(len(MAGIC)) != MAGIC:
-                raise ValueError(f"{idx_path(prefix)}: not a Megatron IndexedDataset index")
-            (version,) = struct.unpack("<Q", f.read(8))
-            if version != 1:
-                raise ValueError(f"{idx_path(prefix)}: unsupported index version {version}")
-            (code,) = struct.unpack("<B", f.read(1))
-            (n_seq,) = struct.unpack("<Q", f.read(8))
-            (n_doc,) = struct.unpack("<Q", f.read(8))
-            offset = f.tell()
+    def __init__(self, prefix: Path, problem: str, source: object = None):
+        again = f" ({source})" if isinstance(source, str) else ""
+        super().__init__(f"token shard {prefix}: {problem}; it is damaged or was cut short: re-run "
+                         f"`megatron-ast preprocess` on its source{again}")
+
+
+class IndexedShard:
+    """Read-only view of one `.bin/.idx` pair; tokens are memory-mapped.
+
+    Opening costs O(1) and checks what O(1) can: the index's size against its header, the `.bin`'s size against
+    the index's last pointer, and, given the shard's sidecar (`meta`), its byte, token and document counts.
+    `verify()` reads everything: every pointer and document index, and the `.bin`'s sha256."""
+
+    def __init__(self, prefix: Path | str, meta: dict | None = None):
+        self.prefix, self.meta = Path(prefix), meta
+        ip, bp = idx_path(prefix), bin_path(prefix)
+        for p in (ip, bp):
+            if not p.is_file():
+                raise UsageError(f"{p} does not exist: give a shard prefix (without .bin/.idx) whose files both exist")
+        with open(ip, "rb") as f:
+            head = f.read(HEADER_BYTES)
+        if len(head) < HEADER_BYTES or head[: len(MAGIC)] != MAGIC:
+            self._fail(f"{ip.name} is not a Megatron IndexedDataset index ({len(head)}-byte header, bad magic)"
+                       if head[: len(MAGIC)] != MAGIC else f"{ip.name} is cut short ({len(head)} bytes)")
+        version, code, n_seq, n_doc = struct.unpack("<QBQQ", head[len(MAGIC):])
+        if version != 1:
+            raise UsageError(f"{ip}: unsupported index version {version} (Megatron's format has version 1)")
+        if code not in DTYPE_CODES:
+            self._fail(f"{ip.name} names dtype code {code}, not one of {sorted(DTYPE_CODES)}")
         self.dtype = np.dtype(DTYPE_CODES[code])
-        idx = np.memmap(idx_path(prefix), mode="r", dtype=np.uint8)
+        expect = HEADER_BYTES + 12 * n_seq + 8 * n_doc
+        if (size := ip.stat().st_size) != expect:
+            self._fail(f"{ip.name} holds {size} bytes, its header ({n_seq} sequences, {n_doc - 1} documents) "
+                       f"promises {expect}")
+        offset = HEADER_BYTES
+        idx = np.memmap(ip, mode="r", dtype=np.uint8)
         self.sequence_lengths = np.frombuffer(idx, np.int32, n_seq, offset)
         offset += 4 * n_seq
         self.sequence_pointers = np.frombuffer(idx, np.int64, n_seq, offset)
         offset += 8 * n_seq
         self.document_indices = np.frombuffer(idx, np.int64, n_doc, offset)
-        size = os.path.getsize(bin_path(prefix))
-        self.tokens = (
-            np.memmap(bin_path(prefix), mode="r", dtype=self.dtype) if size else np.zeros(0, self.dtype)
-        )
+        size = bp.stat().st_size
+        end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if n_seq else 0
+        if size != end:
+            self._fail(f"{bp.name} holds {size} bytes, its index ends at byte {end}")
+        if n_doc < 1 or self.document_indices[0] != 0 or self.document_indices[-1] != n_seq:
+            self._fail(f"{ip.name}'s document indices do not run from 0 to its {n_seq} sequences")
+        self.tokens = np.memmap(bp, mode="r", dtype=self.dtype) if size else np.zeros(0, self.dtype)
+        if meta is not None:
+            found = {"bin_bytes": size, "tokens": self.num_tokens, "documents": self.num_documents}
+            for key, value in found.items():
+                if key in meta and meta[key] != value:
+                    self._fail(f"{key} {value}, its sidecar {meta_path(self.prefix).name} says {meta[key]}")
+
+    def _fail(self, problem: str):
+        raise CorruptShard(self.prefix, problem, (self.meta or {}).get("source"))
+
+    def verify(self, block: int = 1 << 22) -> None:
+        """Every pointer, length and document index, and (given a sidecar) the sha256 of the `.bin`: O(size)."""
+        itemsize, n = self.dtype.itemsize, len(self.sequence_lengths)
+        expected_start = 0
+        for i in range(0, n, block):
+            lengths = self.sequence_lengths[i : i + block].astype(np.int64)
+            if (lengths < 0).any():
+                self._fail(f"sequence {i + int(np.argmax(lengths < 0))} has a negative length")
+            starts = expected_start + np.concatenate([[0], np.cumsum(lengths[:-1] * itemsize)])
+            wrong = np.flatnonzero(self.sequence_pointers[i : i + block] != starts)
+            if len(wrong):
+                self._fail(f"sequence {i + int(wrong[0])} starts at byte {int(self.sequence_pointers[i + wrong[0]])}, "
+                           f"not {int(starts[wrong[0]])}, right after the one before it")
+            expected_start = int(starts[-1] + lengths[-1] * itemsize)
+        docs = self.document_indices
+        for i in range(0, len(docs) - 1, block):
+            step = np.diff(docs[i : i + block + 1])
+            if (step < 0).any():
+                self._fail(f"document index {i + int(np.argmax(step < 0)) + 1} decreases")
+        if self.meta is not None and "sha256" in self.meta:
+            if sha256_file(bin_path(self.prefix)) != self.meta["sha256"]:
+                self._fail(f"{bin_path(self.prefix).name}'s sha256 differs from its sidecar's")
 
     @property
     def num_documents(self) -> int:

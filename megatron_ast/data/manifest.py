@@ -10,18 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_ast.data.indexed import bin_path, idx_path
+from megatron_ast.data.indexed import META_SUFFIX, IndexedShard, bin_path, idx_path, meta_path
 from megatron_ast.data.tokenizer import TokenizerIdentity
 from megatron_ast.errors import UsageError
 from megatron_ast.fsutil import atomic_write_json, read_config_file
 
 MANIFEST = "manifest.json"
 FORMAT = "megatron-ast-token-shards/1"
-META_SUFFIX = ".meta.json"
-
-
-def meta_path(prefix: Path) -> Path:
-    return Path(f"{prefix}{META_SUFFIX}")
 
 
 def read_meta(prefix: Path) -> dict | None:
@@ -89,3 +84,20 @@ def read_manifest(directory: Path) -> dict:
     if manifest.get("format") != FORMAT:
         raise UsageError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
+
+
+def verify_shards(shards: list[IndexedShard], cache: dict[str, list], rank: int = 0, world: int = 1) -> dict[str, list]:
+    """`IndexedShard.verify` on this rank's share of the shards that `cache` does not vouch for; returns the cache
+    entries of those it verified. An entry is `.bin` path -> [bytes, mtime_ns, sha256]: a shard rewritten or
+    touched since is read again. Training verifies its shards once per run this way (training/trainer.py)."""
+    todo = []
+    for s in shards:
+        st = bin_path(s.prefix).stat()
+        key, stamp = str(bin_path(s.prefix).resolve()), [st.st_size, st.st_mtime_ns, (s.meta or {}).get("sha256")]
+        if cache.get(key) != stamp:
+            todo.append((key, stamp, s))
+    mine = {}
+    for key, stamp, s in sorted(todo, key=lambda t: -t[1][0])[rank::world]:  # largest first: balanced shares
+        s.verify()
+        mine[key] = stamp
+    return mine

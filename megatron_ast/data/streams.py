@@ -53,7 +53,7 @@ def load_domains(
             raise UsageError(f"shard dirs {list(map(str, shard_dirs))} were made with different tokenizers")
         seen_tok = tok
         for name, meta in sorted(manifest["shards"].items()):
-            by_domain.setdefault(meta["domain"], []).append(IndexedShard(Path(d) / name))
+            by_domain.setdefault(meta["domain"], []).append(IndexedShard(Path(d) / name, meta))
     streams = {dom: DomainStream(sh, seq_len) for dom, sh in sorted(by_domain.items())}
     for dom, s in streams.items():
         if s.num_windows == 0:

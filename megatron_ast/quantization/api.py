@@ -25,7 +25,7 @@ import torch
 from megatron_ast.errors import UsageError
 from megatron_ast.export.compressed_tensors import FORMAT, FORMATS, require_linears, save_compressed_tensors
 from megatron_ast.fsutil import atomic_dir
-from megatron_ast.modeling import check_model_dir, load_causal_lm
+from megatron_ast.modeling import check_model_dir, check_safetensors, load_causal_lm
 from megatron_ast.pruning.api import MASKS_FILE, TOKENIZER_FILES
 from megatron_ast.pruning.architectures import architecture_of, set_weight_out_in, weight_out_in
 from megatron_ast.pruning.calibration import calibration_samples
@@ -47,11 +47,28 @@ def _masks(model_dir: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UsageError(f"{model_dir} has no {MASKS_FILE}: quantize a 2:4 model from `megatron-ast prune` or "
                          "`megatron-ast export` (quantizing is applied after the masks)")
+    check_safetensors(path)
     masks = {k: v.bool() for k, v in load_file(str(path)).items()}
     bad = [k for k, v in masks.items() if v.dim() != 2 or nm_violations(v.float(), 2, 4)]
     if bad:
         raise UsageError(f"{path}: {bad[0]} is not a 2:4 mask ({len(bad)} such): quantize stores 2:4 models")
     return masks
+
+
+def _check_weights_follow(model, masks: dict[str, torch.Tensor], path: Path) -> None:
+    """Every weight is zero where its mask prunes, as prune and export write them: masks.safetensors copied from
+    another model would otherwise be quantized against these weights silently."""
+    for key, mask in masks.items():
+        try:
+            w = weight_out_in(model.get_submodule(key.removesuffix(".weight"))).detach()
+        except AttributeError:
+            continue  # not a module here: the count check after the walk names it
+        if tuple(w.shape) != tuple(mask.shape):
+            raise UsageError(f"{path}: {key} is {tuple(mask.shape)}, the model's weight {tuple(w.shape)}: these masks "
+                             "are another model's; quantize the dir that prune or export wrote")
+        if stray := int((w[~mask.to(w.device)] != 0).sum()):
+            raise UsageError(f"{path}: {key} has {stray:,} nonzero weights where its mask prunes: these masks are "
+                             "another model's; quantize the dir that prune or export wrote")
 
 
 def quantize_dir(model_dir: str | Path, out_dir: str | Path, spec: QuantSpec, method: str = "gptq",
@@ -78,6 +95,7 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, spec: QuantSpec, me
     if fmt == FORMAT:
         require_linears(model, [k.removesuffix(".weight") for k in masks])
     arch = architecture_of(model)
+    _check_weights_follow(model, masks, model_dir / MASKS_FILE)
     packed, rows = {}, []
 
     def visit(i, layer, linears, hessians, ffn_io) -> None:

@@ -34,7 +34,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from megatron_ast import distributed
 from megatron_ast.errors import DeepSpeedMismatch, UsageError
-from megatron_ast.fsutil import atomic_write_bytes, atomic_write_json
+from megatron_ast.fsutil import atomic_write_bytes, atomic_write_json, free_bytes, human_bytes, out_of_space
 
 COMPLETE = "complete.json"
 STATE = "trainer_state.json"
@@ -160,31 +160,68 @@ def _write_hashed(path: Path, data: bytes, digests: dict) -> None:
     digests[path.name] = [len(data), hashlib.sha256(data).hexdigest()]
 
 
+def space_needed(root: Path, engine) -> tuple[int, str]:
+    """What the next save will write: the newest complete checkpoint's size, or before the first one a lower bound,
+    12 bytes per trainable parameter (ZeRO's fp32 master and Adam's two moments; masks and DeepSpeed's small
+    files come on top)."""
+    complete = [d for d in _tags(root) if (d / COMPLETE).is_file()]
+    if complete:
+        files = json.loads((complete[0] / COMPLETE).read_text())["files"]
+        return sum(size for size, _ in files.values()), f"the size of {complete[0].name}"
+    params = sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters() if p.requires_grad)
+    return 12 * params, "12 bytes per trainable parameter"
+
+
+def _disk_full(tag: str, root: Path, need: int, why: str, during: bool) -> UsageError:
+    latest = root / "latest"
+    keeps = f"`latest` stays at {latest.read_text()}" if latest.is_file() else "there is no earlier checkpoint"
+    what = (f"the disk filled while saving checkpoint {tag} (its partial files are removed)" if during else
+            f"no space to save checkpoint {tag}")
+    return UsageError(f"{what} under {root}: it needs about {human_bytes(need)} ({why}), {human_bytes(free_bytes(root))} "
+                      f"are free. {keeps}: free space (or move output_dir, checkpoints/ with it), then --resume auto")
+
+
 def save(engine, root: Path, step: int, state: dict, rank_tensors: dict[str, torch.Tensor], keep: int) -> Path:
-    """Save on every rank (collective); returns the tag dir once it is complete everywhere."""
+    """Save on every rank (collective); returns the tag dir once it is complete everywhere.
+
+    Rank 0 first checks the free space against `space_needed`. A save that fails anyway removes its partial
+    files on the failing rank; `latest` never moved, and a full disk is one line naming the bytes (exit 2)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     hashing = install_checkpoint_engine(engine)
     tag = f"step{step}"
     tag_dir = root / tag
-    if rank == 0 and tag_dir.exists():  # a crashed save of this step, or one skipped as corrupt: replaced
-        shutil.rmtree(tag_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    need, why = space_needed(root, engine)
+    if rank == 0:
+        if tag_dir.exists():  # a crashed save of this step, or one skipped as corrupt: replaced
+            shutil.rmtree(tag_dir)
+        if free_bytes(root) < need:
+            raise _disk_full(tag, root, need, why, during=False)  # before any rank writes (the others wait below)
     distributed.barrier()
     hashing.digests.clear()
-    engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
-    mine = dict(hashing.digests)
-    _write_hashed(tag_dir / f"rank{rank}.safetensors",
-                  safetensors_bytes({k: v.contiguous().cpu() for k, v in rank_tensors.items()}), mine)
-    if rank == 0:
-        _write_hashed(tag_dir / STATE, (json.dumps({**state, "world_size": world}, indent=2, sort_keys=True)
-                                        + "\n").encode(), mine)
-    gathered = distributed.all_gather_json(mine)  # every rank's files are on disk
-    if rank == 0:
-        manifest = {k: v for d in gathered for k, v in d.items()}
-        for p in tag_dir.iterdir():  # what DeepSpeed writes past its engine (zero_to_fp32.py, a few KB)
-            if p.is_file() and not p.name.startswith(".") and p.name not in manifest:
-                manifest[p.name] = [p.stat().st_size, _sha256(p)]
-        atomic_write_json(tag_dir / COMPLETE, {"step": step, "world_size": world, "files": manifest})
-        atomic_write_bytes(root / "latest", tag.encode())
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
+        mine = dict(hashing.digests)
+        _write_hashed(tag_dir / f"rank{rank}.safetensors",
+                      safetensors_bytes({k: v.contiguous().cpu() for k, v in rank_tensors.items()}), mine)
+        if rank == 0:
+            _write_hashed(tag_dir / STATE, (json.dumps({**state, "world_size": world}, indent=2, sort_keys=True)
+                                            + "\n").encode(), mine)
+        gathered = distributed.all_gather_json(mine)  # every rank's files are on disk
+        if rank == 0:
+            manifest = {k: v for d in gathered for k, v in d.items()}
+            for p in tag_dir.iterdir():  # what DeepSpeed writes past its engine (zero_to_fp32.py, a few KB)
+                if p.is_file() and not p.name.startswith(".") and p.name not in manifest:
+                    manifest[p.name] = [p.stat().st_size, _sha256(p)]
+            atomic_write_json(tag_dir / COMPLETE, {"step": step, "world_size": world, "files": manifest})
+            atomic_write_bytes(root / "latest", tag.encode())
+    except Exception as e:  # torch's writer reports a full disk as "iostream error": the free space decides
+        shutil.rmtree(tag_dir, ignore_errors=True)
+        if out_of_space(e) or free_bytes(root) < need:
+            err = _disk_full(tag, root, need, why, during=True)
+            err.cleanup = lambda: shutil.rmtree(tag_dir, ignore_errors=True)  # again, once the other ranks stopped
+            raise err from e
+        raise
     distributed.barrier()  # every rank is done with this save: only now may older ones go
     if rank == 0:
         complete = [d for d in _tags(root) if (d / COMPLETE).is_file()]

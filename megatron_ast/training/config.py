@@ -154,6 +154,8 @@ class TrainConfig:
             raise UsageError(f"dist_timeout_s must be at least 1, got {self.dist_timeout_s}")
         if self.checkpoint.every < 0 or self.checkpoint.keep < 0:
             raise UsageError("checkpoint.every and checkpoint.keep must be >= 0")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise UsageError(f"output_dir {self.output_dir!r} is a file: give a directory (new or a run's)")
         if self.resume not in ("none", "auto") and not (Path(self.resume) / "complete.json").is_file():
             raise UsageError(f"resume {self.resume!r}: give none, auto or a complete checkpoint dir (one with complete.json)")
         if self.init not in INIT_METRICS and not (Path(self.init) / "masks.safetensors").is_file():

@@ -151,6 +151,9 @@ def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None,
     if masks_file is not None:
         from safetensors import safe_open
 
+        from megatron_ast.modeling import check_safetensors
+
+        check_safetensors(masks_file)
         stored = safe_open(str(masks_file), framework="pt")
     reader = WeightReader(dense_values) if dense_values is not None and stored is not None else None
     local, read = {}, 0

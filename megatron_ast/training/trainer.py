@@ -29,9 +29,11 @@ import torch
 
 from megatron_ast import distributed
 from megatron_ast.data.blend import BlendSpec
-from megatron_ast.errors import UsageError
+from megatron_ast.data.manifest import verify_shards
 from megatron_ast.data.sampler import BlendedSampler
 from megatron_ast.data.tokenizer import Tokenizer
+from megatron_ast.errors import UsageError
+from megatron_ast.fsutil import atomic_write_json, read_config_file
 from megatron_ast.eval.perplexity import token_windows
 from megatron_ast.training import checkpoint
 from megatron_ast.training.config import TrainConfig, load_ds_config
@@ -102,6 +104,7 @@ class Trainer:
         self.tokenizer = Tokenizer.load(tok_dir)
         self.blend = BlendSpec.load(cfg.data.blend) if cfg.data.blend else None
         self.sampler = BlendedSampler(cfg.data.train, cfg.data.seq_len, cfg.data.seed, self.blend, self.tokenizer.identity)
+        self._verify_shards()
         self.windows = (token_windows(cfg.data.validation, tok_dir, cfg.data.seq_len, cfg.eval.windows)
                         if cfg.data.validation else {})
         pattern = cfg.pattern_obj
@@ -181,6 +184,22 @@ class Trainer:
         if self.rank == 0 and log.is_file():
             log.unlink()  # steps of a run that never saved: the new run starts from step 0
             _rank0_print(f"[train] no complete checkpoint in {self.ckpt_root}: {log} of the unsaved steps removed")
+
+    def _verify_shards(self) -> None:
+        """Every training shard read whole once per run, before the first step: index structure and sha256 against
+        its sidecar. The ranks split the shards; `verified_shards.json` in the run dir remembers them by size and
+        mtime, so a resume reads only what changed."""
+        path = self.out / "verified_shards.json"
+        cached = read_config_file(path, "shard cache") if path.is_file() else {}
+        shards = [s for stream in self.sampler.streams for s in stream.shards]
+        t0 = time.perf_counter()
+        new = {k: v for d in distributed.all_gather_json(verify_shards(shards, cached, self.rank, self.world))
+               for k, v in d.items()}
+        if self.rank == 0 and new:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, {**cached, **new})
+        _rank0_print(f"[train] {len(new)} of {len(shards)} shards verified ({sum(v[0] for v in new.values()) / 2**30:.2f}"
+                     f" GiB, {time.perf_counter() - t0:.1f} s); {len(shards) - len(new)} unchanged since {path.name}")
 
     def _dense_engine(self, dtype: torch.dtype):
         """The dense model as a frozen ZeRO-3 engine with no optimizer (the teacher)."""

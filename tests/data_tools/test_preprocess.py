@@ -14,7 +14,7 @@ from megatron_ast.data.indexed import IndexedShard
 from megatron_ast.data.manifest import read_manifest
 from megatron_ast.data.tokenizer import Tokenizer
 from megatron_ast.fsutil import sha256_file
-from tests.conftest import stdlib_texts, write_jsonl
+from tests.conftest import assert_full_disk_line, stdlib_texts, write_jsonl
 
 BAD = {3: b'{"text": "unterminated', 7: b'{"meta": {}}', 11: b'{"text": "\xff bad utf8"}', 15: b'{"text": ""}'}
 
@@ -110,7 +110,7 @@ def test_strict_bad_line_exits_2_and_writes_nothing(corpus, hf_tokenizer_dir, tm
                "--tokenizer", str(hf_tokenizer_dir), "--strict"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "code.jsonl:4: malformed json" in err[0] and "--strict" in err[0]
-    assert [p.name for p in out.iterdir()] == []
+    assert not out.exists()  # the dir this run made goes too (before: an empty output dir stayed)
 
 
 @pytest.mark.parametrize("case", ["missing_input", "bad_tokenizer", "other_tokenizer", "not_jsonl", "empty_dir"])
@@ -199,3 +199,28 @@ def test_mpi_unbalanced_like_redpajama_then_a_node_lost_halfway(hf_tokenizer_dir
     assert proc.returncode == 0, proc.stderr
     assert "[rank 1] 11 shard(s) already complete, skipping" in proc.stderr
     assert hashes(out) == hashes(tmp_path / "single") and (out / "arxiv__arxiv_000.bin").stat().st_mtime_ns == kept
+
+
+def test_a_full_disk_is_one_line_exit_2_and_leaves_nothing(corpus, hf_tokenizer_dir, small_disk, capsys):
+    """Before: an OSError [Errno 28] traceback, exit 1 (and under mpirun the other ranks waited in allgather)."""
+    root, _ = corpus
+    disk = small_disk(16 * 1024)
+    rc = main(["preprocess", "--input", str(root), "--output-dir", str(disk / "out"), "--tokenizer", str(hf_tokenizer_dir)])
+    assert rc == 2
+    assert_full_disk_line(capsys.readouterr().err, disk)
+
+
+def test_a_killed_runs_temp_files_go_on_the_rerun_and_an_empty_input_warns(corpus, hf_tokenizer_dir, tmp_path, capsys):
+    """Before: a kill -9 left `.NAME.bin.tmp-PID` for good, and an empty jsonl made a 0-token shard silently."""
+    root, _ = corpus
+    (root / "book" / "empty.jsonl").write_text("")
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [out / ".book__plays.bin.tmp-999999", out / ".github__code.idx.tmp-999998"]
+    for f in stale:
+        f.write_bytes(b"x" * 100)
+    mine = out / ".other.bin.tmp-1"  # not a shard of these inputs: left alone
+    mine.write_bytes(b"y")
+    assert main(["preprocess", "--input", str(root), "--output-dir", str(out), "--tokenizer", str(hf_tokenizer_dir)]) == 0
+    assert not any(f.exists() for f in stale) and mine.exists()
+    assert "book__empty: warning: " in capsys.readouterr().err

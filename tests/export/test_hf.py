@@ -142,3 +142,40 @@ def test_export_refuses_incomplete_or_corrupt_checkpoints(run_dir, trained, tmp_
     assert main(["export", str(bad), "--out", str(tmp_path / "o2")]) == 2
     assert "not a complete checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["hf", "compressed-tensors"])
+def test_a_full_disk_is_one_line_exit_2_and_leaves_nothing(trained, small_disk, fmt, capsys):
+    """Before: an OSError [Errno 28] / SafetensorError traceback, exit 1."""
+    from tests.conftest import assert_full_disk_line
+
+    disk = small_disk(64 * 1024)
+    assert main(["export", str(trained), "--out", str(disk / "model"), "--format", fmt]) == 2
+    assert_full_disk_line(capsys.readouterr().err, disk)
+
+
+def test_a_writer_failing_for_space_is_the_same_line(trained, tmp_path, monkeypatch, capsys):
+    """Where no tmpfs can be mounted: the streaming writer made to fail as a full disk does, mid-file."""
+    import errno
+
+    from megatron_ast.export import shards
+    from tests.conftest import assert_full_disk_line
+
+    real = shards.write_file
+
+    def fills_the_disk(path, specs, make, *args, **kwargs):
+        made = []
+
+        def make_one_then_fail(name):
+            if made:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            made.append(name)
+            return make(name)
+
+        real(path, specs, make_one_then_fail, *args, **kwargs)
+
+    monkeypatch.setattr(shards, "write_file", fills_the_disk)
+    (tmp_path / "disk").mkdir()
+    assert main(["export", str(trained), "--out", str(tmp_path / "disk" / "model")]) == 2
+    assert_full_disk_line(capsys.readouterr().err, tmp_path / "disk")

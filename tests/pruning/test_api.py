@@ -13,8 +13,8 @@ from megatron_ast.sparsity import nm_violations
 @pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
 def test_prune_cli_writes_a_loadable_model_masks_and_report(model_dir, calib_file, tmp_path, method, capsys):
     out = tmp_path / "pruned"
-    rc = main(["prune", "--model", str(model_dir), "--method", method, "--pattern", "2:4", "--calib", str(calib_file),
-               "--nsamples", "8", "--seqlen", "64", "--out", str(out)])
+    calib = ["--calib", str(calib_file), "--nsamples", "8", "--seqlen", "64"] if method != "magnitude" else []
+    rc = main(["prune", "--model", str(model_dir), "--method", method, "--pattern", "2:4", *calib, "--out", str(out)])
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["all_valid"] is True
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -35,6 +35,9 @@ def test_prune_cli_writes_a_loadable_model_masks_and_report(model_dir, calib_fil
     (["--pattern", "unstructured", "--sparsity", "1.5"], "between 0 and 1"),
     (["--nsamples", "1000"], "fewer than --nsamples 1000"),
     (["--method", "wanda", "--no-calib"], "needs calibration data"),
+    # before: calibration flags that magnitude ignores were accepted silently
+    (["--method", "magnitude", "--nsamples", "100000"], "--calib, --nsamples, --seqlen mean nothing to --method magnitude"),
+    (["--method", "wanda", "--sparsellm-rounds", "2"], "--sparsellm-rounds means nothing to --method wanda"),
 ])
 def test_bad_input_exits_2_and_leaves_no_output(model_dir, calib_file, tmp_path, capsys, args, match):
     out = tmp_path / "pruned"
@@ -152,3 +155,12 @@ def test_layer_at_a_time_pruning_reads_gpt2_hub_names_and_keeps_stored_buffers(t
     assert set(got) == set(sd) and torch.equal(got["h.0.attn.bias"], sd["h.0.attn.bias"])
     assert nm_violations(got["h.1.mlp.c_fc.weight"].t(), 2, 4) == 0
     assert torch.equal(got["wte.weight"], sd["wte.weight"])
+
+
+def test_a_full_disk_is_one_line_exit_2_and_leaves_nothing(model_dir, small_disk, capsys):
+    """Before: a SafetensorError ... No space left on device traceback, exit 1."""
+    from tests.conftest import assert_full_disk_line
+
+    disk = small_disk(16 * 1024)
+    assert main(["prune", "--model", str(model_dir), "--method", "magnitude", "--out", str(disk / "pruned")]) == 2
+    assert_full_disk_line(capsys.readouterr().err, disk)

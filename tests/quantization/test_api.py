@@ -63,3 +63,37 @@ def test_quantize_refuses_masks_that_are_not_2of4(tmp_path, model_dir, capsys):
     capsys.readouterr()
     assert main(["quantize", "--model", str(src), "--method", "rtn", "--group-size", "32", "--out", str(tmp_path / "q")]) == 2
     assert "is not a 2:4 mask" in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+def test_a_full_disk_is_one_line_exit_2_and_leaves_nothing(pruned, small_disk, capsys):
+    """Before: a SafetensorError ... No space left on device traceback, exit 1."""
+    from tests.conftest import assert_full_disk_line
+
+    disk = small_disk(16 * 1024)
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(pruned[0]), "--method", "rtn", "--group-size", "32", "--out", str(disk / "q")]) == 2
+    assert_full_disk_line(capsys.readouterr().err, disk)
+
+
+def test_quantize_refuses_damaged_masks_and_another_models_masks(pruned, tmp_path, model_dir, calib_file, capsys):
+    """Before: a cut masks.safetensors gave safetensors' traceback (exit 1), and another model's masks were quantized
+    against these weights silently."""
+    import shutil
+
+    src, _ = pruned
+    other = tmp_path / "other"
+    torch.manual_seed(5)
+    assert main(["prune", "--model", str(model_dir), "--method", "wanda", "--calib", str(calib_file), "--nsamples", "4",
+                 "--seqlen", "32", "--out", str(other)]) == 0
+    shutil.copy(src / "masks.safetensors", tmp_path / "masks.bak")
+    shutil.copy(other / "masks.safetensors", src / "masks.safetensors")
+    capsys.readouterr()
+    args = ["quantize", "--model", str(src), "--method", "rtn", "--group-size", "32", "--out", str(tmp_path / "q")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "nonzero weights where its mask prunes: these masks are another model's" in err, err
+    masks = src / "masks.safetensors"
+    masks.write_bytes((tmp_path / "masks.bak").read_bytes()[:-100])
+    assert main(args) == 2
+    assert "is not a whole safetensors file" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()

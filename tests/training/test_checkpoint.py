@@ -234,3 +234,46 @@ def test_zero_offload_runs_ast_as_without_it(run_dir, reference):
     assert [r.get("flip_rate_init") for r in got] == pytest.approx([r.get("flip_rate_init") for r in ref], abs=1e-3)
     a, b = ckpt_masks(reference / "checkpoints" / f"step{STEPS}"), ckpt_masks(out / "checkpoints" / f"step{STEPS}")
     assert len(a) == 14 and all((a[k] != b[k]).float().mean() < 1e-3 for k in a)
+
+
+def _checkpoint_bytes(tag) -> int:
+    return sum(size for size, _ in json.loads((tag / "complete.json").read_text())["files"].values())
+
+
+def _train_on(run_dir, out, **over) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(_cfg(run_dir, "unused", output_dir=str(out), **over)), capture_output=True,
+                          text=True, timeout=600, env=TRAIN_ENV, cwd=REPO)
+
+
+@pytest.mark.slow
+def test_a_full_disk_before_a_save_keeps_latest_and_names_the_bytes(run_dir, reference, small_disk):
+    """Before: torch's `basic_ios::clear: iostream error` traceback and partial files of the failed save.
+    Now rank 0 checks the free space against the last checkpoint's size first: one line, exit 2, step2 intact."""
+    out = small_disk(int(_checkpoint_bytes(reference / "checkpoints" / f"step{STEPS}") * 1.6)) / "run"
+    proc = _train_on(run_dir, out, steps=4)
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("megatron-ast: error: "))
+    size = _checkpoint_bytes(out / "checkpoints" / "step2")
+    assert "no space to save checkpoint step4" in line and f"({size:,} bytes) (the size of step2)" in line, line
+    assert "`latest` stays at step2" in line and "--resume auto" in line
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step2" and sorted(p.name for p in ckpts.glob("step*")) == ["step2"]
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_during_the_save_leaves_no_partial_files(run_dir, reference, small_disk):
+    """The first save's estimate (12 bytes per trainable parameter) is a lower bound: a disk between it and the real
+    size fills mid-save. Before: 314 MB of partial files, no message about space. Now they go, and one line says so."""
+    from transformers import AutoModelForCausalLM
+
+    summary = json.loads((reference / "summary.json").read_text())
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(run_dir / "dense").parameters())
+    estimate, size = 12 * (params + summary["slorb_params"]), _checkpoint_bytes(reference / "checkpoints" / f"step{STEPS}")
+    assert estimate < size
+    out = small_disk((estimate + size) // 2) / "run"
+    proc = _train_on(run_dir, out, steps=2)
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("megatron-ast: error: "))
+    assert "the disk filled while saving checkpoint step2 (its partial files are removed)" in line, line
+    assert "there is no earlier checkpoint" in line
+    assert not list((out / "checkpoints").glob("step*")) and not (out / "checkpoints" / "latest").exists()

@@ -28,6 +28,8 @@ def test_two_rank_ast_run_learns_keeps_2of4_and_saves(run_dir):
     assert Path(summary["checkpoint"]).is_dir()
     assert "val" in log[7] and "val" not in log[6]  # eval every 8 steps
     assert summary["teacher_unchanged"] is True
+    verified = json.loads((out / "verified_shards.json").read_text())  # read whole once, before step 1
+    assert sorted(Path(k).name for k in verified) == ["book__train.bin", "github__train.bin"]
 
 
 @pytest.mark.slow
@@ -97,8 +99,11 @@ def test_wanda_init_masks_match_a_direct_computation(run_dir):
     ({"init": "/nonexistent"}, "neither 'magnitude', 'wanda' nor a pruned model dir"),
     ({"slorb": {"group": 16, "init": "fitted"}}, "slorb init fitted takes S from init's adapter"),
     ({"optimizer": {"second_moment": "adam"}}, "optimizer.second_moment must be update or gradient"),
+    ({"output_dir": "ds.json"}, "is a file: give a directory"),  # before: FileExistsError under the launcher
 ])
 def test_bad_configs_fail_at_load(run_dir, change, match, capsys):
+    if change.get("output_dir") == "ds.json":
+        change = {"output_dir": str(run_dir / "ds.json")}
     assert main(["train", "--config", str(config_file(run_dir, **change))]) == 2
     assert match in capsys.readouterr().err
 
@@ -259,3 +264,22 @@ def test_a_replica_teacher_without_activation_checkpointing_trains_as_the_defaul
     (base, s0), (rep, s1) = runs["defaults"], runs["replica"]
     assert s0["teacher"] == "zero3" and s1["teacher"] == "replica" and s1["teacher_unchanged"]
     assert len(base) == 2 and rep == pytest.approx(base, rel=1e-6, abs=0)
+
+
+@pytest.mark.slow
+def test_a_shard_damaged_inside_is_refused_before_the_first_step(run_dir, tmp_path):
+    """Before: a flipped byte inside a shard (its size intact) was trained on silently."""
+    import shutil
+
+    shutil.copytree(run_dir / "shards", tmp_path / "shards")
+    victim = tmp_path / "shards" / "github__train.bin"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    victim.write_bytes(bytes(data))
+    cfg = config_file(run_dir, output_dir=str(tmp_path / "out"), steps=1,
+                      data={"train": [str(tmp_path / "shards")], "validation": [], "seq_len": 64, "blend": None})
+    proc = subprocess.run(train_cmd(cfg), capture_output=True, text=True, timeout=600, env=TRAIN_ENV)
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("megatron-ast: error: ")]
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
+    assert lines and all("github__train.bin's sha256 differs from its sidecar's" in x for x in lines), lines
+    assert not (tmp_path / "out" / "checkpoints").exists()
