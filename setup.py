@@ -6,7 +6,8 @@ setup(
     description="Dense LLM -> 2:4 semi-structured sparse LLM: AST training on DeepSpeed ZeRO-3, one-shot pruners, token-shard tools",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_ast", "megatron_ast.*", "data_tools", "data_tools.*"]),
-    package_data={"megatron_ast.training": ["*.c"]},  # SR-STE's CPU step, built at first use (training/srste_cpu.py)
+    package_data={"megatron_ast.training": ["*.c"],  # SR-STE's CPU step, built at first use (training/srste_cpu.py)
+                  "megatron_ast.examples": ["ds_configs/*.json", "launch/*"]},  # what `megatron-ast init` copies
     install_requires=[
         "torch>=2.2",  # not pinned: clusters bring their own CUDA build
         "numpy",
@@ -26,8 +27,7 @@ setup(
         "mpi": ["mpi4py>=4"],
         "eval": ["lm-eval>=0.4.9"],
         "dev": ["pytest", "megatron-core", "mpi4py>=4", "mpich", "psutil", "peft", "lm-eval>=0.4.9", "matplotlib",
-                # compressed-tensors' one import the --no-deps install of README's test command lacks
-                "loguru"],
+                "compressed-tensors>=0.20.1,<0.21"],  # the release our vLLM-format dirs are read back with
     },
     entry_points={"console_scripts": ["megatron-ast=megatron_ast.cli:main"]},
 )

@@ -190,7 +190,29 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     result = {"command": "python bench/bad_inputs.py", "cases": rows, "all_ok": all(r["ok"] for r in rows)}
     print(f"{sum(r['ok'] for r in rows)} of {len(rows)} cases end with one line and exit 2")
-    write_result("bad_inputs", args.name, result)
+    path = write_result("bad_inputs", args.name, result)
+    write_page(json.loads(path.read_text()))
+
+
+def write_page(result: dict) -> None:
+    """docs/bad_inputs.md: the table, with the date, machine and command."""
+    m = result["machine"]
+    rows = "\n".join(f"| {r['case']} | {r['exit']} | {r['error_lines']} | {'yes' if r['traceback'] else 'no'} | "
+                     f"{r['line'].removeprefix('megatron-ast: error: ').replace('|', '/')[:220]} |" for r in result["cases"])
+    page = f"""# Bad inputs and faults, as a user meets them
+
+`{result['command']}` on {result['date']}: {m['cpu']}, {m['cores']} cores, {m['memory']}, Python {m['python']},
+torch {m.get('torch')}. Each case breaks one thing in a copy of the real assets (SmolLM2-135M, the Shakespeare
+corpus) and runs the CLI in a fresh process; the full-disk cases write into a tmpfs. Wanted: exit 2, one
+`megatron-ast: error:` line (the same on every rank), no traceback. {sum(r['ok'] for r in result['cases'])} of
+{len(result['cases'])} cases do. JSON: `bench/results/bad_inputs-vm.json`.
+
+| case | exit | error lines | traceback | the line (shortened, paths of the temp dir kept) |
+|---|---|---|---|---|
+{rows}
+"""
+    (REPO / "docs" / "bad_inputs.md").write_text(page)
+    print(f"wrote {REPO / 'docs' / 'bad_inputs.md'}")
 
 
 if __name__ == "__main__":

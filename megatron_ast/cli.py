@@ -123,9 +123,10 @@ def _cmd_prune(a: argparse.Namespace) -> None:
     from megatron_ast.sparsity import SparsityPattern
 
     if ignored := _ignored_prune_flags(a):
-        raise UsageError(f"{', '.join(ignored)} mean{'s' if len(ignored) == 1 else ''} nothing to --method {a.method} "
-                         f"with --pattern {a.pattern}: drop {'it' if len(ignored) == 1 else 'them'}, or choose a "
-                         "method that uses them")
+        one = len(ignored) == 1
+        raise UsageError(f"{', '.join(ignored)} mean{'s' if one else ''} nothing to --method {a.method} with --pattern "
+                         f"{a.pattern}: drop {'it' if one else 'them'}, or choose a method that uses "
+                         f"{'it' if one else 'them'}")
     cfg = PruneConfig(a.method, SparsityPattern.parse(a.pattern, a.sparsity), a.blocksize, a.damp, _device(a),
                       SparseLLMConfig(a.sparsellm_rounds, a.sparsellm_alpha, a.sparsellm_beta, a.sparsellm_gamma),
                       prune_head=a.prune_head, prune_embeddings=a.prune_embeddings, scope=a.scope,
@@ -202,6 +203,22 @@ def _cmd_export(a: argparse.Namespace) -> None:
 
     print(json.dumps(export_checkpoint(a.checkpoint, a.out, a.dtype, a.format, a.trust_checkpoint,
                                                    a.max_shard_size), indent=2))
+
+
+def _cmd_init(a: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from megatron_ast.training.config import load_config
+    from megatron_ast.training.plan import plan
+    from megatron_ast.training.recipe import write_run_dir
+
+    made = write_run_dir(a.model, a.pruned, a.out, a.gpus_per_node, a.nodes, a.seq_len, int(a.tokens),
+                         int(a.global_batch_tokens), a.train, a.validation)
+    dry = plan(load_config(Path(a.out) / "run.yaml"), made["world_size"], a.nodes, a.gpu_gib)
+    print(json.dumps({"init": made, "dry_run": dry}, indent=2))
+    print(f"wrote {a.out}/run.yaml, ds_config.json and the launchers: {made['steps']} steps of "
+          f"{made['tokens_per_step']:,} tokens on {made['world_size']} GPUs; check it with `megatron-ast train --config "
+          f"{a.out}/run.yaml --dry-run --world-size {made['world_size']} --nodes {a.nodes}`", file=sys.stderr)
 
 
 def _cmd_checkpoint_universal(a: argparse.Namespace) -> None:
@@ -352,7 +369,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when there is a GPU)")
     s.add_argument("--format", choices=["hf", "compressed-tensors"], default="hf",
-                   help="hf: dequantized safetensors + our packed 2:4 file; compressed-tensors: what vLLM loads")
+                   help="hf: dequantized safetensors + our packed 2:4 file; compressed-tensors: pack-quantized "
+                        "W4A16/W8A16, what vLLM and transformers load (compressed-tensors 0.20)")
     s.add_argument("--out", required=True, help="output model dir (must not exist)")
     s.add_argument("--no-adapter", dest="adapter", action="store_false",
                    help="leave a dir's SLoRB adapter (slorb_adapter/) off: quantize and write the 2:4 base alone")
@@ -364,9 +382,26 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the run's (bf16 for a bf16 run)")
     s.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB; e.g. 500MB, 2GiB)")
     s.add_argument("--format", choices=["hf", "compressed-tensors"], default="hf",
-                   help="hf: dense safetensors (W*M); compressed-tensors: 2:4 as sparse-24-bitmask, what vLLM loads")
+                   help="hf: dense safetensors (W*M), what transformers and vLLM load; compressed-tensors: refused "
+                        "(float 2:4 has no format a current stack loads: quantize --format compressed-tensors)")
     s.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     s.set_defaults(fn=_cmd_export)
+
+    s = sub.add_parser("init", help="a run dir for a model and a world: run.yaml (the measured defaults), a DeepSpeed "
+                                    "JSON with the batch arithmetic, the launch scripts; prints its dry run")
+    s.add_argument("--model", required=True, help="the dense HF model dir (teacher)")
+    s.add_argument("--pruned", required=True, help="its 2:4 prune: `megatron-ast prune --method sparsegpt --slorb-group "
+                                                   "16 ...` output (the student's start)")
+    s.add_argument("--out", required=True, help="the run dir to write (must not exist)")
+    s.add_argument("--gpus-per-node", type=_positive, default=8)
+    s.add_argument("--nodes", type=_positive, default=1)
+    s.add_argument("--seq-len", type=_positive, default=1024)
+    s.add_argument("--tokens", type=float, default=1e9, help="training tokens (default 1e9)")
+    s.add_argument("--global-batch-tokens", type=float, default=2**19, help="tokens per optimizer step (default 2^19)")
+    s.add_argument("--train", nargs="+", help="token-shard dirs (default: a placeholder to edit)")
+    s.add_argument("--validation", nargs="+", help="token-shard dirs for eval")
+    s.add_argument("--gpu-gib", type=float, default=80.0, help="each GPU's memory, for the dry run (default 80)")
+    s.set_defaults(fn=_cmd_init)
 
     ck = sub.add_parser("checkpoint", help="training checkpoints").add_subparsers(dest="checkpoint_command", required=True)
     s = ck.add_parser("universal", help="convert a checkpoint to DeepSpeed's universal form (resume on another "

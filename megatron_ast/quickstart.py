@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from megatron_ast import assets
+from megatron_ast.examples import example
 from megatron_ast.fsutil import atomic_write_json
 
 SEQ_LEN = 512
@@ -31,7 +32,7 @@ CALIB_SAMPLES = 32
 AST_STEPS, AST_SEQ, AST_RANKS = 12, 256, 2
 SLORB_GROUP = 16  # the pruner fits the branch on its calibration inputs; AST starts from it (slorb.init: fitted)
 LM_EVAL_N = 100  # examples per local lm-eval task
-CPU_DS_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "zero3_cpu.json"  # the checkout's (pip install -e .)
+CPU_DS_CONFIG = example("ds_configs/zero3_cpu.json")  # shipped with the package (megatron_ast/examples/)
 
 
 def run_relayed(cmd: list[str], env: dict, log: Path, keep: str, indent: str) -> int:

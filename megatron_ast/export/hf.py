@@ -9,8 +9,9 @@ the sparse model with no project code. Beside it: `masks.safetensors` (the same
 format `megatron-ast prune` writes, so the dir can seed another run) and, when the
 run trained SLoRB, a PEFT LoRA adapter in `slorb_adapter/` with A = P (d/k x d)
 and B = S (N x d/k) at scaling 1, which `peft` loads onto the exported base.
-With `fmt="compressed-tensors"` the weights are written in vLLM's format instead
-(2:4 Linears as sparse-24-bitmask; export/compressed_tensors.py).
+vLLM loads this dir as a dense model; compressed-tensors has no float 2:4 format
+any current release loads (export/compressed-tensors.py), so its form comes from
+`megatron-ast quantize --format compressed-tensors` on this dir.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from megatron_ast.errors import UsageError
-from megatron_ast.export.compressed_tensors import FORMAT, FORMATS, save_compressed_tensors
+from megatron_ast.export.compressed_tensors import FORMAT
 from megatron_ast.fsutil import atomic_dir
 from megatron_ast.modeling import check_model_dir
 from megatron_ast.pruning.api import MASKS_FILE, TOKENIZER_FILES
@@ -94,8 +95,10 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
         raise UsageError(f"{out} already exists: pass a new --out")
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if fmt not in FORMATS:
-        raise UsageError(f"--format {fmt!r}: choose {' or '.join(FORMATS)}")
+    if fmt != "hf":
+        raise UsageError(f"--format {fmt}: compressed-tensors holds quantized models only (no current compressed-"
+                         "tensors or vLLM loads a float 2:4 one): export with --format hf, then `megatron-ast quantize "
+                         f"--format {FORMAT}` on that dir for W4A16")
     shard_bytes = shards.parse_size(max_shard_size)
     checkpoint.require_complete(ckpt, "export an earlier checkpoint")
     state = json.loads((ckpt / checkpoint.STATE).read_text())
@@ -103,8 +106,6 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
     src = run["init"] if run["init"] not in ("magnitude", "wanda") else run["model"]
     check_model_dir(src)
     pattern = SparsityPattern.parse(run["pattern"])
-    if fmt == FORMAT and (pattern.n, pattern.m) != (2, 4):
-        raise UsageError(f"--format {FORMAT} stores 2:4 models, this run is {pattern}: export with --format hf")
     checkpoint.check_pickles(ckpt, trust)
     sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
     masks = RankMasks(checkpoint.rank_files(ckpt))
@@ -135,18 +136,11 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
               "sparse_linears": len(masks.shapes), "all_valid": True, "slorb_adapter": ADAPTER_DIR if adapter else None,
               "slorb_params": sum(sd[f"{m}.slorb.S"].shape.numel() for m in adapter)}
     with atomic_dir(out) as tmp:
-        if fmt == FORMAT:  # compressed-tensors packs whole modules: built in memory (not streamed)
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_config(config, dtype=target)
-            model.load_state_dict({k: make(k) for k in names}, strict=False)
-            save_compressed_tensors(model, tmp, {f"{m}.weight": masks.get(m) for m in masks.shapes})
-        else:
-            specs = [(k, target if sd[k].dtype.is_floating_point else sd[k].dtype, tuple(sd[k].shape)) for k in names]
-            files = shards.write_sharded(tmp, specs, make, shard_bytes, {"format": "pt"}, desc=f"export {ckpt.name}")
-            report["files"] = [f.name for f in files]
-            config.dtype = target
-            config.save_pretrained(tmp)
+        specs = [(k, target if sd[k].dtype.is_floating_point else sd[k].dtype, tuple(sd[k].shape)) for k in names]
+        files = shards.write_sharded(tmp, specs, make, shard_bytes, {"format": "pt"}, desc=f"export {ckpt.name}")
+        report["files"] = [f.name for f in files]
+        config.dtype = target
+        config.save_pretrained(tmp)
         for name in TOKENIZER_FILES:
             if (Path(src) / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(Path(src) / name, tmp / name)

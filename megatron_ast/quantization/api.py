@@ -6,8 +6,9 @@ so zeros stay zero. Written (`fmt="hf"`): an HF dir whose weights are the
 dequantized values (loadable and evaluable anywhere), `quantized_24.safetensors`
 with what a 2:4 int kernel stores (kept codes, 2-bit positions, float16 scales;
 pack24.py), the masks, and `compression_report.json` with the bytes counted.
-`fmt="compressed-tensors"` writes the same codes and scales in the format vLLM
-loads (export/compressed_tensors.py) instead of the first two. A dir with a SLoRB
+`fmt="compressed-tensors"` writes the same codes and scales as pack-quantized
+W4A16/W8A16, what vLLM and transformers load (export/compressed_tensors.py), instead
+of the first two. A dir with a SLoRB
 adapter is quantized as the model it is: calibrated with its branch attached, the
 2:4 base weights quantized, and the adapter carried along in float16 (its bytes
 counted in the report).
@@ -153,7 +154,9 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, spec: QuantSpec, me
             sizes = save_compressed_tensors(model, tmp, masks, codes, spec)
             report[FORMAT] = {"sparse_linears_bytes": sizes["sparse_linears"],
                               "compression_vs_fp32": linear_fp32 / sizes["sparse_linears"],
-                              "note": "pack-quantized stores the pruned zeros as codes (no 2:4 index)"}
+                              "sparsity_structure": "2:4",  # config.json cannot say it: vLLM refuses a sparsity_config
+                              "note": "pack-quantized stores the pruned zeros as codes (no 2:4 index); the masks are "
+                                      "in masks.safetensors"}
         else:
             model.save_pretrained(tmp, safe_serialization=True)
             save_file(packed, str(tmp / PACKED_FILE), metadata={

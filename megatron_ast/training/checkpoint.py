@@ -174,7 +174,7 @@ def space_needed(root: Path, engine) -> tuple[int, str]:
 
 def _disk_full(tag: str, root: Path, need: int, why: str, during: bool) -> UsageError:
     latest = root / "latest"
-    keeps = f"`latest` stays at {latest.read_text()}" if latest.is_file() else "there is no earlier checkpoint"
+    keeps = f"`latest` stays at {latest.read_text()}" if latest.is_file() else "There is no earlier checkpoint"
     what = (f"the disk filled while saving checkpoint {tag} (its partial files are removed)" if during else
             f"no space to save checkpoint {tag}")
     return UsageError(f"{what} under {root}: it needs about {human_bytes(need)} ({why}), {human_bytes(free_bytes(root))} "

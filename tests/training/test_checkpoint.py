@@ -275,5 +275,5 @@ def test_a_disk_that_fills_during_the_save_leaves_no_partial_files(run_dir, refe
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
     line = next(x for x in proc.stderr.splitlines() if x.startswith("megatron-ast: error: "))
     assert "the disk filled while saving checkpoint step2 (its partial files are removed)" in line, line
-    assert "there is no earlier checkpoint" in line
+    assert "There is no earlier checkpoint" in line
     assert not list((out / "checkpoints").glob("step*")) and not (out / "checkpoints" / "latest").exists()
