@@ -25,12 +25,19 @@ def machine_info() -> dict:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "memory": mem, "python": sys.version.split()[0],
             "platform": platform.platform()}
+    from importlib import metadata
+
+    for package in ("torch", "deepspeed", "transformers", "tokenizers"):  # what the figures depend on
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
     try:
         import torch
 
-        info["torch"] = torch.__version__
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name()
+            info["cuda"] = torch.version.cuda
     except ImportError:
         pass
     return info

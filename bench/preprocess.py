@@ -9,7 +9,10 @@ for Python 3.11 and a CPU torch, nothing on the tokenizing path). Prints wall se
 and the peak RSS of each process tree; checks both outputs are the same tokens in the same
 documents, byte for byte; writes bench/results/preprocess-<name>.json.
 
-    python bench/preprocess.py --megatron-lm DIR [--mb 63 500] [--workers 2] [--name vm]
+    python bench/preprocess.py --megatron-lm DIR [--mb 63 500] [--workers 2] [--tokenizer llama3-style] [--name vm]
+
+`--tokenizer llama3-style`: a 32k tokenizer of Llama-3's exact structure trained on the corpus
+(megatron_ast/assets.py), which takes the fast path's Split + ByteLevel shape.
 """
 from __future__ import annotations
 
@@ -79,12 +82,19 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="runs of each, in alternating order; means compared")
     ap.add_argument("--work", default="runs/bench_preprocess")
     ap.add_argument("--name", default="vm", help="results file suffix: the machine kind")
+    ap.add_argument("--tokenizer", default="smollm2", help="smollm2 (GPT-2's shape), llama3-style, or a tokenizer dir")
     args = ap.parse_args()
     if not args.megatron_lm or not (Path(args.megatron_lm) / "tools" / "preprocess_data.py").is_file():
         sys.exit("bench/preprocess.py: give --megatron-lm DIR (a NVIDIA/Megatron-LM checkout with tools/preprocess_data.py)")
     from megatron_ast.assets import ensure_assets
 
     a = ensure_assets()
+    if args.tokenizer == "llama3-style":
+        from megatron_ast.assets import llama3_style_tokenizer
+
+        a["tokenizer"] = str(llama3_style_tokenizer())
+    elif args.tokenizer != "smollm2":
+        a["tokenizer"] = args.tokenizer
     checkout, work = Path(args.megatron_lm).resolve(), Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -130,7 +140,7 @@ def main() -> None:
     if not commit and (checkout / "COMMIT").is_file():  # an exported tree (git archive) records it beside
         commit = (checkout / "COMMIT").read_text().strip()
     write_result("preprocess", args.name, {"megatron_lm": str(checkout), "megatron_lm_commit": commit or None,
-                                           "rows": rows})
+                                           "tokenizer": a["tokenizer"], "rows": rows})
 
 if __name__ == "__main__":
     main()

@@ -166,6 +166,40 @@ def ensure_assets(verbose: bool = True) -> dict:
     return describe()
 
 
+# Llama-3's pre-tokenizer regex, as its tokenizer.json's Split holds it (also Qwen2's but for \p{N} one at a time)
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_STYLE_VOCAB = 32768
+
+
+def llama3_style_tokenizer() -> Path:
+    """A tokenizer of exactly Llama-3's structure (no normalizer; Split on its regex, then ByteLevel without a
+    regex; BPE with ignore_merges; its special tokens), trained here on the reference corpus with a 32k vocabulary:
+    none can be downloaded here, and the fast path's identity checks need the real shape. Built once, cached."""
+    final = cache_root() / "tokenizers" / f"llama3-style-{LLAMA3_STYLE_VOCAB}"
+    if (final / "tokenizer.json").is_file():
+        return final
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = ensure_assets(verbose=False)["corpus"]
+    docs = [json.loads(line)["text"] for dom in DOMAINS for split in SPLITS
+            for line in open(corpus[dom][split], encoding="utf-8")]
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=LLAMA3_STYLE_VOCAB, special_tokens=special,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                      show_progress=False))
+    with atomic_dir(final) as tmp:
+        tok.save(str(tmp / "tokenizer.json"))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(
+            {"bos_token": special[0], "eos_token": special[1], "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return final
+
+
 def describe() -> dict:
     root = cache_root()
     model_dir, corpus_dir = root / "models" / MODEL_NAME, root / "corpus"

@@ -27,16 +27,16 @@ def test_a_wheel_in_a_fresh_venv_ships_configs_and_launchers_and_runs_init_elsew
     for f in ("ds_configs/zero3_bf16.json", "ds_configs/zero3_cpu.json", "launch/train_slurm.sbatch", "launch/run_ast.yaml"):
         assert f"megatron_ast/examples/{f}" in names, f
     venv = tmp_path / "venv"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of the checkout's on the path
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q", str(wheel)],
-                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--ignore-installed", "-q",
+                    str(wheel)], check=True, capture_output=True, env=env, cwd=tmp_path)
     site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # torch & co. from this venv, after it
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
     def run(*cmd):
         proc = subprocess.run([str(venv / "bin" / cmd[0]), *cmd[1:]], capture_output=True, text=True, cwd=elsewhere,

@@ -1,14 +1,22 @@
-"""A faster encoder for GPT-2-style byte-level BPE tokenizers, equal to Hugging Face's by construction and by check.
+"""A faster encoder for byte-level BPE tokenizers, equal to Hugging Face's by construction and by check.
 
 Preprocessing is tokenizer-bound: 96% of `megatron-ast preprocess` is the
 `tokenizers` BPE. tiktoken's Rust BPE encodes the same vocabulary about 5x faster,
-and gives the same ids when the tokenizer.json has the GPT-2 shape (SmolLM2,
-GPT-2, StarCoder, Qwen-1 style): no normalizer, a ByteLevel pre-tokenizer with
-GPT-2's regex, a BPE model whose k-th merge creates the token with the k-th
-smallest id, every multi-byte token made by exactly one merge, and added tokens
-matched as whole strings. tiktoken merges the adjacent pair whose concatenation
-has the smallest rank; with rank = id that is the pair with the earliest merge,
-which is what `tokenizers` does.
+and gives the same ids when the tokenizer.json has one of two shapes:
+
+- GPT-2's (SmolLM2, GPT-2, StarCoder, Qwen-1): a ByteLevel pre-tokenizer with
+  GPT-2's regex;
+- Llama-3's (also Qwen2/2.5/3): `Sequence[Split(regex, Isolated),
+  ByteLevel(use_regex=False)]`, tiktoken then splitting on that regex;
+
+and no normalizer, or NFC (Qwen2's, applied here with `unicodedata` first); a BPE
+model whose k-th merge creates the token with the k-th smallest id, every
+multi-byte token made by exactly one merge, and added tokens matched as whole
+strings. tiktoken merges the adjacent pair whose concatenation has the smallest
+rank; with rank = id that is the pair with the earliest merge, which is what
+`tokenizers` does. A piece that is itself a token is that token in tiktoken:
+exactly `ignore_merges: true` (Llama-3's); without it the first-batch check below
+decides.
 
 Two things differ, and both go to Hugging Face's encoder: a character whose
 UTF-8 bytes have no single-byte token (HF drops it, tiktoken fails) and a lone
@@ -18,6 +26,7 @@ Hugging Face's and keeps to Hugging Face for good if they differ.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 # GPT-2's pre-tokenizer regex: what `ByteLevel(use_regex=True)` splits on
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -35,18 +44,35 @@ def unicode_to_byte() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
+def pattern(tj: dict) -> str | None:
+    """The regex the pre-tokenizer splits on, when tiktoken can split the same way: GPT-2's ByteLevel, or one
+    Split(Regex, Isolated) then ByteLevel(use_regex=False) (Llama-3, Qwen2); None otherwise."""
+    pre = tj.get("pre_tokenizer") or {}
+    if pre == {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": pre.get("trim_offsets"), "use_regex": True}:
+        return GPT2_PATTERN
+    steps = pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else []
+    if len(steps) == 2:
+        split, byte_level = steps
+        regex = (split.get("pattern") or {}).get("Regex")
+        if (split.get("type") == "Split" and regex and set(split["pattern"]) == {"Regex"}
+                and split.get("behavior") == "Isolated" and not split.get("invert")
+                and byte_level == {"type": "ByteLevel", "add_prefix_space": False,
+                                   "trim_offsets": byte_level.get("trim_offsets"), "use_regex": False}):
+            return regex
+    return None
+
+
 def _unsupported(tj: dict) -> str | None:
-    """Why this tokenizer.json is not plain byte-level BPE, or None when it is."""
-    m, pre = tj.get("model") or {}, tj.get("pre_tokenizer") or {}
+    """Why this tokenizer.json is not byte-level BPE of a shape tiktoken runs, or None when it is."""
+    m = tj.get("model") or {}
     if m.get("type") != "BPE":
         return f"model {m.get('type')}"
-    if m.get("dropout") or m.get("byte_fallback") or m.get("ignore_merges") or m.get("continuing_subword_prefix") \
-            or m.get("end_of_word_suffix"):
+    if m.get("dropout") or m.get("byte_fallback") or m.get("continuing_subword_prefix") or m.get("end_of_word_suffix"):
         return "BPE options beyond GPT-2's"
-    if tj.get("normalizer") is not None:
-        return "a normalizer"
-    if pre != {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": pre.get("trim_offsets"), "use_regex": True}:
-        return "a pre-tokenizer other than ByteLevel with GPT-2's regex"
+    if tj.get("normalizer") not in (None, {"type": "NFC"}):
+        return "a normalizer other than NFC"
+    if pattern(tj) is None:
+        return "a pre-tokenizer other than GPT-2's ByteLevel or Llama-3's Split + ByteLevel"
     if any(t.get("lstrip") or t.get("rstrip") or t.get("single_word") for t in tj.get("added_tokens", [])):
         return "added tokens with strip or single-word rules"
     return None
@@ -72,10 +98,11 @@ def _missing_chars(single_bytes: set[int]) -> str | None:
 class ByteLevelBPE:
     """tiktoken over a Hugging Face byte-level BPE vocabulary; build with `ByteLevelBPE.build(tokenizer_json)`."""
 
-    def __init__(self, encoding, special: set[str], slow_chars: str):
+    def __init__(self, encoding, special: set[str], slow_chars: str, nfc: bool = False):
         self._enc = encoding
         self._special = special
         self._slow = re.compile(slow_chars)
+        self._nfc = nfc
 
     @classmethod
     def build(cls, tj: dict) -> "ByteLevelBPE | None":
@@ -101,16 +128,19 @@ class ByteLevelBPE:
         slow = _missing_chars({b[0] for b in ranks if len(b) == 1})
         if slow is None:
             return None
-        enc = tiktoken.Encoding("hf-byte-level-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+        enc = tiktoken.Encoding("hf-byte-level-bpe", pat_str=pattern(tj), mergeable_ranks=ranks,
                                 special_tokens=special)
-        return cls(enc, set(special), slow)
+        return cls(enc, set(special), slow, nfc=tj.get("normalizer") is not None)
 
     def encode_batch(self, texts: list[str], hf_encode) -> list[list[int]]:
         """Ids of each text; `hf_encode(list[str])` takes the texts tiktoken cannot."""
         out: list[list[int] | None] = [None] * len(texts)
+        originals = texts
+        if self._nfc:  # what the tokenizer's NFC normalizer does before it splits
+            texts = [unicodedata.normalize("NFC", t) for t in texts]
         slow = [i for i, t in enumerate(texts) if self._slow.search(t)]
         if slow:
-            for i, ids in zip(slow, hf_encode([texts[i] for i in slow])):
+            for i, ids in zip(slow, hf_encode([originals[i] for i in slow])):
                 out[i] = ids
         fast = [i for i in range(len(texts)) if out[i] is None] if slow else range(len(texts))
         for i in fast:  # one by one: tiktoken's encode_batch starts a thread pool per call

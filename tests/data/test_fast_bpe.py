@@ -85,15 +85,40 @@ def test_a_vocabulary_where_the_two_differ_falls_back_to_tokenizers(tmp_path, ca
 
 @pytest.mark.assets
 @pytest.mark.slow
-def test_smollm2_on_the_reference_corpus_and_every_vocabulary_entry(reference_assets):
-    """The real tokenizer: every train and validation document of both domains, and every token's own text."""
-    d = Path(reference_assets["tokenizer"])
+@pytest.mark.parametrize("which", ["smollm2", "llama3-style"])
+def test_a_real_tokenizer_on_the_reference_corpus_and_every_vocabulary_entry(reference_assets, which):
+    """SmolLM2's (GPT-2's shape) and a 32k tokenizer of Llama-3's exact structure trained on the corpus
+    (Split on Llama-3's regex, ByteLevel without one, ignore_merges): every train and validation document of both
+    domains, and every token's own text. Before: the Llama-3 shape fell back to tokenizers."""
+    from megatron_ast.assets import llama3_style_tokenizer
+
+    d = Path(reference_assets["tokenizer"]) if which == "smollm2" else llama3_style_tokenizer()
     fast, hf = Tokenizer.load(d), Tokenizer.load(d, fast_bpe=False)
     assert fast.engine == "tiktoken"
     docs = [json.loads(line)["text"] for dom in reference_assets["corpus"].values() for f in dom.values()
             for line in open(f, encoding="utf-8")]
     rust = RustTokenizer.from_file(str(d / "tokenizer.json"))
     pieces = [rust.decode([i]) for i in sorted(rust.get_vocab().values())]
-    for texts in (docs, pieces):
+    for texts in (docs, pieces, EDGE):
         assert fast.encode_batch(texts) == hf.encode_batch(texts)
     assert fast.engine == "tiktoken"
+
+
+def test_qwen2s_shape_nfc_then_split_takes_the_fast_path(tmp_path):
+    """Qwen2/2.5/3: an NFC normalizer, a Split on Llama-3's regex with single digits, ByteLevel without a regex."""
+    from tokenizers import Regex
+
+    from megatron_ast.assets import LLAMA3_PATTERN
+
+    tok = RustTokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(stdlib_texts(30), trainers.BpeTrainer(vocab_size=800, special_tokens=["<|endoftext|>"],
+                                                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t = Tokenizer.load(_save(tok, tmp_path))
+    assert t.engine == "tiktoken"
+    texts = [*stdlib_texts(40), *EDGE, "cafe\u0301 vs caf\u00e9 12345", "\u212b \u2126"]  # NFC changes these
+    assert t.encode_batch(texts) == _hf_ids(tmp_path, texts) and t.engine == "tiktoken"
