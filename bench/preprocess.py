@@ -12,7 +12,8 @@ documents, byte for byte; writes bench/results/preprocess-<name>.json.
     python bench/preprocess.py --megatron-lm DIR [--mb 63 500] [--workers 2] [--tokenizer llama3-style] [--name vm]
 
 `--tokenizer llama3-style`: a 32k tokenizer of Llama-3's exact structure trained on the corpus
-(megatron_ast/assets.py), which takes the fast path's Split + ByteLevel shape.
+(megatron_ast/assets.py), which takes the fast path's Split + ByteLevel shape; `--tokenizer llama2-sp`: a
+SentencePiece BPE model of Llama-2's settings trained there too (Megatron-LM: `--tokenizer-type Llama2Tokenizer`).
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def run_megatron(checkout: Path, src: Path, out: Path, tok: str, workers: int, l
     # the stub list is made here, outside the timed process
     env = {**os.environ, "PYTHONPATH": str(checkout), "MEGATRON_STUBS": ",".join(triton_modules(checkout))}
     cmd = [sys.executable, str(HERE / "megatron_preprocess.py"), str(checkout / "tools" / "preprocess_data.py"),
-           "--input", str(src), "--output-prefix", str(out / "megatron"), "--tokenizer-type", "HuggingFaceTokenizer",
+           "--input", str(src), "--output-prefix", str(out / "megatron"),
+           "--tokenizer-type", "Llama2Tokenizer" if tok.endswith(".model") else "HuggingFaceTokenizer",
            "--tokenizer-model", tok, "--workers", str(workers), "--append-eod", "--log-interval", "1000000"]
     return {**run_process(cmd, log, env), "prefix": str(out / "megatron_text_document")}
 
@@ -82,17 +84,19 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="runs of each, in alternating order; means compared")
     ap.add_argument("--work", default="runs/bench_preprocess")
     ap.add_argument("--name", default="vm", help="results file suffix: the machine kind")
-    ap.add_argument("--tokenizer", default="smollm2", help="smollm2 (GPT-2's shape), llama3-style, or a tokenizer dir")
+    ap.add_argument("--tokenizer", default="smollm2", help="smollm2 (GPT-2's shape), llama3-style, llama2-sp (a "
+                                                           "SentencePiece .model), or a tokenizer dir or .model")
     args = ap.parse_args()
     if not args.megatron_lm or not (Path(args.megatron_lm) / "tools" / "preprocess_data.py").is_file():
         sys.exit("bench/preprocess.py: give --megatron-lm DIR (a NVIDIA/Megatron-LM checkout with tools/preprocess_data.py)")
     from megatron_ast.assets import ensure_assets
 
     a = ensure_assets()
-    if args.tokenizer == "llama3-style":
-        from megatron_ast.assets import llama3_style_tokenizer
+    if args.tokenizer in ("llama3-style", "llama2-sp"):
+        from megatron_ast.assets import llama2_style_sentencepiece, llama3_style_tokenizer
 
-        a["tokenizer"] = str(llama3_style_tokenizer())
+        make = llama3_style_tokenizer if args.tokenizer == "llama3-style" else llama2_style_sentencepiece
+        a["tokenizer"] = str(make())
     elif args.tokenizer != "smollm2":
         a["tokenizer"] = args.tokenizer
     checkout, work = Path(args.megatron_lm).resolve(), Path(args.work).resolve()

@@ -200,6 +200,32 @@ def llama3_style_tokenizer() -> Path:
     return final
 
 
+def llama2_style_sentencepiece() -> Path:
+    """A SentencePiece BPE model of Llama-2's settings (byte fallback, digits split, 32,000 pieces, <s> </s> <unk>)
+    trained here on the reference corpus with the `sentencepiece` trainer: the paper's model's tokenizer kind.
+    Built once, cached; returns the `.model` file."""
+    final = cache_root() / "tokenizers" / "llama2-style-sp-32000"
+    if (final / "tokenizer.model").is_file():
+        return final / "tokenizer.model"
+    import sentencepiece as spm
+
+    corpus = ensure_assets(verbose=False)["corpus"]
+    with atomic_dir(final) as tmp:
+        text = tmp / "train.txt"
+        with open(text, "w", encoding="utf-8") as f:
+            for dom in DOMAINS:
+                for line in open(corpus[dom]["train"], encoding="utf-8"):
+                    f.write(json.loads(line)["text"].replace("\n", " ") + "\n")
+        spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp / "tokenizer"), vocab_size=32000,
+                                       model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
+                                       max_sentence_length=1 << 20, allow_whitespace_only_pieces=True,
+                                       remove_extra_whitespaces=False, normalization_rule_name="identity",
+                                       unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+        text.unlink()
+        (tmp / "tokenizer.vocab").unlink()
+    return final / "tokenizer.model"
+
+
 def describe() -> dict:
     root = cache_root()
     model_dir, corpus_dir = root / "models" / MODEL_NAME, root / "corpus"
