@@ -27,7 +27,7 @@ setup(
         "mpi": ["mpi4py>=4"],
         "eval": ["lm-eval>=0.4.9"],
         "dev": ["pytest", "megatron-core", "mpi4py>=4", "mpich", "psutil", "peft", "lm-eval>=0.4.9", "matplotlib",
-                "compressed-tensors>=0.20.1,<0.21"],  # the release our vLLM-format dirs are read back with
+                "compressed-tensors==0.20.1"],  # the release our vLLM-format dirs are read back with (FORMAT_VERSION)
     },
     entry_points={"console_scripts": ["megatron-ast=megatron_ast.cli:main"]},
 )
