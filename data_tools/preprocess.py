@@ -9,7 +9,6 @@ killed run resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
-import glob
 import itertools
 import multiprocessing as mp
 import os
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from megatron_ast.data import jsonl
 from megatron_ast import mpi
 from megatron_ast.data.indexed import ShardWriter, token_dtype
-from megatron_ast.data.manifest import check_tokenizer, meta_path, read_meta, write_manifest
+from megatron_ast.data.manifest import META_SUFFIX, check_tokenizer, meta_path, read_meta, write_manifest
 from megatron_ast.data.tokenizer import Tokenizer
 from megatron_ast.errors import UsageError
 from megatron_ast.fsutil import atomic_write_json, no_space, out_of_space
@@ -223,6 +222,16 @@ def _tokenize(sources, units, tokenizer, out_dir, workers, strict, rank) -> list
     return reports
 
 
+def _remove_stale_temps(out_dir: Path, names: set[str]) -> None:
+    """What a killed run of these shards left (`.NAME.bin.tmp-PID`, `.NAME.idx...`, `.NAME.meta.json...`): the shards
+    are this rank's alone. One listing of the dir, not one per shard (thousands of files on a parallel file system)."""
+    for tmp in out_dir.glob(".*.tmp-*"):
+        written = tmp.name[1:tmp.name.rfind(".tmp-")]
+        shard = next((written.removesuffix(x) for x in (".bin", ".idx", META_SUFFIX) if written.endswith(x)), None)
+        if shard in names:
+            tmp.unlink(missing_ok=True)
+
+
 def preprocess(
     inputs: list[str],
     output_dir: str | Path,
@@ -249,9 +258,7 @@ def preprocess(
         out_dir.mkdir(parents=True, exist_ok=True)
         check_tokenizer(out_dir, tokenizer.identity)
         mine = assign_to_ranks(sources, size)[rank]
-        for s in mine:  # what a killed run of these shards left (shards are this rank's alone)
-            for tmp in out_dir.glob(f".{glob.escape(s.name)}.*.tmp-*"):
-                tmp.unlink(missing_ok=True)
+        _remove_stale_temps(out_dir, {s.name for s in mine})
         todo = [s for s in mine if (m := read_meta(out_dir / s.name)) is None or m.get("source_bytes") != s.size]
         if len(todo) < len(mine):
             print(f"[rank {rank}] {len(mine) - len(todo)} shard(s) already complete, skipping", file=sys.stderr)

@@ -11,7 +11,7 @@ from megatron_ast.data.indexed import IndexedShard, ShardWriter, bin_path, idx_p
 from megatron_ast.data.manifest import check_tokenizer, meta_path, read_manifest, write_manifest
 from megatron_ast.data.tokenizer import Tokenizer, TokenizerIdentity
 from megatron_ast.errors import UsageError
-from megatron_ast.fsutil import atomic_write_json, read_config_file
+from megatron_ast.fsutil import atomic_write_json, existing_ancestor, read_config_file
 
 
 def _shard_metas(inputs: list[str]) -> list[tuple[Path, dict]]:
@@ -48,15 +48,14 @@ def merge(inputs: list[str], output: str | Path, domain: str | None = None) -> d
     out = Path(output)
     if any(f.exists() for f in (bin_path(out), idx_path(out), meta_path(out))):
         raise UsageError(f"{out}.bin/.idx exists: merge writes a new shard; give another --output or remove it")
-    if next((q for q in (out.parent, *out.parent.parents) if q.exists()), out.parent).is_file():
+    if existing_ancestor(out.parent).is_file():
         raise UsageError(f"--output {out}: a parent of it is a file; give DIR/NAME with DIR a directory")
-    opened = [IndexedShard(p, m) for p, m in shards]
-    for s in tqdm(opened, desc="verify", disable=None, file=sys.stderr):
-        s.verify()  # a damaged input would give a merged shard that looks whole, with a fresh sha256
     out.parent.mkdir(parents=True, exist_ok=True)
     check_tokenizer(out.parent, TokenizerIdentity(**tok))
-    with ShardWriter(out, np.dtype(dtype)) as w:
-        for s in opened:
+    with ShardWriter(out, np.dtype(dtype)) as w:  # an error aborts it: nothing is left
+        for p, m in tqdm(shards, desc="merge", disable=None, file=sys.stderr):  # one shard open at a time
+            s = IndexedShard(p, m)
+            s.verify()  # a damaged input would give a merged shard that looks whole, with a fresh sha256
             w.add_shard(s)
         info = w.commit()
     meta = {"tokenizer": tok, "dtype": dtype, "domain": domain or domains[0],
@@ -78,15 +77,16 @@ def inspect(path: str | Path, doc: int = 0, tokens: int = 32, tokenizer: str | N
         sidecar = meta_path(p)
         prefixes = [(p, read_config_file(sidecar, "shard sidecar") if sidecar.is_file() else None)]
     report = {"shards": {}}
-    opened = []
+    first = None
     for prefix, meta in tqdm(prefixes, desc="verify", disable=None if verify else True, file=sys.stderr):
-        s = IndexedShard(prefix, meta)
+        s = IndexedShard(prefix, meta)  # one open at a time: thousands of shards, two descriptors each
         if verify:
             s.verify()
-        opened.append(s)
+        first = first or s
         report["shards"][prefix.name] = {"documents": s.num_documents, "tokens": s.num_tokens, "dtype": s.dtype.name,
-                                         **({"verified": "sha256" if meta else "structure"} if verify else {})}
-    first, prefixes = opened[0], [q for q, _ in prefixes]
+                                         **({"verified": "sha256" if (meta or {}).get("sha256") else "structure"}
+                                            if verify else {})}
+    prefixes = [q for q, _ in prefixes]
     if not 0 <= doc < first.num_documents:
         raise UsageError(f"--doc {doc} is out of range: {prefixes[0].name} has {first.num_documents} documents")
     ids = first.document(doc)[:tokens].tolist()

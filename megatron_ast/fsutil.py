@@ -83,19 +83,26 @@ def read_config_file(path: str | Path, what: str, fix: str = "") -> Any:
 
 def out_of_space(e: BaseException | None) -> bool:
     """`e`, or an error it was raised from, is a full disk or quota (an OSError, or safetensors' Rust error text)."""
-    while e is not None:
+    seen = set()
+    while e is not None and id(e) not in seen:  # a chain can loop (`raise e from e`)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
             return True
+        seen.add(id(e))
         e = e.__cause__ or e.__context__
     return False
 
 
-def free_bytes(path: str | Path) -> int:
-    """Free bytes (for this user) on the file system that holds `path`, or would hold it once created."""
+def existing_ancestor(path: str | Path) -> Path:
+    """`path` itself if it exists, else its nearest ancestor that does: where creating it would start."""
     p = Path(path).absolute()
     while not p.exists() and p != p.parent:
         p = p.parent
-    return shutil.disk_usage(p).free
+    return p
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes (for this user) on the file system that holds `path`, or would hold it once created."""
+    return shutil.disk_usage(existing_ancestor(path)).free
 
 
 def human_bytes(n: float) -> str:

@@ -22,12 +22,13 @@ def check_safetensors(path: str | Path) -> None:
         head = f.read(8)
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
         try:
-            header = json.loads(f.read(n)) if n is not None and n <= size - 8 else None
+            header = json.loads(f.read(n)) if n is not None and n <= min(size - 8, 100 << 20) else None
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         except (ValueError, TypeError, KeyError, AttributeError, IndexError):
             header = None
     problem = ("it is shorter than a safetensors header" if n is None else
                f"its header claims {n:,} bytes of the file's {size:,}" if n > size - 8 else
+               f"its header claims {n:,} bytes, over safetensors' 100 MB limit" if n > 100 << 20 else
                "its header is not a safetensors header" if header is None else
                f"{size:,} bytes, its header promises {8 + n + end:,}" if 8 + n + end != size else None)
     if problem:

@@ -194,8 +194,8 @@ class IndexedShard:
         self.document_indices = np.frombuffer(idx, np.int64, n_doc, offset)
         size = bp.stat().st_size
         end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if n_seq else 0
-        if size != end:
-            self._fail(f"{bp.name} holds {size} bytes, its index ends at byte {end}")
+        if size != end or size % self.dtype.itemsize:
+            self._fail(f"{bp.name} holds {size} bytes, its index ends at byte {end} ({self.dtype} tokens)")
         if n_doc < 1 or self.document_indices[0] != 0 or self.document_indices[-1] != n_seq:
             self._fail(f"{ip.name}'s document indices do not run from 0 to its {n_seq} sequences")
         self.tokens = np.memmap(bp, mode="r", dtype=self.dtype) if size else np.zeros(0, self.dtype)

@@ -10,7 +10,7 @@ format `megatron-ast prune` writes, so the dir can seed another run) and, when t
 run trained SLoRB, a PEFT LoRA adapter in `slorb_adapter/` with A = P (d/k x d)
 and B = S (N x d/k) at scaling 1, which `peft` loads onto the exported base.
 vLLM loads this dir as a dense model; compressed-tensors has no float 2:4 format
-any current release loads (export/compressed-tensors.py), so its form comes from
+any current release loads (export/compressed_tensors.py), so its form comes from
 `megatron-ast quantize --format compressed-tensors` on this dir.
 """
 from __future__ import annotations

@@ -52,6 +52,11 @@ def _step_of(tag_dir: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
+def complete_tags(root: Path) -> list[Path]:
+    """Tag dirs under `root` with a complete.json, newest first."""
+    return [d for d in _tags(root) if (d / COMPLETE).is_file()]
+
+
 def _tags(root: Path) -> list[Path]:
     """Tag dirs under `root`, newest first."""
     tags = [d for d in root.iterdir() if d.is_dir() and _step_of(d) >= 0] if root.is_dir() else []
@@ -164,7 +169,7 @@ def space_needed(root: Path, engine) -> tuple[int, str]:
     """What the next save will write: the newest complete checkpoint's size, or before the first one a lower bound,
     12 bytes per trainable parameter (ZeRO's fp32 master and Adam's two moments; masks and DeepSpeed's small
     files come on top)."""
-    complete = [d for d in _tags(root) if (d / COMPLETE).is_file()]
+    complete = complete_tags(root)
     if complete:
         files = json.loads((complete[0] / COMPLETE).read_text())["files"]
         return sum(size for size, _ in files.values()), f"the size of {complete[0].name}"
@@ -216,15 +221,18 @@ def save(engine, root: Path, step: int, state: dict, rank_tensors: dict[str, tor
             atomic_write_json(tag_dir / COMPLETE, {"step": step, "world_size": world, "files": manifest})
             atomic_write_bytes(root / "latest", tag.encode())
     except Exception as e:  # torch's writer reports a full disk as "iostream error": the free space decides
-        shutil.rmtree(tag_dir, ignore_errors=True)
-        if out_of_space(e) or free_bytes(root) < need:
-            err = _disk_full(tag, root, need, why, during=True)
-            err.cleanup = lambda: shutil.rmtree(tag_dir, ignore_errors=True)  # again, once the other ranks stopped
-            raise err from e
-        raise
+        full = out_of_space(e) or free_bytes(root) < need  # measured before the partial files go
+        if world == 1:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        if not full:
+            raise
+        err = _disk_full(tag, root, need, why, during=True)
+        # on many ranks the partial files go only once every rank has stopped writing (distributed.fail_every_rank)
+        err.cleanup = lambda: shutil.rmtree(tag_dir, ignore_errors=True)
+        raise err from e
     distributed.barrier()  # every rank is done with this save: only now may older ones go
     if rank == 0:
-        complete = [d for d in _tags(root) if (d / COMPLETE).is_file()]
+        complete = complete_tags(root)
         for old in complete[keep:] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(root / "universal" / old.name, ignore_errors=True)
@@ -260,7 +268,7 @@ def find_resumable(root: Path) -> Path | None:
 
     Corrupt or incomplete ones are named in a warning and skipped; every rank returns the same."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    candidates = [d for d in _tags(root) if (d / COMPLETE).is_file()]
+    candidates = complete_tags(root)
     incomplete = [d for d in _tags(root) if not (d / COMPLETE).is_file()]
     if rank == 0:
         for d in incomplete:

@@ -176,9 +176,13 @@ class Trainer:
         """A run dir belongs to one run: a fresh start (`resume: none`) into a dir holding another run's checkpoints
         or log is refused; under `--resume auto` with no complete checkpoint, the log of steps never saved goes."""
         log = self.out / "log.jsonl"
-        saved = [d.name for d in sorted(self.ckpt_root.glob("step*")) if (d / checkpoint.COMPLETE).is_file()]
-        if self.cfg.resume == "none" and (saved or log.is_file() and log.stat().st_size):
-            what = f"checkpoints {', '.join(saved[-2:])}" if saved else "log.jsonl"
+        saved = [d.name for d in checkpoint.complete_tags(self.ckpt_root)]  # newest first
+        try:
+            logged = log.stat().st_size
+        except FileNotFoundError:  # none, or rank 0 removed an empty one just now
+            logged = 0
+        if self.cfg.resume == "none" and (saved or logged):
+            what = f"checkpoints {', '.join(saved[:2])}" if saved else "log.jsonl"
             raise UsageError(f"{self.out} holds another run ({what}): pass --resume auto to continue it, or give a new "
                              "output_dir")
         if self.rank == 0 and log.is_file():
