@@ -135,6 +135,9 @@ def barrier() -> None:
 
 
 # --- errors that end every rank ------------------------------------------------------------------------------
+_STORE_TIMEOUT_S = 30
+
+
 class _ErrorChannel:
     """A key in the rendezvous store: the first rank that sets it takes every other rank down with its message."""
 
@@ -142,13 +145,14 @@ class _ErrorChannel:
 
     def __init__(self) -> None:
         self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                   timeout=timedelta(seconds=30), wait_for_workers=False)
+                                   timeout=timedelta(seconds=_STORE_TIMEOUT_S), wait_for_workers=False)
         # keys of this process group only: torchrun's store outlives a restart, and its restart counts are per node
         run = int(all_reduced([float(random.getrandbits(52)) if dist.get_rank() == 0 else 0.0], "max")[0])
         self.key, self.acks = f"megatron_ast/{run}/error", f"megatron_ast/{run}/error_acks"
         self.published = False
         self.stopped = threading.Event()
-        threading.Thread(target=self._watch, name="megatron-ast-errors", daemon=True).start()
+        self.thread = threading.Thread(target=self._watch, name="megatron-ast-errors", daemon=True)
+        self.thread.start()
 
     def _watch(self) -> None:
         while not self.stopped.wait(self.POLL_S):
@@ -200,8 +204,11 @@ def fail_every_rank(msg: str, cleanup: Callable[[], None] | None = None) -> None
 
 
 def stop_watching() -> None:
-    """Before a normal teardown: the store's host may leave first."""
+    """Before a normal teardown: the store's host may leave first. Waits for the watcher to leave the store's C++
+    code: a daemon thread still inside it when the interpreter finalizes is ended by pthread_exit, which unwinds
+    through a noexcept frame and aborts the process ("terminate called without an active exception", exit -6)."""
     global _channel
     if _channel is not None:
         _channel.stopped.set()
+        _channel.thread.join(timeout=_STORE_TIMEOUT_S + 5)  # a store call returns or fails within its timeout
         _channel = None

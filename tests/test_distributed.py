@@ -74,3 +74,24 @@ def test_ranks_sharing_their_cores_split_them():
     half = len(os.sched_getaffinity(0)) // 2
     assert [r["threads"] for r in _threads("all", 2, LOCAL_WORLD_SIZE="2")] == [half, half]
     assert [r["threads"] for r in _threads("all", 2)] == [half, half]  # whatever the launcher says of the node
+
+
+_WATCHER = """
+import os, torch.distributed as dist
+from megatron_ast import distributed
+dist.init_process_group("gloo", rank=0, world_size=1)
+distributed._channel = channel = distributed._ErrorChannel()
+assert channel.thread.is_alive()
+distributed.stop_watching()
+print(channel.thread.is_alive())
+dist.destroy_process_group()
+"""
+
+
+def test_stopping_the_error_watcher_waits_for_its_thread():
+    """A watcher still inside a store call when the interpreter finalizes aborts the rank at exit (CI saw a clean
+    2-rank run end with SIGABRT): stop_watching returns only once the thread is gone."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", _WATCHER], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "False"
