@@ -19,6 +19,8 @@ setup(
         "gguf",
         "accelerate",
         "zstandard",
+        "datasets>=3",  # parquet, Arrow and local dataset dirs in (megatron_ast/data/documents.py); brings pyarrow
+        "pyarrow>=15",
         "tqdm",
         "pyyaml",
         "deepspeed>=0.19.8,<0.20",  # the tested range; its internals are checked at start-up (training/mask_partitions.py)

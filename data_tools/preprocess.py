@@ -1,10 +1,9 @@
-"""RedPajama jsonl -> Megatron token shards, one shard per input file.
+"""Documents (jsonl, parquet, Arrow, Hugging Face dataset dirs) -> Megatron token shards, one shard per source.
 
-Parallelism: `workers` processes on one node tokenize work units (a file, or
-a byte range of a large plain file) with the tokenizer's native batch
-encoder; across nodes each MPI rank takes a disjoint set of files. Output is
-the same whatever the worker or rank count. Finished shards are skipped, so a
-killed run resumes where it stopped.
+Parallelism: `workers` processes on one node tokenize work units (a byte range of a plain jsonl file, a run of
+parquet row groups or Arrow record batches, a dataset shard: megatron_ast/data/documents.py) with the
+tokenizer's native batch encoder; across nodes each MPI rank takes a disjoint set of sources. Output is the same
+whatever the worker or rank count. Finished shards are skipped, so a killed run resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -21,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_ast.data import jsonl
+from megatron_ast.data.documents import Source, Unit, find_sources, plan_units, rows
 from megatron_ast import mpi
 from megatron_ast.data.indexed import ShardWriter, token_dtype
 from megatron_ast.data.manifest import META_SUFFIX, check_tokenizer, meta_path, read_meta, write_manifest
@@ -28,26 +28,8 @@ from megatron_ast.data.tokenizer import Tokenizer
 from megatron_ast.errors import UsageError
 from megatron_ast.fsutil import atomic_write_json, no_space, out_of_space
 
-UNIT_BYTES = 2 << 20  # a work unit is at most this much of a plain file
 BATCH_CHARS = 1 << 20  # texts per native encode call
 MAX_EXAMPLES = 20  # bad lines listed by location per shard
-
-
-@dataclass
-class Source:
-    path: Path
-    name: str  # output shard name
-    domain: str
-    size: int
-
-
-@dataclass
-class Unit:
-    source: int  # index into the source list
-    part: int
-    parts: int
-    start: int
-    end: int | None
 
 
 @dataclass
@@ -55,47 +37,9 @@ class UnitResult:
     tokens: np.ndarray
     lengths: np.ndarray
     lines: int
+    doc_rows: np.ndarray  # the row (1-based, in the unit) of each document: where a token cap cuts
     bad: list[jsonl.BadLine] = field(default_factory=list)
     truncated: str = ""
-
-
-def find_sources(inputs: list[str], domain: str | None = None) -> list[Source]:
-    """Expand files and directories into jsonl sources; shard name = `<domain>__<stem>`."""
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and jsonl.is_jsonl(f))
-            if not found:
-                raise UsageError(f"no .jsonl/.jsonl.gz/.jsonl.zst files under {p}: check --input")
-            files += found
-        elif p.is_file():
-            if not jsonl.is_jsonl(p):
-                raise UsageError(f"{p} is not a .jsonl, .jsonl.gz or .jsonl.zst file: check --input")
-            files.append(p)
-        else:
-            raise UsageError(f"input {p} does not exist: check --input")
-    sources, seen = [], {}
-    for f in dict.fromkeys(f.resolve() for f in files):
-        dom = domain or f.parent.name
-        name = f"{dom}__{jsonl.stem(f)}"
-        if name in seen:
-            raise UsageError(f"{f} and {seen[name]} would both write shard {name!r}: rename one of them")
-        seen[name] = f
-        sources.append(Source(f, name, dom, f.stat().st_size))
-    return sources
-
-
-def plan_units(sources: list[Source], workers: int) -> list[Unit]:
-    """Split plain files into byte ranges so one large file keeps every worker busy."""
-    units = []
-    for i, s in enumerate(sources):
-        n = 1
-        if jsonl.splittable(s.path) and s.size > UNIT_BYTES // 4:
-            n = max(-(-s.size // UNIT_BYTES), min(workers, s.size // (UNIT_BYTES // 4)))
-        bounds = [s.size * k // n for k in range(n + 1)]
-        units += [Unit(i, k, n, bounds[k], bounds[k + 1] if k + 1 < n else None) for k in range(n)]
-    return units
 
 
 def assign_to_ranks(sources: list[Source], size: int) -> list[list[Source]]:
@@ -111,16 +55,16 @@ def assign_to_ranks(sources: list[Source], size: int) -> list[list[Source]]:
 # --- worker side -----------------------------------------------------------------------------
 _TOKENIZER: Tokenizer | None = None
 _SOURCES: list[Source] = []
+_TEXT_KEY = "text"
 
 
-def _init_worker(tokenizer: Tokenizer, sources: list[Source], pooled: bool) -> None:
+def _init_worker(tokenizer: Tokenizer, sources: list[Source], pooled: bool, text_key: str) -> None:
     """`tokenizer`: the driver's, inherited through fork rather than read again (0.7 CPU-s per worker)."""
-    global _TOKENIZER, _SOURCES
+    global _TOKENIZER, _SOURCES, _TEXT_KEY
     if pooled:  # one thread per worker process: the pool already fills the cores
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         os.environ["RAYON_NUM_THREADS"] = "1"
-    _TOKENIZER = tokenizer
-    _SOURCES = sources
+    _TOKENIZER, _SOURCES, _TEXT_KEY = tokenizer, sources, text_key
 
 
 def _encode(texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -134,15 +78,15 @@ def _encode(texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
 def _run_unit(unit: Unit) -> UnitResult:
     src = _SOURCES[unit.source]
     dtype = token_dtype(_TOKENIZER.identity.vocab_size)
-    toks, lens, batch, chars = [], [], [], 0
-    res = UnitResult(np.zeros(0, dtype), np.zeros(0, np.int32), 0)
+    toks, lens, batch, chars, doc_rows = [], [], [], 0, []
+    res = UnitResult(np.zeros(0, dtype), np.zeros(0, np.int32), 0, np.zeros(0, np.int64))
     try:
-        for res.lines, raw in enumerate(jsonl.raw_lines(src.path, unit.start, unit.end), 1):
-            text, kind, detail = jsonl.parse_line(raw)
+        for res.lines, (text, kind, detail) in enumerate(rows(src, unit, _TEXT_KEY), 1):
             if text is None:
                 res.bad.append(jsonl.BadLine(res.lines, kind, detail))
             elif text:
                 batch.append(text)
+                doc_rows.append(res.lines)
                 chars += len(text)
                 if chars >= BATCH_CHARS:
                     t, l = _encode(batch, dtype)
@@ -156,6 +100,7 @@ def _run_unit(unit: Unit) -> UnitResult:
         toks.append(t), lens.append(l)
     if toks:
         res.tokens, res.lengths = np.concatenate(toks), np.concatenate(lens)
+        res.doc_rows = np.asarray(doc_rows, np.int64)
     return res
 
 
@@ -168,10 +113,12 @@ class _Open:
     examples: list = field(default_factory=list)
 
 
-def _tokenize(sources, units, tokenizer, out_dir, workers, strict, rank) -> list[str]:
-    """Run the units in order and write the shards; returns the one-line reports of bad lines."""
+def _tokenize(sources, units, tokenizer, out_dir, workers, strict, rank, text_key="text",
+              budget: int | None = None) -> list[str]:
+    """Run the units in order and write the shards; returns the one-line reports (bad rows, the token cap).
+    `budget`: write whole documents while the tokens stay within it, then stop."""
     dtype = token_dtype(tokenizer.identity.vocab_size)
-    initargs = (tokenizer, sources, workers > 1)
+    initargs = (tokenizer, sources, workers > 1, text_key)
     if workers > 1:
         pool = mp.get_context("fork").Pool(workers, _init_worker, initargs)
         results = pool.imap(_run_unit, units)
@@ -179,40 +126,62 @@ def _tokenize(sources, units, tokenizer, out_dir, workers, strict, rank) -> list
         pool = None
         _init_worker(*initargs)
         results = map(_run_unit, units)
-    total = sum(u.end if u.end is not None else sources[u.source].size for u in units) - sum(u.start for u in units)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenize[{rank}]", disable=None, file=sys.stderr)
+    bar = tqdm(total=sum(u.nbytes for u in units), unit="B", unit_scale=True, desc=f"tokenize[{rank}]",
+               disable=None, file=sys.stderr)
     t0, docs, toks, reports, opened = time.perf_counter(), 0, 0, [], None
     try:
         for unit, res in zip(units, results):
             src = sources[unit.source]
             if unit.part == 0:
                 opened = _Open(ShardWriter(out_dir / src.name, dtype))
+            stop = budget is not None and toks + len(res.tokens) > budget
+            if stop:  # whole documents up to the cap; bad rows after the last kept one were never reached
+                keep = int(np.searchsorted(np.cumsum(res.lengths), budget - toks, side="right"))
+                if keep == 0 and unit.part == 0:  # the cap fell between sources: no empty shard
+                    opened.writer.abort()
+                    opened = None
+                    left = len({u.source for u in units}) - unit.source
+                    reports.append(f"stopped at --max-tokens: {toks:,} tokens; {left} source(s) not read, from "
+                                   f"{src.name}")
+                    break
+                last_row = int(res.doc_rows[keep - 1]) if keep else 0
+                res.tokens, res.lengths = res.tokens[: int(res.lengths[:keep].sum())], res.lengths[:keep]
+                res.bad = [b for b in res.bad if b.line < last_row]
+                res.lines = last_row
+            row = "" if src.kind == "jsonl" else "row "
             for b in res.bad:
-                where = f"{src.path}:{opened.line0 + b.line}: {b.kind.replace('_', ' ')}"
+                where = f"{src.describe()}:{row}{opened.line0 + b.line}: {b.kind.replace('_', ' ')}"
                 if strict:
-                    raise UsageError(f"{where} ({b.detail}); fix the input or drop --strict to skip such lines")
+                    raise UsageError(f"{where} ({b.detail}); fix the input or drop --strict to skip such rows")
                 opened.skipped[b.kind] = opened.skipped.get(b.kind, 0) + 1
                 if len(opened.examples) < MAX_EXAMPLES:
                     opened.examples.append(where)
             opened.line0 += res.lines
             opened.writer.add_documents(res.tokens, res.lengths)
             docs, toks = docs + len(res.lengths), toks + len(res.tokens)
-            bar.update((unit.end if unit.end is not None else src.size) - unit.start)
+            bar.update(unit.nbytes)
             el = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix_str(f"{docs / el:,.0f} docs/s {toks / el:,.0f} tok/s", refresh=False)
-            if unit.part == unit.parts - 1:
+            if unit.part == unit.parts - 1 or stop:
                 info = opened.writer.commit()
                 meta = {
                     "tokenizer": tokenizer.identity.to_dict(), "dtype": dtype.name,
-                    "source": str(src.path), "source_bytes": src.size, "domain": src.domain,
+                    "source": src.describe(), "source_bytes": src.size, "domain": src.domain,
                     "skipped": opened.skipped, "skipped_examples": opened.examples, **info,
                 }
+                if stop:
+                    meta["stopped_at"] = {"max_tokens": budget, "row": opened.line0}
                 atomic_write_json(meta_path(out_dir / src.name), meta)
                 if not info["documents"]:
-                    reports.append(f"{src.name}: warning: {src.path} holds no documents (an empty shard)")
+                    reports.append(f"{src.name}: warning: {src.describe()} holds no documents (an empty shard)")
                 if opened.skipped:
                     reports.append(f"{src.name}: skipped {opened.skipped} (first: {opened.examples[0]})")
                 opened = None
+            if stop:
+                left = len({u.source for u in units if u.source > unit.source})
+                reports.append(f"stopped at --max-tokens: {toks:,} tokens; {src.name} holds {src.describe()} up to "
+                               f"{row or 'line '}{meta['stopped_at']['row']}, {left} more source(s) not read")
+                break
     finally:
         if opened is not None:
             opened.writer.abort()
@@ -232,6 +201,14 @@ def _remove_stale_temps(out_dir: Path, names: set[str]) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def _complete(prefix: Path, src: Source, max_tokens: int | None) -> dict | None:
+    """The sidecar of a finished shard of `src`; a shard a token cap cut short is finished only for capped runs."""
+    m = read_meta(prefix)
+    if m is None or m.get("source_bytes") != src.size or ("stopped_at" in m and max_tokens is None):
+        return None
+    return m
+
+
 def preprocess(
     inputs: list[str],
     output_dir: str | Path,
@@ -241,11 +218,17 @@ def preprocess(
     eod_token: str | None = None,
     domain: str | None = None,
     fast_bpe: bool = True,
+    text_key: str = "text",
+    max_tokens: int | None = None,
 ) -> dict:
     """Tokenize `inputs` into `output_dir`; returns the manifest (rank 0) or {} (other ranks).
-    `fast_bpe`: tiktoken for byte-level BPE where it gives the same ids (megatron_ast/data/fast_bpe.py)."""
+    `fast_bpe`: tiktoken for byte-level BPE where it gives the same ids (megatron_ast/data/fast_bpe.py).
+    `max_tokens`: stop at the document boundary where the run's tokens would pass it; each of N MPI ranks
+    takes 1/N of it for its own sources. A rerun with a cap keeps what a capped run wrote."""
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
+    if max_tokens is not None and max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
     comm, rank, size = mpi.world()
     out_dir = Path(output_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -254,15 +237,24 @@ def preprocess(
     error = ""
     try:
         tokenizer = Tokenizer.load(tokenizer_path, eod_token, fast_bpe)
-        sources = find_sources(inputs, domain)
+        sources = find_sources(inputs, domain, text_key)
         out_dir.mkdir(parents=True, exist_ok=True)
         check_tokenizer(out_dir, tokenizer.identity)
         mine = assign_to_ranks(sources, size)[rank]
         _remove_stale_temps(out_dir, {s.name for s in mine})
-        todo = [s for s in mine if (m := read_meta(out_dir / s.name)) is None or m.get("source_bytes") != s.size]
-        if len(todo) < len(mine):
-            print(f"[rank {rank}] {len(mine) - len(todo)} shard(s) already complete, skipping", file=sys.stderr)
-        for line in _tokenize(todo, plan_units(todo, workers), tokenizer, out_dir, workers, strict, rank):
+        done = {s.name: m for s in mine if (m := _complete(out_dir / s.name, s, max_tokens)) is not None}
+        todo = [s for s in mine if s.name not in done]
+        if done:
+            print(f"[rank {rank}] {len(done)} shard(s) already complete, skipping", file=sys.stderr)
+        budget = None
+        if max_tokens is not None:
+            budget = max_tokens // size + (rank < max_tokens % size) - sum(m["tokens"] for m in done.values())
+            if budget <= 0 or any("stopped_at" in m for m in done.values()):
+                print(f"[rank {rank}] --max-tokens reached by an earlier run; {len(todo)} source(s) not read",
+                      file=sys.stderr)
+                todo = []
+        for line in _tokenize(todo, plan_units(todo, workers), tokenizer, out_dir, workers, strict, rank, text_key,
+                              budget):
             print(f"[rank {rank}] {line}", file=sys.stderr)
     except UsageError as e:
         error = str(e)

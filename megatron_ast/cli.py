@@ -20,7 +20,8 @@ def _cmd_preprocess(a: argparse.Namespace) -> None:
     from data_tools.preprocess import preprocess
 
     m = preprocess(a.input, a.output_dir, a.tokenizer, workers=a.workers, strict=a.strict,
-                   eod_token=a.eod_token, domain=a.domain, fast_bpe=not a.no_fast_bpe)
+                   eod_token=a.eod_token, domain=a.domain, fast_bpe=not a.no_fast_bpe, text_key=a.text_key,
+                   max_tokens=a.max_tokens)
     if m:
         print(f"{len(m['shards'])} shards, {m['documents']} documents, {m['tokens']} tokens -> {a.output_dir}/manifest.json")
 
@@ -259,12 +260,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print only the paths, as one JSON object")
     s.set_defaults(fn=_cmd_assets)
 
-    s = sub.add_parser("preprocess", help="RedPajama jsonl(.gz/.zst) -> Megatron .bin/.idx token shards")
-    s.add_argument("--input", nargs="+", required=True, help="jsonl files or directories of them")
+    s = sub.add_parser("preprocess", help="jsonl(.gz/.zst), parquet, Arrow, HF dataset dirs -> Megatron .bin/.idx shards")
+    s.add_argument("--input", nargs="+", required=True,
+                   help="jsonl(.gz/.zst), .parquet or .arrow files, directories of them, Dataset.save_to_disk dirs, "
+                        "or local Hugging Face dataset dirs (a README.md card with configs)")
+    s.add_argument("--text-key", default="text", help="the column (jsonl: field) holding the text")
+    s.add_argument("--max-tokens", type=_positive, help="stop at the document boundary where the tokens written "
+                   "would pass this (MPI ranks split it)")
     s.add_argument("--output-dir", required=True)
     s.add_argument("--tokenizer", required=True, help="HF tokenizer dir or SentencePiece .model")
     s.add_argument("--workers", type=_positive, default=1, help="processes on this node")
-    s.add_argument("--strict", action="store_true", help="a bad line is an error instead of being skipped")
+    s.add_argument("--strict", action="store_true", help="a bad line or row is an error instead of being skipped")
     s.add_argument("--eod-token", help="end-of-document token (default: the tokenizer's eos)")
     s.add_argument("--domain", help="domain of every input (default: each file's parent dir name)")
     s.add_argument("--no-fast-bpe", action="store_true",
@@ -289,7 +295,7 @@ def parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command", required=True)
     s = ev.add_parser("ppl", help="perplexity over non-overlapping windows")
     s.add_argument("--model", required=True, help="local HF model dir")
-    s.add_argument("--data", nargs="+", required=True, help="token-shard dirs and/or jsonl/text files")
+    s.add_argument("--data", nargs="+", required=True, help="token-shard dirs, jsonl/parquet/arrow/text files, HF dataset dirs")
     s.add_argument("--tokenizer", help="default: the model dir")
     s.add_argument("--seq-len", type=_positive, default=512)
     s.add_argument("--max-windows", type=_positive, help="per domain, evenly spaced (default: all)")
@@ -320,7 +326,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "sparsellm"])
     s.add_argument("--pattern", default="2:4", help="N:M (2:4, 4:8, ...) or 'unstructured'")
     s.add_argument("--sparsity", type=float, help="fraction of zeros for --pattern unstructured (default 0.5)")
-    s.add_argument("--calib", nargs="+", help="token-shard dirs and/or jsonl/text files")
+    s.add_argument("--calib", nargs="+", help="token-shard dirs, jsonl/parquet/arrow/text files, HF dataset dirs")
     s.add_argument("--nsamples", type=_positive, default=128)
     s.add_argument("--seqlen", type=_positive, default=2048)
     s.add_argument("--seed", type=int, default=0)
@@ -363,7 +369,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--bits", type=int, choices=[4, 8], default=4)
     s.add_argument("--group-size", type=_positive, default=128)
     s.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
-    s.add_argument("--calib", nargs="+", help="token-shard dirs and/or jsonl/text files (gptq)")
+    s.add_argument("--calib", nargs="+", help="token-shard dirs, jsonl/parquet/arrow/text files, HF dataset dirs (gptq)")
     s.add_argument("--nsamples", type=_positive, default=128)
     s.add_argument("--seqlen", type=_positive, default=2048)
     s.add_argument("--seed", type=int, default=0)

@@ -110,7 +110,7 @@ def raw_lines(path: Path, start: int = 0, end: int | None = None) -> Iterator[by
     return _lines(_plain_chunks(path, start, end))
 
 
-def parse_line(raw: bytes) -> tuple[str | None, str, str]:
+def parse_line(raw: bytes, text_key: str = "text") -> tuple[str | None, str, str]:
     """Return (text, bad_kind, detail); text is None for a bad line, ("", "", "") for a blank one."""
     try:
         s = raw.decode("utf-8")
@@ -124,13 +124,13 @@ def parse_line(raw: bytes) -> tuple[str | None, str, str]:
         return None, "malformed_json", str(e)
     if not isinstance(obj, dict):
         return None, "malformed_json", "line is not a JSON object"
-    text = obj.get("text")
+    text = obj.get(text_key)
     if not isinstance(text, str):
-        return None, "missing_text", "no string field 'text'"
+        return None, "missing_text", f"no string field {text_key!r}"
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:  # lone surrogates from \\ud800-style escapes
         return None, "invalid_utf8", str(e)
     if not text.strip():
-        return None, "empty_document", "'text' is empty"
+        return None, "empty_document", f"{text_key!r} is empty"
     return text, "", ""

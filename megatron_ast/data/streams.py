@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_ast.data import jsonl
+from megatron_ast.data import documents
 from megatron_ast.data.indexed import IndexedShard
 from megatron_ast.data.manifest import read_manifest
 from megatron_ast.data.tokenizer import Tokenizer, TokenizerIdentity
@@ -73,25 +73,23 @@ class ArrayStream:
         return self.tokens[k * self.seq_len : (k + 1) * self.seq_len]
 
 
-def text_documents(path: Path) -> tuple[str, list[str]]:
-    """(domain, documents) of a jsonl or plain text file; the domain is its parent dir's name."""
-    if jsonl.is_jsonl(path):
-        return path.parent.name, [t for raw in jsonl.raw_lines(path) if (t := jsonl.parse_line(raw)[0])]
-    return path.parent.name, [path.read_text(encoding="utf-8")]
-
-
 def token_streams(data: list[str], tokenizer: Tokenizer, seq_len: int) -> dict:
-    """domain -> stream, from token-shard dirs (with a manifest) and/or jsonl/text files (tokenized here)."""
+    """domain -> stream, from token-shard dirs (with a manifest) and/or documents (tokenized here): jsonl, parquet
+    and Arrow files or dirs, local Hugging Face dataset dirs (data/documents.py), or plain text files."""
     shard_dirs = [d for d in data if Path(d, "manifest.json").is_file()]
     streams: dict = load_domains(shard_dirs, seq_len, tokenizer.identity) if shard_dirs else {}
     texts: dict[str, list[str]] = {}
     for d in data:
         if d in shard_dirs:
             continue
-        if not Path(d).is_file():
-            raise UsageError(f"{d} is neither a token-shard dir (with manifest.json) nor a text/jsonl file")
-        dom, docs = text_documents(Path(d))
-        texts.setdefault(dom, []).extend(docs)
+        p = Path(d)
+        if p.is_file() and documents.kind_of(p) is None:
+            texts.setdefault(p.parent.name, []).append(p.read_text(encoding="utf-8"))
+            continue
+        if not p.exists():
+            raise UsageError(f"{d} does not exist: give token-shard dirs, jsonl/parquet/arrow/text files or dataset dirs")
+        for dom, text in documents.documents(p):
+            texts.setdefault(dom, []).append(text)
     for dom, docs in texts.items():
         if dom in streams:
             raise UsageError(f"domain {dom!r} comes both from token shards and from text files: pass one of them")

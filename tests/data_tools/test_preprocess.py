@@ -10,6 +10,7 @@ import zstandard
 
 from data_tools import preprocess as pp
 from megatron_ast.cli import main
+from megatron_ast.data import documents
 from megatron_ast.data.indexed import IndexedShard
 from megatron_ast.data.manifest import read_manifest
 from megatron_ast.data.tokenizer import Tokenizer
@@ -54,7 +55,7 @@ def test_tokens_equal_direct_tokenization_and_bad_lines_are_reported(corpus, hf_
 def test_workers_split_one_file_and_give_identical_bytes(tmp_path, hf_tokenizer_dir, monkeypatch):
     texts = stdlib_texts(80)
     src = write_jsonl(tmp_path / "in" / "github" / "big.jsonl", texts)
-    monkeypatch.setattr(pp, "UNIT_BYTES", 64 << 10)  # many byte ranges from a ~1 MB file
+    monkeypatch.setattr(documents, "UNIT_BYTES", 64 << 10)  # many byte ranges from a ~1 MB file
     assert len(pp.plan_units(pp.find_sources([str(src)]), 2)) > 4
     pp.preprocess([str(src)], tmp_path / "one", hf_tokenizer_dir, workers=1)
     pp.preprocess([str(src)], tmp_path / "two", hf_tokenizer_dir, workers=2)
@@ -137,7 +138,7 @@ def test_bad_input_is_one_line_exit_2(case, corpus, hf_tokenizer_dir, sp_model, 
 
 
 def test_ranks_take_disjoint_balanced_files():
-    srcs = [pp.Source(None, f"d__{i}", "d", size) for i, size in enumerate([100, 90, 50, 40, 10, 5])]
+    srcs = [pp.Source(None, f"d__{i}", "d", size, "jsonl") for i, size in enumerate([100, 90, 50, 40, 10, 5])]
     parts = pp.assign_to_ranks(srcs, 2)
     names = [s.name for p in parts for s in p]
     assert sorted(names) == sorted(s.name for s in srcs) and len(set(names)) == len(names)
@@ -224,3 +225,67 @@ def test_a_killed_runs_temp_files_go_on_the_rerun_and_an_empty_input_warns(corpu
     assert main(["preprocess", "--input", str(root), "--output-dir", str(out), "--tokenizer", str(hf_tokenizer_dir)]) == 0
     assert not any(f.exists() for f in stale) and mine.exists()
     assert "book__empty: warning: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow", "ipc", "hf"])
+def test_every_format_makes_the_shard_of_its_jsonl(tmp_path, hf_tokenizer_dir, monkeypatch, kind):
+    """Parquet, Arrow and a Hugging Face dataset dir of the same rows give the jsonl's tokens byte for byte, with
+    two workers sharing each file, and the same bad-row counts."""
+    from tests.data.test_documents import write_formats
+
+    paths = write_formats(tmp_path / "in", stdlib_texts(40))
+    monkeypatch.setattr(documents, "UNIT_BYTES", 16 << 10)
+    ref = pp.preprocess([str(paths["jsonl"])], tmp_path / "ref", hf_tokenizer_dir, domain="d")["shards"]["d__docs"]
+    m = pp.preprocess([str(paths[kind])], tmp_path / "out", hf_tokenizer_dir, workers=2, domain="d")
+    shards = [n for n in m["shards"] if n != "d__validation"]
+    if len(shards) > 1:  # save_to_disk's two data files: merged, they are the jsonl's documents
+        main(["merge", "--input", *[str(tmp_path / "out" / n) for n in shards], "--output", str(tmp_path / "m" / "d__docs")])
+        got = tmp_path / "m" / "d__docs"
+    else:
+        got = tmp_path / "out" / shards[0]
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / "ref" / f"d__docs{ext}").read_bytes() == got.with_suffix(ext).read_bytes()
+    skipped = {}
+    for n in shards:
+        for k, v in m["shards"][n]["skipped"].items():
+            skipped[k] = skipped.get(k, 0) + v
+    assert skipped == ref["skipped"] == {"missing_text": 2, "empty_document": 1}
+
+
+def test_text_key_and_strict_name_the_row(tmp_path, hf_tokenizer_dir, capsys):
+    from tests.data.test_documents import write_parquet
+
+    src = write_parquet(tmp_path / "in" / "web" / "a.parquet", ["one doc", None, "two doc"], key="content")
+    assert main(["preprocess", "--input", str(src), "--output-dir", str(tmp_path / "o"), "--tokenizer",
+                 str(hf_tokenizer_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("has no column 'text' (columns: content, id): pass --text-key with one of them")
+    assert not (tmp_path / "o").exists()
+    assert main(["preprocess", "--input", str(src), "--output-dir", str(tmp_path / "o"), "--tokenizer",
+                 str(hf_tokenizer_dir), "--text-key", "content", "--strict"]) == 2
+    assert f"{src}:row 2: missing text ('content' is null)" in capsys.readouterr().err
+    m = pp.preprocess([str(src)], tmp_path / "o", hf_tokenizer_dir, text_key="content")
+    assert m["shards"]["web__a"]["documents"] == 2 and m["shards"]["web__a"]["skipped_examples"] == [f"{src}:row 2: missing text"]
+
+
+def test_max_tokens_stops_at_a_document_boundary_and_resumes(tmp_path, hf_tokenizer_dir, capsys):
+    texts = stdlib_texts(30)
+    write_jsonl(tmp_path / "in" / "a" / "x.jsonl", texts[:15])
+    write_jsonl(tmp_path / "in" / "b" / "y.jsonl", texts[15:])
+    full = pp.preprocess([str(tmp_path / "in")], tmp_path / "full", hf_tokenizer_dir)
+    first = full["shards"]["a__x"]["tokens"]
+    cap = first + 100  # inside b__y's first document: a__x whole, nothing of b__y
+    m = pp.preprocess([str(tmp_path / "in")], tmp_path / "cap", hf_tokenizer_dir, max_tokens=cap)
+    assert list(m["shards"]) == ["a__x"] and m["tokens"] == first
+    assert "stopped at --max-tokens" in capsys.readouterr().err
+    shard_b = IndexedShard(tmp_path / "full" / "b__y")
+    cap = first + len(shard_b.document(0)) + len(shard_b.document(1)) + 5  # two documents of b__y and 5 tokens
+    m = pp.preprocess([str(tmp_path / "in")], tmp_path / "cap2", hf_tokenizer_dir, max_tokens=cap, workers=2)
+    b = m["shards"]["b__y"]
+    assert b["documents"] == 2 and m["tokens"] == cap - 5 and b["stopped_at"] == {"max_tokens": cap, "row": 2}
+    for i in range(2):
+        np.testing.assert_array_equal(IndexedShard(tmp_path / "cap2" / "b__y").document(i), shard_b.document(i))
+    again = pp.preprocess([str(tmp_path / "in")], tmp_path / "cap2", hf_tokenizer_dir, max_tokens=cap)
+    assert again == m and "reached by an earlier run" in capsys.readouterr().err
+    uncapped = pp.preprocess([str(tmp_path / "in")], tmp_path / "cap2", hf_tokenizer_dir)  # no cap: b__y redone whole
+    assert uncapped["shards"]["b__y"]["documents"] == 15 and "stopped_at" not in uncapped["shards"]["b__y"]

@@ -45,6 +45,24 @@ def test_text_and_shards_give_the_same_windows(tiny_model, hf_tokenizer_dir, tmp
     np.testing.assert_array_equal(a["github"], b["github"])
 
 
+def test_parquet_arrow_and_dataset_dirs_give_the_windows_of_their_jsonl(hf_tokenizer_dir, tmp_path):
+    """eval ppl --data and prune --calib read every format preprocess reads (one reader: data/documents.py)."""
+    from megatron_ast.pruning.calibration import calibration_samples
+    from tests.data.test_documents import write_formats
+
+    texts = stdlib_texts(40)
+    paths = write_formats(tmp_path, texts)
+    ref = token_windows([str(paths["jsonl"])], hf_tokenizer_dir, 128, 6)["jsonl"]
+    calib = calibration_samples([str(paths["jsonl"])], hf_tokenizer_dir, 4, 128)
+    for kind in ("parquet", "arrow", "ipc"):
+        got = token_windows([str(paths[kind])], hf_tokenizer_dir, 128, 6)
+        np.testing.assert_array_equal(got[kind], ref)
+        assert (calibration_samples([str(paths[kind])], hf_tokenizer_dir, 4, 128) == calib).all()
+    hf = token_windows([str(paths["hf"])], hf_tokenizer_dir, 128, None)["hfdir"]  # train, then validation
+    both = write_jsonl(tmp_path / "ref" / "hfdir" / "both.jsonl", texts + texts[:3])
+    np.testing.assert_array_equal(hf, token_windows([str(both)], hf_tokenizer_dir, 128, None)["hfdir"])
+
+
 def test_pick_windows_is_evenly_spaced_and_complete():
     assert pick_windows(1000, 100, None).tolist() == list(range(10))
     assert pick_windows(1000, 100, 3).tolist() == [0, 4, 9]
