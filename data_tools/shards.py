@@ -1,6 +1,8 @@
-"""`merge` (many shards -> one) and `inspect` (counts, decode a document) for token shards."""
+"""`merge` (many shards -> one), `inspect` (counts, decode a document) and `adopt` (Megatron-LM's own shards ->
+ours: checked, with sidecars and a manifest) for token shards."""
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -8,31 +10,18 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_ast.data.indexed import IndexedShard, ShardWriter, bin_path, idx_path
-from megatron_ast.data.manifest import check_tokenizer, meta_path, read_manifest, write_manifest
+from megatron_ast.data.manifest import check_tokenizer, meta_path, shard_set, write_manifest
 from megatron_ast.data.tokenizer import Tokenizer, TokenizerIdentity
 from megatron_ast.errors import UsageError
-from megatron_ast.fsutil import atomic_write_json, existing_ancestor, read_config_file
+from megatron_ast.fsutil import atomic_write_json, existing_ancestor
 
 
 def _shard_metas(inputs: list[str]) -> list[tuple[Path, dict]]:
     """(prefix, sidecar) for shard prefixes and for every shard of shard dirs, in order."""
-    out = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            out += [(p / name, {**meta, **_dir_common(p)}) for name, meta in sorted(read_manifest(p)["shards"].items())]
-        elif idx_path(p).is_file() and meta_path(p).is_file():
-            out.append((p, read_config_file(meta_path(p), "shard sidecar", ": re-run `megatron-ast preprocess` on its source")))
-        else:
-            raise UsageError(f"{p} is neither a token-shard dir nor a shard prefix with .idx and .meta.json")
+    out = [pm for item in inputs for pm in shard_set(item)[1]]
     if not out:
         raise UsageError("no shards to merge")
     return out
-
-
-def _dir_common(d: Path) -> dict:
-    m = read_manifest(d)
-    return {"tokenizer": m["tokenizer"], "dtype": m["dtype"]}
 
 
 def merge(inputs: list[str], output: str | Path, domain: str | None = None) -> dict:
@@ -71,11 +60,10 @@ def inspect(path: str | Path, doc: int = 0, tokens: int = 32, tokenizer: str | N
     """Counts of a shard (or of every shard of a dir) and the first tokens of one document, decoded; with `verify`,
     every shard's index structure and sha256 checked against its sidecar."""
     p = Path(path)
-    if p.is_dir():
-        prefixes = [(p / n, m) for n, m in sorted(read_manifest(p)["shards"].items())]
-    else:
-        sidecar = meta_path(p)
-        prefixes = [(p, read_config_file(sidecar, "shard sidecar") if sidecar.is_file() else None)]
+    if p.is_dir() or meta_path(p).is_file():
+        prefixes = shard_set(p)[1]
+    else:  # a bare .bin/.idx pair (Megatron-LM's): counts and structure, no sidecar to check against
+        prefixes = [(p, None)]
     report = {"shards": {}}
     first = None
     for prefix, meta in tqdm(prefixes, desc="verify", disable=None if verify else True, file=sys.stderr):
@@ -94,3 +82,60 @@ def inspect(path: str | Path, doc: int = 0, tokens: int = 32, tokenizer: str | N
     if tokenizer is not None:
         report["document"]["first_text"] = Tokenizer.load(tokenizer).decode(ids)
     return report
+
+
+MEGATRON_SUFFIX = "_text_document"  # preprocess_data.py writes PREFIX_text_document.bin/.idx (json key text)
+
+
+def adopt(path: str | Path, tokenizer_dir: str | Path, domain: str | None = None, eod_token: str | None = None,
+          block: int = 1 << 24) -> dict:
+    """Give shards made by Megatron-LM's tools/preprocess_data.py (a dir of them, or one prefix) our sidecars and
+    manifest, after checking them against the tokenizer they will be trained with: every id below its vocabulary
+    size, a dtype that holds the vocabulary, every document ending with its EOD (`--append-eod`). Returns the
+    manifest. The domain of a shard is its name without `_text_document`, unless `domain` is given."""
+    p = Path(path)
+    if p.is_dir():
+        prefixes = sorted(q.with_suffix("") for q in p.glob("*.idx") if bin_path(q.with_suffix("")).is_file())
+        out_dir = p
+    else:
+        prefixes, out_dir = [p], p.parent
+    if not prefixes:
+        raise UsageError(f"no PREFIX.bin/PREFIX.idx pairs in {p}: give the dir of Megatron-LM's output or one prefix")
+    tok = Tokenizer.load(tokenizer_dir, eod_token)
+    ident = tok.identity
+    check_tokenizer(out_dir, ident)
+    for prefix in tqdm(prefixes, desc="adopt", disable=None, file=sys.stderr):
+        s = IndexedShard(prefix)
+        s.verify()  # pointers, lengths and document indices, before any token is trusted
+        if np.iinfo(s.dtype).max < ident.vocab_size - 1:
+            raise UsageError(f"{prefix}: its {s.dtype} tokens cannot hold the ids of {ident.name!r} ({ident.vocab_size:,}"
+                             " ids): it was made with another tokenizer; re-run preprocess with this one")
+        sha = hashlib.sha256()
+        for i in range(0, s.num_tokens, block):
+            chunk = np.asarray(s.tokens[i : i + block])
+            sha.update(chunk.tobytes())
+            if len(chunk) and (int(chunk.max()) >= ident.vocab_size or int(chunk.min()) < 0):
+                bad = i + int(np.argmax((chunk >= ident.vocab_size) | (chunk < 0)))
+                raise UsageError(f"{prefix}: token {bad:,} is id {int(s.tokens[bad])}, outside the vocabulary of "
+                                 f"{ident.name!r} ({ident.vocab_size:,} ids): it was made with another tokenizer")
+        ends = _document_last_tokens(s)
+        if len(ends) and (wrong := np.flatnonzero(ends != ident.eod_id)).size:
+            raise UsageError(f"{prefix}: document {int(wrong[0])} of {len(ends):,} ends with id {int(ends[wrong[0]])}, "
+                             f"not the EOD {ident.eod_id} of {ident.name!r} ({len(wrong):,} documents do): make the shards "
+                             "with preprocess_data.py --append-eod, or pass --eod-token")
+        name = prefix.name
+        meta = {"tokenizer": ident.to_dict(), "dtype": s.dtype.name, "source": f"megatron-lm shard {prefix}",
+                "source_bytes": bin_path(prefix).stat().st_size, "adopted": True,
+                "domain": domain or (name[: -len(MEGATRON_SUFFIX)] if name.endswith(MEGATRON_SUFFIX) else name),
+                "skipped": {}, "skipped_examples": [], "documents": s.num_documents, "tokens": s.num_tokens,
+                "bin_bytes": bin_path(prefix).stat().st_size, "sha256": sha.hexdigest()}
+        atomic_write_json(meta_path(prefix), meta)
+    return write_manifest(out_dir)
+
+
+def _document_last_tokens(s: IndexedShard) -> np.ndarray:
+    """The last token of every non-empty document (its last sequence's last token)."""
+    docs = s.document_indices
+    last_seq = docs[1:][docs[1:] > docs[:-1]] - 1
+    ends = s.sequence_pointers[last_seq] // s.dtype.itemsize + s.sequence_lengths[last_seq].astype(np.int64) - 1
+    return np.asarray(s.tokens[ends]) if len(ends) else np.zeros(0, s.dtype)

@@ -36,6 +36,15 @@ def _cmd_merge(a: argparse.Namespace) -> None:
 def _cmd_inspect(a: argparse.Namespace) -> None:
     from data_tools.shards import inspect
 
+    if a.adopt:
+        from data_tools.shards import adopt
+
+        if a.tokenizer is None:
+            raise UsageError("--adopt checks the shards against the tokenizer they will be trained with: pass --tokenizer MODEL_DIR")
+        m = adopt(a.path, a.tokenizer, a.domain, a.eod_token)
+        where = a.path if os.path.isdir(a.path) else os.path.dirname(os.path.abspath(a.path))
+        print(f"adopted {len(m['shards'])} shards, {m['documents']} documents, {m['tokens']} tokens -> {where}/manifest.json")
+        return
     print(json.dumps(inspect(a.path, a.doc, a.tokens, a.tokenizer, a.verify), indent=2, ensure_ascii=False))
 
 
@@ -290,6 +299,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", help="decode with this tokenizer")
     s.add_argument("--verify", action="store_true", help="read every shard whole: its index structure and the "
                    "sha256 its sidecar records (merge and train always do)")
+    s.add_argument("--adopt", action="store_true", help="shards made by Megatron-LM's preprocess_data.py: check every "
+                   "id against --tokenizer, the dtype and the EOD ending each document, then write sidecars and manifest")
+    s.add_argument("--domain", help="with --adopt: the domain of every shard (default: its name without _text_document)")
+    s.add_argument("--eod-token", help="with --adopt: the end-of-document token (default: the tokenizer's eos)")
     s.set_defaults(fn=_cmd_inspect)
 
     ev = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command", required=True)

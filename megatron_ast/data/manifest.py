@@ -76,9 +76,15 @@ def write_manifest(directory: Path) -> dict:
     return manifest
 
 
+ADOPT_HINT = "run `megatron-ast inspect --adopt {path} --tokenizer MODEL_DIR` to check them and write it"
+
+
 def read_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
+        if any(Path(directory).glob("*.idx")):
+            raise UsageError(f"{directory} holds .bin/.idx shards but no {MANIFEST} (made by Megatron-LM?): "
+                             + ADOPT_HINT.format(path=directory))
         raise UsageError(f"{directory} has no {MANIFEST}: it is not a token-shard directory (run `megatron-ast preprocess`)")
     manifest = read_config_file(path, "manifest", ": re-run `megatron-ast preprocess` on that directory")
     if manifest.get("format") != FORMAT:
@@ -101,3 +107,26 @@ def verify_shards(shards: list[IndexedShard], cache: dict[str, list], rank: int 
         s.verify()
         mine[key] = stamp
     return mine
+
+
+def shard_set(path: str | Path) -> tuple[dict, list[tuple[Path, dict]]]:
+    """(tokenizer, [(prefix, sidecar with tokenizer and dtype)]) of a shard dir or of one shard prefix: what every
+    reader of shards (training, eval, calibration, merge, inspect) accepts."""
+    p = Path(path)
+    if p.is_dir():
+        m = read_manifest(p)
+        common = {"tokenizer": m["tokenizer"], "dtype": m["dtype"]}
+        return m["tokenizer"], [(p / n, {**meta, **common}) for n, meta in sorted(m["shards"].items())]
+    if bin_path(p).is_file() and idx_path(p).is_file():
+        if not meta_path(p).is_file():
+            raise UsageError(f"shard {p} has no sidecar {meta_path(p).name} (made by Megatron-LM?): "
+                             + ADOPT_HINT.format(path=p))
+        meta = read_config_file(meta_path(p), "shard sidecar", ": re-run `megatron-ast preprocess` on its source")
+        return meta["tokenizer"], [(p, meta)]
+    raise UsageError(f"{p} is neither a token-shard dir nor a shard prefix (PREFIX.bin and PREFIX.idx)")
+
+
+def is_shards(path: str | Path) -> bool:
+    """A shard dir (ours, or one of .bin/.idx files) or a shard prefix: not documents to tokenize."""
+    p = Path(path)
+    return (p / MANIFEST).is_file() or (p.is_dir() and any(p.glob("*.idx"))) or idx_path(p).is_file()

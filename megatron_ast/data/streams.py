@@ -7,7 +7,7 @@ import numpy as np
 
 from megatron_ast.data import documents
 from megatron_ast.data.indexed import IndexedShard
-from megatron_ast.data.manifest import read_manifest
+from megatron_ast.data.manifest import is_shards, shard_set
 from megatron_ast.data.tokenizer import Tokenizer, TokenizerIdentity
 from megatron_ast.errors import UsageError
 
@@ -38,12 +38,11 @@ class DomainStream:
 def load_domains(
     shard_dirs: list[str | Path], seq_len: int, tokenizer: TokenizerIdentity | None = None
 ) -> dict[str, DomainStream]:
-    """Group the shards of one or more shard dirs by domain; check they match the model's tokenizer."""
+    """Group the shards of shard dirs and shard prefixes by domain; check they match the model's tokenizer."""
     by_domain: dict[str, list[IndexedShard]] = {}
     seen_tok = None
     for d in shard_dirs:
-        manifest = read_manifest(d)
-        tok = manifest["tokenizer"]
+        tok, shards = shard_set(d)
         if tokenizer is not None and not tokenizer.same_vocab(tok):
             raise UsageError(
                 f"shards in {d} were made with tokenizer {tok['name']!r}, not the model's {tokenizer.name!r}: "
@@ -52,8 +51,8 @@ def load_domains(
         if seen_tok is not None and seen_tok["vocab_sha256"] != tok["vocab_sha256"]:
             raise UsageError(f"shard dirs {list(map(str, shard_dirs))} were made with different tokenizers")
         seen_tok = tok
-        for name, meta in sorted(manifest["shards"].items()):
-            by_domain.setdefault(meta["domain"], []).append(IndexedShard(Path(d) / name, meta))
+        for prefix, meta in shards:
+            by_domain.setdefault(meta["domain"], []).append(IndexedShard(prefix, meta))
     streams = {dom: DomainStream(sh, seq_len) for dom, sh in sorted(by_domain.items())}
     for dom, s in streams.items():
         if s.num_windows == 0:
@@ -74,9 +73,9 @@ class ArrayStream:
 
 
 def token_streams(data: list[str], tokenizer: Tokenizer, seq_len: int) -> dict:
-    """domain -> stream, from token-shard dirs (with a manifest) and/or documents (tokenized here): jsonl, parquet
+    """domain -> stream, from token shards (dirs, prefixes) and/or documents (tokenized here): jsonl, parquet
     and Arrow files or dirs, local Hugging Face dataset dirs (data/documents.py), or plain text files."""
-    shard_dirs = [d for d in data if Path(d, "manifest.json").is_file()]
+    shard_dirs = [d for d in data if is_shards(d)]
     streams: dict = load_domains(shard_dirs, seq_len, tokenizer.identity) if shard_dirs else {}
     texts: dict[str, list[str]] = {}
     for d in data:

@@ -1,3 +1,6 @@
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -6,6 +9,7 @@ from data_tools.shards import inspect, merge
 from megatron_ast.cli import main
 from megatron_ast.data.indexed import IndexedShard
 from megatron_ast.data.manifest import read_manifest
+from megatron_ast.errors import UsageError
 from tests.conftest import stdlib_texts, write_jsonl
 
 
@@ -127,3 +131,77 @@ def test_verify_shards_reads_each_shard_once_and_again_after_a_change(shards):
     b = shards / "github__part2.bin"
     os.utime(b, ns=(b.stat().st_atime_ns, b.stat().st_mtime_ns + 10**9))
     assert list(verify_shards(opened, first)) == [str(b.resolve())]
+
+
+def megatron_shards(out: Path, name: str, docs: list[list[int]], eod: int | None, dtype=np.uint16,
+                    split_first: bool = False) -> Path:
+    """Shards as Megatron-LM's tools/preprocess_data.py writes them: megatron-core's IndexedDatasetBuilder, the
+    EOD appended to each document (--append-eod), optionally a document of two sentences (--split-sentences)."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = out / f"{name}_text_document"
+    b = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=dtype)
+    for i, ids in enumerate(docs):
+        ids = ids + ([eod] if eod is not None else [])
+        lens = [len(ids) // 2, len(ids) - len(ids) // 2] if split_first and i == 0 else [len(ids)]
+        b.add_document(torch.tensor(ids), lens)
+    b.finalize(str(prefix) + ".idx")
+    return prefix
+
+
+def _ids(tok_dir, texts):
+    from megatron_ast.data.tokenizer import Tokenizer
+
+    return Tokenizer.load(tok_dir).encode_batch(texts)
+
+
+def test_adopt_megatron_shards_then_every_reader_takes_them(tmp_path, hf_tokenizer_dir, capsys):
+    from megatron_ast.data.streams import load_domains
+    from megatron_ast.data.tokenizer import Tokenizer
+
+    texts = stdlib_texts(12)
+    eod = Tokenizer.load(hf_tokenizer_dir).identity.eod_id
+    d = tmp_path / "mega"
+    megatron_shards(d, "book", _ids(hf_tokenizer_dir, texts[:6]), eod, split_first=True)
+    megatron_shards(d, "code", _ids(hf_tokenizer_dir, texts[6:]), eod)
+    with pytest.raises(UsageError, match=r"holds .bin/.idx shards but no manifest.json .*inspect --adopt"):
+        load_domains([d], 64)
+    assert main(["inspect", str(d), "--adopt", "--tokenizer", str(hf_tokenizer_dir)]) == 0
+    assert "adopted 2 shards" in capsys.readouterr().out
+    m = read_manifest(d)
+    assert sorted(m["shards"]) == ["book_text_document", "code_text_document"]
+    assert m["shards"]["book_text_document"]["domain"] == "book" and m["shards"]["book_text_document"]["documents"] == 6
+    ours = preprocess([str(write_jsonl(tmp_path / "in" / "code" / "c.jsonl", texts[6:]))], tmp_path / "ours", hf_tokenizer_dir)
+    assert (d / "code_text_document.bin").read_bytes() == (tmp_path / "ours" / "code__c.bin").read_bytes()
+    assert m["shards"]["code_text_document"]["sha256"] == ours["shards"]["code__c"]["sha256"]
+    streams = load_domains([d], 64, Tokenizer.load(hf_tokenizer_dir).identity)
+    assert sorted(streams) == ["book", "code"]
+    assert inspect(d, verify=True)["shards"]["book_text_document"]["verified"] == "sha256"
+    streams = load_domains([d / "code_text_document"], 64)  # one prefix, through its sidecar
+    assert list(streams) == ["code"]
+
+
+def test_adopt_names_what_does_not_fit_the_tokenizer(tmp_path, hf_tokenizer_dir, capsys):
+    from megatron_ast.data.streams import load_domains
+    from megatron_ast.data.tokenizer import Tokenizer
+
+    ids = _ids(hf_tokenizer_dir, stdlib_texts(3))
+    eod = Tokenizer.load(hf_tokenizer_dir).identity.eod_id
+    cases = {
+        "noeod": (megatron_shards(tmp_path / "a", "x", ids, None), "ends with id .* not the EOD 0 .* --append-eod"),
+        "vocab": (megatron_shards(tmp_path / "b", "x", [ids[0] + [700]] + ids[1:], eod),
+                  r"is id 700, outside the vocabulary .* \(600 ids\): it was made with another tokenizer"),
+        "dtype": (megatron_shards(tmp_path / "c", "x", [[i % 250 for i in t] for t in ids], eod % 250, np.uint8),
+                  r"its uint8 tokens cannot hold the ids"),
+    }
+    for case, (prefix, pattern) in cases.items():
+        assert main(["inspect", str(prefix), "--adopt", "--tokenizer", str(hf_tokenizer_dir)]) == 2, case
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.search(pattern, err[0]), (case, err)
+        assert not (prefix.parent / "manifest.json").exists() and not list(prefix.parent.glob("*.meta.json"))
+    with pytest.raises(UsageError, match=r"has no sidecar .* inspect --adopt"):
+        load_domains([cases["noeod"][0]], 64)
+    assert main(["inspect", str(cases["noeod"][0]), "--adopt"]) == 2
+    assert "pass --tokenizer MODEL_DIR" in capsys.readouterr().err
