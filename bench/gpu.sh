@@ -9,8 +9,8 @@
 #   3. 2:4 Linear shapes and the whole SmolLM2 forward, prefill and decode, with and without CUDA graphs
 #      (bench/sparse_speed.py)
 #   4. AST recovery with a real budget: from the SparseGPT 2:4 init, AST vs naive at equal tokens, validation
-#      perplexity before/after (bench/ast_ablation.py, 1 GPU rank, bf16), then scored on held-out windows with
-#      paired intervals (bench/ast_heldout.py)
+#      perplexity before/after (bench/recovery.py run, 1 GPU rank, bf16), then scored on held-out windows with
+#      paired intervals (bench/recovery.py heldout)
 # Each writes bench/results/*-<name>.json with the machine; a summary table is printed at the end.
 # Without CUDA it says so and exits 0.
 #
@@ -28,7 +28,7 @@ PY=${PYTHON:-python3}
 NAME=h100
 RECOVERY_STEPS=${RECOVERY_STEPS:-48}       # x 16 sequences x 1024 tokens per method
 RECOVERY_METHODS=${RECOVERY_METHODS:-"ast naive"}
-RECOVERY_LR=${RECOVERY_LR:-1e-4}           # another lr writes ast_ablation-<name>-lr<lr>.json (bench/ast_lr.py)
+RECOVERY_LR=${RECOVERY_LR:-1e-4}           # another lr writes ast_ablation-<name>-lr<lr>.json (bench/recovery.py lr)
 
 if [[ "${1:-}" == "stage" ]]; then
   rm -rf .gpu && mkdir -p .gpu/a .gpu/b/wheels
@@ -84,13 +84,13 @@ run speed $PY bench/sparse_speed.py --tokens 1 16 128 1024 4096 --out "bench/res
 run speed_cg $PY bench/sparse_speed.py --tokens 1 16 128 1024 4096 --cuda-graph \
   --out "bench/results/sparse_speed-$NAME-cudagraph.json"
 # shellcheck disable=SC2086
-run recovery $PY bench/ast_ablation.py --ranks 1 --ds-config ds_configs/zero3_bf16.json --seq-len 1024 \
+run recovery $PY bench/recovery.py run --ranks 1 --ds-config ds_configs/zero3_bf16.json --seq-len 1024 \
   --steps "$RECOVERY_STEPS" --eval-every 16 --checkpoint-every 1000 --windows 32 --calib 128 \
   --methods $RECOVERY_METHODS --lr "$RECOVERY_LR" --work "/tmp/gpu_recovery-$RECOVERY_LR" \
   --name "$NAME$([[ $RECOVERY_LR == 1e-4 ]] || echo "-lr$RECOVERY_LR")"
 # the recovery runs scored again on 40 held-out windows x 1024 per domain, paired intervals vs the first method
 # shellcheck disable=SC2046
-run heldout $PY bench/ast_heldout.py --windows 40 --name "$NAME$([[ $RECOVERY_LR == 1e-4 ]] || echo "-lr$RECOVERY_LR")" \
+run heldout $PY bench/recovery.py heldout --windows 40 --name "$NAME$([[ $RECOVERY_LR == 1e-4 ]] || echo "-lr$RECOVERY_LR")" \
   --runs $(for m in $RECOVERY_METHODS; do echo "/tmp/gpu_recovery-$RECOVERY_LR/$m"; done)
 
 echo

@@ -39,7 +39,7 @@ def token_windows(data: list[str], tokenizer_dir: str | Path, seq_len: int, max_
 
 def window_nll(model, windows: dict[str, np.ndarray], batch_size: int = 4, desc: str = "nll") -> dict[str, np.ndarray]:
     """domain -> float64 (n,) summed next-token NLL of each window: what `perplexity` pools, kept per window so
-    that two models scored on the same windows can be compared pairwise (bench/ast_heldout.py)."""
+    that two models scored on the same windows can be compared pairwise (bench/recovery.py heldout)."""
     import torch
 
     model.eval()

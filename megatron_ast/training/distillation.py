@@ -29,7 +29,7 @@ class DistillConfig:
     w_task: float = 0.33
     w_kl: float = 0.67
     w_sq: float = 0.0
-    # 1, not the reference's 2: at equal tokens T=1 recovered more (bench/ast_ablation.py, 16k tokens: ppl 30.13
+    # 1, not the reference's 2: at equal tokens T=1 recovered more (bench/recovery.py run, 16k tokens: ppl 30.13
     # vs 31.87); its gradient p_s - p_t is the task loss's p_s - onehot with the teacher in place of the sample
     temperature: float = 1.0
 

@@ -1,6 +1,6 @@
 """`megatron-ast init`: a run dir to start from, for a model and a world: run.yaml, a DeepSpeed JSON, the launchers.
 
-The choices are the measured ones (README, "What each part of AST buys"): a SparseGPT 2:4 init with its SLoRB
+The choices are the measured ones (docs/results.md, "What each part of AST buys"): a SparseGPT 2:4 init with its SLoRB
 branch fitted by the pruner (`prune --slorb-group 16`, `slorb.init: fitted`: 41.93 against 44.31 at the start,
 the main job's best), pruned weights at 0 (dense values under the masks cost 44.31 -> 69.22), distillation at
 temperature 1 (30.13 against 31.87 at T=2), lr 1e-4 (the best on held-out windows). Distillation at 0.67 KL

@@ -17,7 +17,7 @@ def test_the_shipped_example_config_parses(tmp_path):
     (tmp_path / "run.yaml").write_text(text)
     cfg = load_config(tmp_path / "run.yaml")
     assert cfg.steps == 40000 and cfg.slorb.group == 16 and cfg.distill.w_kl == 0.67 and cfg.optimizer.betas == (0.9, 0.95)
-    # the measured choices (README's ablation and held-out tables), not the reference's
+    # the measured choices (docs/results.md: the ablation and held-out tables), not the reference's
     assert cfg.slorb.init == "fitted" and cfg.distill.temperature == 1.0 and cfg.lr.peak == 1e-4
 
 
