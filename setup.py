@@ -19,7 +19,7 @@ setup(
         "gguf",
         "accelerate",
         "zstandard",
-        "datasets>=3",  # parquet, Arrow and local dataset dirs in (megatron_ast/data/documents.py); brings pyarrow
+        "datasets>=3.1",  # parquet, Arrow and dataset dirs in (data/documents.py); IterableDataset.shard from 3.1
         "pyarrow>=15",
         "tqdm",
         "pyyaml",

@@ -20,7 +20,7 @@ ships), against datatrove's ParquetReader + MegatronDocumentTokenizer (`pip inst
 file, hence two files), outputs compared file by file; then ours alone on the two files joined into one, for the
 peak RSS of one file of that size (it is read in record batches, never whole):
 
-    python bench/preprocess.py --format parquet --mb 1100 --repeat 1 --name vm-parquet
+    python bench/preprocess.py --format parquet --mb 1250 --repeat 1 --name vm-parquet
 """
 from __future__ import annotations
 

@@ -245,7 +245,7 @@ def _cmd_checkpoint_universal(a: argparse.Namespace) -> None:
 def _cmd_quickstart(a: argparse.Namespace) -> None:
     from megatron_ast.quickstart import run
 
-    run(a.out, max_windows=a.max_windows, lm_eval_n=a.lm_eval_n)
+    run(a.out, max_windows=a.max_windows, lm_eval_n=a.lm_eval_n, stop_after=a.stop_after)
 
 
 TRUST_HELP = ("unpickle DeepSpeed files that the weights-only loader refuses (unpickling can run code: only for "
@@ -433,6 +433,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/quickstart")
     s.add_argument("--max-windows", type=_positive, default=32, help="eval windows per domain")
     s.add_argument("--lm-eval-n", type=_positive, default=100, help="examples per local lm-eval task")
+    s.add_argument("--stop-after", metavar="STAGE", help="end after this stage (assets, preprocess, eval_dense, prune, "
+                   "...; the report names them)")
     s.set_defaults(fn=_cmd_quickstart)
     return p
 

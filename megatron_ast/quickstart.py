@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from megatron_ast import assets
+from megatron_ast.errors import UsageError
 from megatron_ast.examples import example
 from megatron_ast.fsutil import atomic_write_json
 
@@ -84,9 +85,17 @@ def _train_ast(out: Path, dense: str, pruned: Path) -> dict:
     return {**summary, "run_dir": str(run), "config": str(run / "run.yaml"), "log": str(run / "log.jsonl")}
 
 
+STAGES = ("assets", "preprocess", "eval_dense", "prune", "eval_pruned", "eval_pruned_base", "train_ast", "export_ast",
+          "eval_ast_base", "quantize_ast", "lm_eval")
+
+
+class _Stopped(Exception):
+    """--stop-after's stage finished: the job ends there, its report written."""
+
+
 class Report:
-    def __init__(self, out: Path, n_stages: int):
-        self.path, self.n, self.i = out / "report.json", n_stages, 0
+    def __init__(self, out: Path, n_stages: int, stop_after: str | None = None):
+        self.path, self.n, self.i, self.stop_after = out / "report.json", n_stages, 0, stop_after
         self.data = {"out": str(out), "complete": False, "stages": {}}
 
     def stage(self, name: str, what: str):
@@ -109,6 +118,8 @@ class _Stage:
             self.report.data["stages"][self.name] = self.fig
             atomic_write_json(self.report.path, self.report.data)
             print(f"      done in {self.fig['seconds']} s", flush=True)
+            if self.name == self.report.stop_after:
+                raise _Stopped
 
 
 def _size_bytes(model_dir: Path, adapter: bool) -> int:
@@ -160,7 +171,18 @@ def _final_table(report: "Report") -> list[dict]:
 
 
 def run(out: str | Path = "runs/quickstart", max_windows: int = 32, workers: int | None = None,
-        lm_eval_n: int = LM_EVAL_N) -> Path:
+        lm_eval_n: int = LM_EVAL_N, stop_after: str | None = None) -> Path:
+    """The main job; `stop_after` ends it after that stage (one of STAGES), its figures in the report."""
+    if stop_after is not None and stop_after not in STAGES:
+        raise UsageError(f"--stop-after {stop_after!r} is not a stage; the stages are {', '.join(STAGES)}")
+    try:
+        return _run(Path(out), max_windows, workers, lm_eval_n, stop_after)
+    except _Stopped:
+        print(f"stopped after {stop_after}: {Path(out) / 'report.json'}", flush=True)
+        return Path(out) / "report.json"
+
+
+def _run(out: Path, max_windows: int, workers: int | None, lm_eval_n: int, stop_after: str | None) -> Path:
     from data_tools.preprocess import preprocess
     from megatron_ast.eval.perplexity import perplexity, token_windows
     from megatron_ast.export.hf import export_checkpoint
@@ -169,10 +191,9 @@ def run(out: str | Path = "runs/quickstart", max_windows: int = 32, workers: int
     from megatron_ast.pruning.pipeline import PruneConfig
     from megatron_ast.sparsity import SparsityPattern
 
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or max(1, min(2, os.cpu_count() or 1))
-    report = Report(out, 11)
+    report = Report(out, len(STAGES), stop_after)
 
     with report.stage("assets", "reference model (SmolLM2-135M) and corpus (Shakespeare + CPython stdlib)") as fig:
         fig.update(assets.ensure_assets())

@@ -1,5 +1,5 @@
 """A wheel (not `pip install -e`) installed into a fresh venv outside the checkout: the configs and launchers ship
-with it, and `init`, its dry run and the quickstart's DeepSpeed config work from another directory."""
+with it, and `init`, its dry run and the quickstart's first stages work from another directory."""
 import json
 import os
 import subprocess
@@ -17,7 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_a_wheel_in_a_fresh_venv_ships_configs_and_launchers_and_runs_init_elsewhere(tmp_path, model_dir, pruned):  # noqa: F811
+@pytest.mark.assets
+def test_a_wheel_in_a_fresh_venv_ships_configs_and_launchers_and_runs_init_elsewhere(tmp_path, model_dir, pruned,  # noqa: F811
+                                                                                     reference_assets):
     """Before: the wheel had no ds_configs/ or launch/, and quickstart looked for ds_configs/ next to the checkout."""
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
@@ -53,3 +55,9 @@ def test_a_wheel_in_a_fresh_venv_ships_configs_and_launchers_and_runs_init_elsew
     out = run("megatron-ast", "train", "--config", "run/run.yaml", "--dry-run", "--world-size", "64", "--nodes", "8")
     dry = json.loads(out[out.index("\n{") + 1:] if not out.startswith("{") else out)  # after DeepSpeed's log lines
     assert dry["batch"]["global_batch"] == 512
+    # the main job's first stages from the wheel, in another directory: assets (the cache), shards, dense eval
+    out = run("megatron-ast", "quickstart", "--out", "qs", "--stop-after", "eval_dense", "--max-windows", "2")
+    assert "[3/11] eval_dense" in out and "stopped after eval_dense" in out
+    report = json.loads((elsewhere / "qs" / "report.json").read_text())
+    assert list(report["stages"]) == ["assets", "preprocess", "eval_dense"] and report["complete"] is False
+    assert report["stages"]["eval_dense"]["perplexity"]["all"]["windows"] == 4

@@ -15,6 +15,9 @@ def test_main_job_end_to_end_writes_report(reference_assets, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] is True
     st = report["stages"]
+    from megatron_ast.quickstart import STAGES
+
+    assert tuple(st) == STAGES  # what --stop-after names
     assert st["preprocess"]["train"]["tokens"] > 4_000_000 and st["preprocess"]["validation"]["documents"] > 40
     ppl = st["eval_dense"]["perplexity"]
     assert set(ppl) == {"book", "github", "all"} and ppl["book"]["windows"] == 2
