@@ -22,7 +22,7 @@ from tqdm import tqdm
 from megatron_ast.data import jsonl
 from megatron_ast.data.documents import Source, Unit, find_sources, plan_units, rows
 from megatron_ast import mpi
-from megatron_ast.data.indexed import ShardWriter, token_dtype
+from megatron_ast.data.indexed import ShardWriter, bin_path, idx_path, token_dtype
 from megatron_ast.data.manifest import META_SUFFIX, check_tokenizer, meta_path, read_meta, write_manifest
 from megatron_ast.data.tokenizer import Tokenizer
 from megatron_ast.errors import UsageError
@@ -114,9 +114,10 @@ class _Open:
 
 
 def _tokenize(sources, units, tokenizer, out_dir, workers, strict, rank, text_key="text",
-              budget: int | None = None) -> list[str]:
+              budget: int | None = None, cap: dict | None = None) -> list[str]:
     """Run the units in order and write the shards; returns the one-line reports (bad rows, the token cap).
-    `budget`: write whole documents while the tokens stay within it, then stop."""
+    `budget`: write whole documents while the tokens stay within it, then stop; `cap`: the run's --max-tokens
+    and rank count, recorded in every sidecar it writes (what a rerun must match to keep the shard)."""
     dtype = token_dtype(tokenizer.identity.vocab_size)
     initargs = (tokenizer, sources, workers > 1, text_key)
     if workers > 1:
@@ -156,7 +157,8 @@ def _tokenize(sources, units, tokenizer, out_dir, workers, strict, rank, text_ke
                 opened.skipped[b.kind] = opened.skipped.get(b.kind, 0) + 1
                 if len(opened.examples) < MAX_EXAMPLES:
                     opened.examples.append(where)
-            opened.line0 += res.lines
+            # a damaged page ends a unit early: later rows keep their numbers where the format knows the count
+            opened.line0 += unit.rows if unit.rows is not None and res.truncated else res.lines
             opened.writer.add_documents(res.tokens, res.lengths)
             docs, toks = docs + len(res.lengths), toks + len(res.tokens)
             bar.update(unit.nbytes)
@@ -169,8 +171,10 @@ def _tokenize(sources, units, tokenizer, out_dir, workers, strict, rank, text_ke
                     "source": src.describe(), "source_bytes": src.size, "domain": src.domain,
                     "skipped": opened.skipped, "skipped_examples": opened.examples, **info,
                 }
+                if cap is not None:
+                    meta["max_tokens_run"] = cap
                 if stop:
-                    meta["stopped_at"] = {"max_tokens": budget, "row": opened.line0}
+                    meta["stopped_at"] = {"row": opened.line0}
                 atomic_write_json(meta_path(out_dir / src.name), meta)
                 if not info["documents"]:
                     reports.append(f"{src.name}: warning: {src.describe()} holds no documents (an empty shard)")
@@ -201,10 +205,11 @@ def _remove_stale_temps(out_dir: Path, names: set[str]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _complete(prefix: Path, src: Source, max_tokens: int | None) -> dict | None:
-    """The sidecar of a finished shard of `src`; a shard a token cap cut short is finished only for capped runs."""
+def _complete(prefix: Path, src: Source, cap: dict | None) -> dict | None:
+    """The sidecar of a finished shard of `src`, written by a run of the same --max-tokens and rank count (`cap`,
+    None when uncapped): under another cap the tokens before it, and so the shard, may differ."""
     m = read_meta(prefix)
-    if m is None or m.get("source_bytes") != src.size or ("stopped_at" in m and max_tokens is None):
+    if m is None or m.get("source_bytes") != src.size or m.get("max_tokens_run") != cap:
         return None
     return m
 
@@ -224,7 +229,8 @@ def preprocess(
     """Tokenize `inputs` into `output_dir`; returns the manifest (rank 0) or {} (other ranks).
     `fast_bpe`: tiktoken for byte-level BPE where it gives the same ids (megatron_ast/data/fast_bpe.py).
     `max_tokens`: stop at the document boundary where the run's tokens would pass it; each of N MPI ranks
-    takes 1/N of it for its own sources. A rerun with a cap keeps what a capped run wrote."""
+    takes 1/N of it for its own sources. A rerun keeps the shards of a run with the same cap and rank count
+    (a killed run resumes) and redoes the others."""
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
     if max_tokens is not None and max_tokens < 1:
@@ -242,8 +248,12 @@ def preprocess(
         check_tokenizer(out_dir, tokenizer.identity)
         mine = assign_to_ranks(sources, size)[rank]
         _remove_stale_temps(out_dir, {s.name for s in mine})
-        done = {s.name: m for s in mine if (m := _complete(out_dir / s.name, s, max_tokens)) is not None}
+        cap = None if max_tokens is None else {"max_tokens": max_tokens, "ranks": size}
+        done = {s.name: m for s in mine if (m := _complete(out_dir / s.name, s, cap)) is not None}
         todo = [s for s in mine if s.name not in done]
+        for s in todo:  # a shard another run wrote (another cap, a changed source) goes before this run decides
+            for f in (meta_path(out_dir / s.name), bin_path(out_dir / s.name), idx_path(out_dir / s.name)):
+                f.unlink(missing_ok=True)
         if done:
             print(f"[rank {rank}] {len(done)} shard(s) already complete, skipping", file=sys.stderr)
         budget = None
@@ -254,7 +264,7 @@ def preprocess(
                       file=sys.stderr)
                 todo = []
         for line in _tokenize(todo, plan_units(todo, workers), tokenizer, out_dir, workers, strict, rank, text_key,
-                              budget):
+                              budget, cap):
             print(f"[rank {rank}] {line}", file=sys.stderr)
     except UsageError as e:
         error = str(e)

@@ -3,6 +3,7 @@ ours: checked, with sidecars and a manifest) for token shards."""
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_ast.data.indexed import IndexedShard, ShardWriter, bin_path, idx_path
-from megatron_ast.data.manifest import check_tokenizer, meta_path, shard_set, write_manifest
+from megatron_ast.data.manifest import check_tokenizer, meta_path, read_meta, shard_set, write_manifest
 from megatron_ast.data.tokenizer import Tokenizer, TokenizerIdentity
 from megatron_ast.errors import UsageError
 from megatron_ast.fsutil import atomic_write_json, existing_ancestor
@@ -84,15 +85,13 @@ def inspect(path: str | Path, doc: int = 0, tokens: int = 32, tokenizer: str | N
     return report
 
 
-MEGATRON_SUFFIX = "_text_document"  # preprocess_data.py writes PREFIX_text_document.bin/.idx (json key text)
-
-
 def adopt(path: str | Path, tokenizer_dir: str | Path, domain: str | None = None, eod_token: str | None = None,
           block: int = 1 << 24) -> dict:
     """Give shards made by Megatron-LM's tools/preprocess_data.py (a dir of them, or one prefix) our sidecars and
     manifest, after checking them against the tokenizer they will be trained with: every id below its vocabulary
     size, a dtype that holds the vocabulary, every document ending with its EOD (`--append-eod`). Returns the
-    manifest. The domain of a shard is its name without `_text_document`, unless `domain` is given."""
+    manifest. The domain of a shard is its name without Megatron's `_<json key>_<level>` (`_text_document`),
+    unless `domain` is given. Shards that already have a sidecar are left as they are."""
     p = Path(path)
     if p.is_dir():
         prefixes = sorted(q.with_suffix("") for q in p.glob("*.idx") if bin_path(q.with_suffix("")).is_file())
@@ -101,12 +100,15 @@ def adopt(path: str | Path, tokenizer_dir: str | Path, domain: str | None = None
         prefixes, out_dir = [p], p.parent
     if not prefixes:
         raise UsageError(f"no PREFIX.bin/PREFIX.idx pairs in {p}: give the dir of Megatron-LM's output or one prefix")
+    prefixes = [q for q in prefixes if read_meta(q) is None]  # shards with a sidecar (ours, or adopted) stay as they are
     tok = Tokenizer.load(tokenizer_dir, eod_token)
     ident = tok.identity
     check_tokenizer(out_dir, ident)
     for prefix in tqdm(prefixes, desc="adopt", disable=None, file=sys.stderr):
         s = IndexedShard(prefix)
         s.verify()  # pointers, lengths and document indices, before any token is trusted
+        if s.dtype.kind not in "iu":
+            raise UsageError(f"{prefix}: its tokens are {s.dtype}, not integers: it is not a token shard")
         if np.iinfo(s.dtype).max < ident.vocab_size - 1:
             raise UsageError(f"{prefix}: its {s.dtype} tokens cannot hold the ids of {ident.name!r} ({ident.vocab_size:,}"
                              " ids): it was made with another tokenizer; re-run preprocess with this one")
@@ -118,24 +120,27 @@ def adopt(path: str | Path, tokenizer_dir: str | Path, domain: str | None = None
                 bad = i + int(np.argmax((chunk >= ident.vocab_size) | (chunk < 0)))
                 raise UsageError(f"{prefix}: token {bad:,} is id {int(s.tokens[bad])}, outside the vocabulary of "
                                  f"{ident.name!r} ({ident.vocab_size:,} ids): it was made with another tokenizer")
-        ends = _document_last_tokens(s)
+        docs, ends = _document_last_tokens(s)
         if len(ends) and (wrong := np.flatnonzero(ends != ident.eod_id)).size:
-            raise UsageError(f"{prefix}: document {int(wrong[0])} of {len(ends):,} ends with id {int(ends[wrong[0]])}, "
+            raise UsageError(f"{prefix}: document {int(docs[wrong[0]])} of {s.num_documents:,} ends with id "
+                             f"{int(ends[wrong[0]])}, "
                              f"not the EOD {ident.eod_id} of {ident.name!r} ({len(wrong):,} documents do): make the shards "
                              "with preprocess_data.py --append-eod, or pass --eod-token")
-        name = prefix.name
+        name = re.sub(r"_[A-Za-z0-9]+_(document|sentence)$", "", prefix.name)  # Megatron: PREFIX_<json key>_<level>
         meta = {"tokenizer": ident.to_dict(), "dtype": s.dtype.name, "source": f"megatron-lm shard {prefix}",
                 "source_bytes": bin_path(prefix).stat().st_size, "adopted": True,
-                "domain": domain or (name[: -len(MEGATRON_SUFFIX)] if name.endswith(MEGATRON_SUFFIX) else name),
+                "domain": domain or name or prefix.name,
                 "skipped": {}, "skipped_examples": [], "documents": s.num_documents, "tokens": s.num_tokens,
                 "bin_bytes": bin_path(prefix).stat().st_size, "sha256": sha.hexdigest()}
         atomic_write_json(meta_path(prefix), meta)
     return write_manifest(out_dir)
 
 
-def _document_last_tokens(s: IndexedShard) -> np.ndarray:
-    """The last token of every non-empty document (its last sequence's last token)."""
+def _document_last_tokens(s: IndexedShard) -> tuple[np.ndarray, np.ndarray]:
+    """(index, last token) of every non-empty document: its last non-empty sequence's last token."""
+    seq_ends = np.cumsum(s.sequence_lengths.astype(np.int64))  # token offset after each sequence
     docs = s.document_indices
-    last_seq = docs[1:][docs[1:] > docs[:-1]] - 1
-    ends = s.sequence_pointers[last_seq] // s.dtype.itemsize + s.sequence_lengths[last_seq].astype(np.int64) - 1
-    return np.asarray(s.tokens[ends]) if len(ends) else np.zeros(0, s.dtype)
+    first_tok = np.concatenate([[0], seq_ends])[docs[:-1]]
+    last_tok = np.concatenate([[0], seq_ends])[docs[1:]]
+    nonempty = np.flatnonzero(last_tok > first_tok)
+    return nonempty, np.asarray(s.tokens[last_tok[nonempty] - 1]) if len(nonempty) else np.zeros(0, s.dtype)

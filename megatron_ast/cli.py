@@ -53,7 +53,7 @@ def _cmd_eval_ppl(a: argparse.Namespace) -> None:
     from megatron_ast.modeling import load_causal_lm, check_model_dir
 
     check_model_dir(a.model)
-    windows = token_windows(a.data, a.tokenizer or a.model, a.seq_len, a.max_windows)
+    windows = token_windows(a.data, a.tokenizer or a.model, a.seq_len, a.max_windows, a.text_key)
     model = load_causal_lm(a.model, _dtype(a), adapter=a.adapter).to(_device(a))
     if a.expect:
         _expect(model, a.expect, a.model)
@@ -121,7 +121,7 @@ def _ignored_prune_flags(a: argparse.Namespace) -> list[str]:
     calibrated = a.method != "magnitude" or a.slorb_group is not None
     obs = a.method in ("sparsegpt", "sparsellm")
     used = {"calib": calibrated, "nsamples": calibrated, "seqlen": calibrated, "seed": calibrated,
-            "tokenizer": calibrated, "blocksize": obs, "damp": obs or a.slorb_group is not None,
+            "tokenizer": calibrated, "text_key": calibrated, "blocksize": obs, "damp": obs or a.slorb_group is not None,
             "scope": obs and a.pattern == "unstructured",
             **{f"sparsellm_{k}": a.method == "sparsellm" for k in ("rounds", "alpha", "beta", "gamma")}}
     return [f"--{k.replace('_', '-')}" for k, on in used.items() if not on and getattr(a, k) != a.default_of(k)]
@@ -141,7 +141,7 @@ def _cmd_prune(a: argparse.Namespace) -> None:
                       SparseLLMConfig(a.sparsellm_rounds, a.sparsellm_alpha, a.sparsellm_beta, a.sparsellm_gamma),
                       prune_head=a.prune_head, prune_embeddings=a.prune_embeddings, scope=a.scope,
                       slorb_group=a.slorb_group)
-    r = prune_to_dir(a.model, a.out, cfg, a.calib, a.nsamples, a.seqlen, a.seed, a.tokenizer)
+    r = prune_to_dir(a.model, a.out, cfg, a.calib, a.nsamples, a.seqlen, a.seed, a.tokenizer, a.text_key)
     print(json.dumps({k: v for k, v in r.items() if k != "layers"}, indent=2))
 
 
@@ -204,7 +204,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     from megatron_ast.quantization.groupwise import QuantSpec
 
     r = quantize_dir(a.model, a.out, QuantSpec(a.bits, a.group_size), a.method, a.calib, a.nsamples, a.seqlen,
-                     a.seed, _device(a), fmt=a.format, adapter=a.adapter)
+                     a.seed, _device(a), fmt=a.format, adapter=a.adapter, text_key=a.text_key)
     print(json.dumps({k: v for k, v in r.items() if k != "layers"}, indent=2))
 
 
@@ -309,6 +309,7 @@ def parser() -> argparse.ArgumentParser:
     s = ev.add_parser("ppl", help="perplexity over non-overlapping windows")
     s.add_argument("--model", required=True, help="local HF model dir")
     s.add_argument("--data", nargs="+", required=True, help="token-shard dirs, jsonl/parquet/arrow/text files, HF dataset dirs")
+    s.add_argument("--text-key", default="text", help="the column (jsonl: field) of raw documents that holds the text")
     s.add_argument("--tokenizer", help="default: the model dir")
     s.add_argument("--seq-len", type=_positive, default=512)
     s.add_argument("--max-windows", type=_positive, help="per domain, evenly spaced (default: all)")
@@ -340,6 +341,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--pattern", default="2:4", help="N:M (2:4, 4:8, ...) or 'unstructured'")
     s.add_argument("--sparsity", type=float, help="fraction of zeros for --pattern unstructured (default 0.5)")
     s.add_argument("--calib", nargs="+", help="token-shard dirs, jsonl/parquet/arrow/text files, HF dataset dirs")
+    s.add_argument("--text-key", default="text", help="the column (jsonl: field) of raw documents that holds the text")
     s.add_argument("--nsamples", type=_positive, default=128)
     s.add_argument("--seqlen", type=_positive, default=2048)
     s.add_argument("--seed", type=int, default=0)
@@ -383,6 +385,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--group-size", type=_positive, default=128)
     s.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
     s.add_argument("--calib", nargs="+", help="token-shard dirs, jsonl/parquet/arrow/text files, HF dataset dirs (gptq)")
+    s.add_argument("--text-key", default="text", help="the column (jsonl: field) of raw documents that holds the text")
     s.add_argument("--nsamples", type=_positive, default=128)
     s.add_argument("--seqlen", type=_positive, default=2048)
     s.add_argument("--seed", type=int, default=0)

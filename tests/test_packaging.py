@@ -59,5 +59,5 @@ def test_a_wheel_in_a_fresh_venv_ships_configs_and_launchers_and_runs_init_elsew
     out = run("megatron-ast", "quickstart", "--out", "qs", "--stop-after", "eval_dense", "--max-windows", "2")
     assert "[3/11] eval_dense" in out and "stopped after eval_dense" in out
     report = json.loads((elsewhere / "qs" / "report.json").read_text())
-    assert list(report["stages"]) == ["assets", "preprocess", "eval_dense"] and report["complete"] is False
+    assert set(report["stages"]) == {"assets", "preprocess", "eval_dense"} and report["complete"] is False
     assert report["stages"]["eval_dense"]["perplexity"]["all"]["windows"] == 4

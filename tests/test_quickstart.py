@@ -17,7 +17,7 @@ def test_main_job_end_to_end_writes_report(reference_assets, tmp_path, capsys):
     st = report["stages"]
     from megatron_ast.quickstart import STAGES
 
-    assert tuple(st) == STAGES  # what --stop-after names
+    assert set(st) == set(STAGES)  # what --stop-after names (the report's keys are sorted)
     assert st["preprocess"]["train"]["tokens"] > 4_000_000 and st["preprocess"]["validation"]["documents"] > 40
     ppl = st["eval_dense"]["perplexity"]
     assert set(ppl) == {"book", "github", "all"} and ppl["book"]["windows"] == 2

@@ -6,8 +6,10 @@ A `Source` is one input that becomes one token shard: a file, or one split of a 
 - jsonl: byte ranges of a plain file (a line belongs to the range holding its first byte), or the whole file;
 - parquet: runs of row groups (`pyarrow.parquet`, one column, in record batches);
 - Arrow (`Dataset.save_to_disk`, IPC stream or file): runs of record batches, memory-mapped;
-- a local Hugging Face dataset dir (a README.md card with `configs:`/`dataset_info:`): each split is a source,
-  read by `datasets.load_dataset(DIR, split=..., streaming=True)` one data file (dataset shard) per unit.
+- a local Hugging Face dataset dir (a README.md card with `configs:`/`dataset_info:`): `datasets` resolves its
+  configs, splits and data files (offline); each data file is then a source, read as above when it is parquet,
+  Arrow or jsonl, else through `datasets.load_dataset(DIR, config, split=..., streaming=True)`, one data file
+  (dataset shard) per unit.
 
 No format is read whole into memory. A row whose text is missing, null, not a string or blank is a bad row:
 counted and skipped, or an error under --strict (data_tools/preprocess.py).
@@ -37,10 +39,11 @@ class Source:
     domain: str
     size: int  # bytes on disk: what resume compares
     kind: str  # jsonl | parquet | arrow | hf
-    split: str = ""  # hf only
+    split: str = ""  # hf only: the split (and config) that load_dataset streams
+    config: str | None = None
 
     def describe(self) -> str:
-        return f"{self.path}[{self.split}]" if self.split else str(self.path)
+        return f"{self.path}[{self.config + ':' if self.config else ''}{self.split}]" if self.split else str(self.path)
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Unit:
     start: int  # jsonl: byte offset; parquet: row group; arrow: record batch; hf: dataset shard
     end: int | None
     nbytes: int  # for progress
+    rows: int | None = None  # parquet, arrow: the rows it holds, known from the metadata
 
 
 def kind_of(path: Path) -> str | None:
@@ -96,31 +100,49 @@ def _files_under(p: Path) -> list[Path]:
     return sorted(set(found))
 
 
-def _hf_splits(path: Path) -> dict[str, list[Path]]:
-    from datasets import load_dataset_builder
+def _hf_files(path: Path) -> dict[tuple[str | None, str], list[Path]]:
+    """(config, split) -> data files of a local dataset dir, as `datasets` resolves its card (offline)."""
+    from datasets import get_dataset_config_names, load_dataset_builder
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
-        builder = load_dataset_builder(str(path))
+        configs = get_dataset_config_names(str(path))
+        out = {}
+        for c in configs:
+            files = load_dataset_builder(str(path), c).config.data_files or {}
+            out.update({(c if len(configs) > 1 else None, split): [Path(str(f)) for f in fs] for split, fs in files.items()})
+        return out
     except Exception as e:
         raise UsageError(f"{path} is not a loadable Hugging Face dataset dir ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}): check its README.md configs") from None
-    files = builder.config.data_files or {}
-    return {split: [Path(str(f)) for f in fs] for split, fs in files.items()}
+
+
+def _hf_sources(p: Path, domain: str | None) -> list[Source]:
+    """A dataset dir's data files as sources `<dom>[__<config>]__<split>[-<k>]`; files of a format read here
+    natively are read so (record batches, row groups, byte ranges), the rest through `datasets` streaming."""
+    dom = domain or p.resolve().name
+    out = []
+    for (config, split), files in _hf_files(p).items():
+        base = f"{dom}__{config + '__' if config else ''}{split}"
+        if not all(kind_of(f) for f in files):
+            out.append(Source(p.resolve(), base, dom, sum(f.stat().st_size for f in files), "hf", split, config))
+            continue
+        for k, f in enumerate(files):
+            out.append(Source(f, base if len(files) == 1 else f"{base}-{k:05d}", dom, f.stat().st_size, kind_of(f)))
+    return out
 
 
 def find_sources(inputs: list[str], domain: str | None = None, text_key: str = "text") -> list[Source]:
-    """Expand files and directories into sources; shard name = `<domain>__<stem>` (`<domain>__<split>` for a
-    Hugging Face dataset dir, whose domain is the dir's name). The text column is checked here."""
+    """Expand files and directories into sources; shard name = `<domain>__<stem>` (a Hugging Face dataset dir's:
+    `<domain>__<split>`, its domain the dir's name). Two files of one name in other dirs: `<domain>__<dir>-<stem>`.
+    The text column is checked here."""
     files: list[Path] = []
-    hf: list[Source] = []
+    named: list[Source] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir() and is_hf_dataset_dir(p):
-            for split, fs in _hf_splits(p).items():
-                hf.append(Source(p.resolve(), f"{domain or p.name}__{split}", domain or p.name,
-                                 sum(f.stat().st_size for f in fs), "hf", split))
+            named += _hf_sources(p, domain)
         elif p.is_dir():
             found = _files_under(p)
             if not found:
@@ -136,14 +158,19 @@ def find_sources(inputs: list[str], domain: str | None = None, text_key: str = "
     for f in dict.fromkeys(f.resolve() for f in files):
         kind = kind_of(f)
         dom = domain or f.parent.name
-        name = f"{dom}__{jsonl.stem(f) if kind == 'jsonl' else f.name.rsplit('.', 1)[0]}"
+        stem = jsonl.stem(f) if kind == "jsonl" else f.name.rsplit(".", 1)[0]
+        name = f"{dom}__{stem}"
+        if name in seen or any(s.name == name for s in named):  # save_to_disk dirs all name theirs data-00000-of-...
+            name = f"{dom}__{f.parent.name}-{stem}"
+        seen[name] = f
         sources.append(Source(f, name, dom, f.stat().st_size, kind))
-    for s in sources + hf:
+    seen = {}
+    for s in sources + named:
         if s.name in seen:
             raise UsageError(f"{s.describe()} and {seen[s.name]} would both write shard {s.name!r}: rename one of them")
         seen[s.name] = s.describe()
         check_text_key(s, text_key)
-    return sources + hf
+    return sources + named
 
 
 def _missing(s: Source, text_key: str, columns: list[str]) -> UsageError:
@@ -158,7 +185,11 @@ def check_text_key(s: Source, text_key: str) -> None:
     elif s.kind == "arrow":
         names = _arrow_schema(s.path).names
     elif s.kind == "hf":
-        first = next(iter(_hf_dataset(s)), None)
+        try:
+            first = next(iter(_hf_dataset(s)), None)
+        except Exception as e:  # what `datasets` raises on a damaged file
+            raise UsageError(f"{s.describe()}: `datasets` cannot read it ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
         names = list(first) if first is not None else [text_key]
     else:
         names = _first_jsonl_keys(s.path, text_key)
@@ -206,11 +237,11 @@ def _arrow_schema(path: Path):
     return _open_arrow(path)[0].schema
 
 
-def _arrow_batch_sizes(path: Path) -> list[int]:
+def _arrow_batches(path: Path) -> list[tuple[int, int]]:
+    """(bytes, rows) of each record batch: memory-mapped, zero-copy, no data read."""
     reader, is_file = _open_arrow(path)
-    if is_file:
-        return [reader.get_batch(i).nbytes for i in range(reader.num_record_batches)]
-    return [b.nbytes for b in reader]  # memory-mapped: zero-copy, no data read
+    batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) if is_file else reader
+    return [(b.nbytes, b.num_rows) for b in batches]
 
 
 def _hf_dataset(s: Source, shard: int | None = None, shards: int = 1):
@@ -218,22 +249,22 @@ def _hf_dataset(s: Source, shard: int | None = None, shards: int = 1):
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    ds = load_dataset(str(s.path), split=s.split, streaming=True)
+    ds = load_dataset(str(s.path), s.config, split=s.split, streaming=True)
     return ds if shard is None else ds.shard(num_shards=shards, index=shard)
 
 
-def _runs(sizes: list[int], workers: int) -> list[tuple[int, int, int]]:
-    """Consecutive pieces (row groups, batches) grouped into about UNIT_BYTES each, at least `workers` runs when
-    there are as many pieces: (start, end, bytes)."""
-    total = sum(sizes)
+def _runs(pieces: list[tuple[int, int]], workers: int) -> list[tuple[int, int, int, int]]:
+    """Consecutive pieces (row groups, batches: bytes, rows) grouped into about UNIT_BYTES each, at least
+    `workers` runs when there are as many pieces: (start, end, bytes, rows)."""
+    total = sum(b for b, _ in pieces)
     target = max(1, min(UNIT_BYTES, total // max(workers, 1)))
-    runs, start, acc = [], 0, 0
-    for i, b in enumerate(sizes):
-        acc += b
-        if acc >= target or i == len(sizes) - 1:
-            runs.append((start, i + 1, acc))
-            start, acc = i + 1, 0
-    return runs or [(0, 0, 0)]
+    runs, start, acc, rows = [], 0, 0, 0
+    for i, (b, r) in enumerate(pieces):
+        acc, rows = acc + b, rows + r
+        if acc >= target or i == len(pieces) - 1:
+            runs.append((start, i + 1, acc, rows))
+            start, acc, rows = i + 1, 0, 0
+    return runs or [(0, 0, 0, 0)]
 
 
 def plan_units(sources: list[Source], workers: int) -> list[Unit]:
@@ -245,18 +276,17 @@ def plan_units(sources: list[Source], workers: int) -> list[Unit]:
             if jsonl.splittable(s.path) and s.size > UNIT_BYTES // 4:
                 n = max(-(-s.size // UNIT_BYTES), min(workers, s.size // (UNIT_BYTES // 4)))
             b = [s.size * k // n for k in range(n + 1)]
-            runs = [(b[k], b[k + 1] if k + 1 < n else None, b[k + 1] - b[k]) for k in range(n)]
+            runs = [(b[k], b[k + 1] if k + 1 < n else None, b[k + 1] - b[k], None) for k in range(n)]
         elif s.kind == "parquet":
             md = _parquet(s.path).metadata
-            sizes = [sum(md.row_group(g).column(c).total_compressed_size for c in range(md.num_columns))
-                     for g in range(md.num_row_groups)]
-            runs = _runs(sizes, workers)
+            runs = _runs([(sum(md.row_group(g).column(c).total_compressed_size for c in range(md.num_columns)),
+                           md.row_group(g).num_rows) for g in range(md.num_row_groups)], workers)
         elif s.kind == "arrow":
-            runs = _runs(_arrow_batch_sizes(s.path), workers)
+            runs = _runs(_arrow_batches(s.path), workers)
         else:
             n = _hf_dataset(s).num_shards
-            runs = [(k, k + 1, s.size // n) for k in range(n)]
-        units += [Unit(i, k, len(runs), a, e, nb) for k, (a, e, nb) in enumerate(runs)]
+            runs = [(k, k + 1, s.size // n, None) for k in range(n)]
+        units += [Unit(i, k, len(runs), a, e, nb, r) for k, (a, e, nb, r) in enumerate(runs)]
     return units
 
 
@@ -264,6 +294,11 @@ def classify(text, text_key: str = "text") -> Row:
     """A table row's text value as (text, bad kind, detail)."""
     if text is None:
         return None, "missing_text", f"{text_key!r} is null"
+    if isinstance(text, bytes):  # a binary column of UTF-8 text, as some writers store it
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, "invalid_utf8", str(e)
     if not isinstance(text, str):
         return None, "missing_text", f"{text_key!r} is a {type(text).__name__}, not a string"
     if not text.strip():
@@ -294,8 +329,11 @@ def rows(s: Source, unit: Unit | None = None, text_key: str = "text") -> Iterato
         batches = (b.select([text_key]) for b in batches)
     else:
         ds = _hf_dataset(s, unit.start, unit.parts) if unit else _hf_dataset(s)
-        for batch in ds.iter(batch_size=_BATCH_ROWS):
-            yield from (classify(t, text_key) for t in batch[text_key])
+        try:
+            for batch in ds.iter(batch_size=_BATCH_ROWS):
+                yield from (classify(t, text_key) for t in batch[text_key])
+        except Exception as e:  # a damaged data file: the rows before it stand
+            raise jsonl.Truncated(f"`datasets` stopped reading: {type(e).__name__}: {e}") from e
         return
     import pyarrow as pa
 
@@ -304,11 +342,3 @@ def rows(s: Source, unit: Unit | None = None, text_key: str = "text") -> Iterato
             yield from (classify(t, text_key) for t in b.column(0).to_pylist())
     except (pa.ArrowException, OSError) as e:  # a damaged page: the rows before it stand, like a cut jsonl.gz
         raise jsonl.Truncated(f"unreadable {s.kind} data: {e}") from e
-
-
-def documents(path: str | Path, text_key: str = "text") -> Iterator[tuple[str, str]]:
-    """(domain, text) of every good row of a file or dir in any of these formats, one source after another."""
-    for s in find_sources([str(path)], None, text_key):
-        for text, _, _ in rows(s, None, text_key):
-            if text:
-                yield s.domain, text

@@ -62,8 +62,14 @@ def write_manifest(directory: Path) -> dict:
     """Rebuild `manifest.json` from the complete shards' sidecars."""
     shards = _sidecars(directory)
     if not shards:
-        raise UsageError(f"{directory} holds no complete token shards")
+        (Path(directory) / MANIFEST).unlink(missing_ok=True)  # an earlier run's, naming shards that are gone
+        raise UsageError(f"{directory} holds no complete token shards (a --max-tokens below the first document's "
+                         "tokens writes none)")
     first = next(iter(shards.values()))
+    dtypes = {m["dtype"] for m in shards.values()}
+    if len(dtypes) > 1:  # Megatron-LM and datatrove pick int32 at other vocabulary sizes than we do
+        raise UsageError(f"{directory} holds shards of dtypes {sorted(dtypes)}: one dir holds one dtype; put the "
+                         "others in their own dir (training reads several dirs)")
     manifest = {
         "format": FORMAT,
         "tokenizer": first["tokenizer"],

@@ -1,11 +1,12 @@
 """Token streams of a domain, read as windows of `seq_len`: from token shards or from raw text files."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from megatron_ast.data import documents
+from megatron_ast.data import documents, jsonl
 from megatron_ast.data.indexed import IndexedShard
 from megatron_ast.data.manifest import is_shards, shard_set
 from megatron_ast.data.tokenizer import Tokenizer, TokenizerIdentity
@@ -72,27 +73,56 @@ class ArrayStream:
         return self.tokens[k * self.seq_len : (k + 1) * self.seq_len]
 
 
-def token_streams(data: list[str], tokenizer: Tokenizer, seq_len: int) -> dict:
+def token_streams(data: list[str], tokenizer: Tokenizer, seq_len: int, text_key: str = "text",
+                  max_tokens: int | None = None) -> dict:
     """domain -> stream, from token shards (dirs, prefixes) and/or documents (tokenized here): jsonl, parquet
-    and Arrow files or dirs, local Hugging Face dataset dirs (data/documents.py), or plain text files."""
+    and Arrow files or dirs, local Hugging Face dataset dirs (data/documents.py), or plain text files.
+    `max_tokens`: read documents of a domain only until it holds that many tokens (calibration's need), not a
+    whole dataset into memory."""
     shard_dirs = [d for d in data if is_shards(d)]
     streams: dict = load_domains(shard_dirs, seq_len, tokenizer.identity) if shard_dirs else {}
-    texts: dict[str, list[str]] = {}
+    ids: dict[str, list[list[int]]] = {}
+    counts: dict[str, int] = {}
+
+    def add(dom: str, texts: list[str]) -> None:
+        """Documents up to the first that brings the domain to `max_tokens`: the same prefix however the domain's
+        documents are split into files and batches."""
+        for t in tokenizer.encode_batch(texts):
+            if full(dom):
+                return
+            ids.setdefault(dom, []).append(t)
+            counts[dom] = counts.get(dom, 0) + len(t) + 1
+
+    def full(dom: str) -> bool:
+        return max_tokens is not None and counts.get(dom, 0) >= max_tokens
+
     for d in data:
         if d in shard_dirs:
             continue
         p = Path(d)
         if p.is_file() and documents.kind_of(p) is None:
-            texts.setdefault(p.parent.name, []).append(p.read_text(encoding="utf-8"))
+            add(p.parent.name, [p.read_text(encoding="utf-8")])
             continue
         if not p.exists():
             raise UsageError(f"{d} does not exist: give token-shard dirs, jsonl/parquet/arrow/text files or dataset dirs")
-        for dom, text in documents.documents(p):
-            texts.setdefault(dom, []).append(text)
-    for dom, docs in texts.items():
+        for src in documents.find_sources([str(p)], None, text_key):
+            batch: list[str] = []
+            try:
+                for text, _, _ in documents.rows(src, None, text_key):
+                    if full(src.domain):
+                        break
+                    if text:
+                        batch.append(text)
+                    if len(batch) == 64:
+                        add(src.domain, batch)
+                        batch = []
+            except jsonl.Truncated as e:  # as preprocess does: the rows before the damage stand, and it says so
+                print(f"warning: {src.describe()}: {e}; its rows before that are used", file=sys.stderr)
+            if batch and not full(src.domain):
+                add(src.domain, batch)
+    for dom, docs in ids.items():
         if dom in streams:
             raise UsageError(f"domain {dom!r} comes both from token shards and from text files: pass one of them")
-        ids = tokenizer.encode_batch(docs)
-        flat = np.fromiter((i for t in ids for i in (*t, tokenizer.identity.eod_id)), np.int64)
+        flat = np.fromiter((i for t in docs for i in (*t, tokenizer.identity.eod_id)), np.int64)
         streams[dom] = ArrayStream(flat, seq_len)
     return streams

@@ -26,10 +26,11 @@ def pick_windows(tokens_or_stream, seq_len: int, max_windows: int | None) -> np.
     return np.unique(np.linspace(0, n - 1, max_windows).round().astype(np.int64))
 
 
-def token_windows(data: list[str], tokenizer_dir: str | Path, seq_len: int, max_windows: int | None) -> dict[str, np.ndarray]:
+def token_windows(data: list[str], tokenizer_dir: str | Path, seq_len: int, max_windows: int | None,
+                  text_key: str = "text") -> dict[str, np.ndarray]:
     """domain -> int64 (n, seq_len) evenly spaced windows, from shard dirs and/or jsonl/text files."""
     out = {}
-    for dom, stream in token_streams(data, Tokenizer.load(tokenizer_dir), seq_len).items():
+    for dom, stream in token_streams(data, Tokenizer.load(tokenizer_dir), seq_len, text_key).items():
         idx = pick_windows(stream, seq_len, max_windows)
         if len(idx) == 0:
             raise UsageError(f"eval data of domain {dom!r} has {stream.num_tokens} tokens, fewer than --seq-len {seq_len}")

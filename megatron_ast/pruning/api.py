@@ -31,6 +31,7 @@ def prune_to_dir(
     seqlen: int = 2048,
     seed: int = 0,
     tokenizer: str | Path | None = None,
+    text_key: str = "text",
 ) -> dict:
     """Prune `model_dir` and write the result to `out_dir` (created atomically; must not exist)."""
     out_dir = Path(out_dir)
@@ -42,7 +43,7 @@ def prune_to_dir(
     if cfg.method != "magnitude":  # cheap checks first: no model load before the data is known good
         if not calib:
             raise UsageError(f"--method {cfg.method} needs calibration data: pass --calib SHARD_DIRS_OR_FILES")
-        samples = calibration_samples(calib, tokenizer or model_dir, nsamples, seqlen, seed)
+        samples = calibration_samples(calib, tokenizer or model_dir, nsamples, seqlen, seed, text_key)
     branches = {}
     with atomic_dir(out_dir) as tmp:  # the layers' files go inside: a failure leaves nothing behind
         streamed = StreamedModel(model_dir, tmp / ".layers", cfg.device)

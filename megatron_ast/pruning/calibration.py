@@ -11,9 +11,15 @@ from megatron_ast.data.tokenizer import Tokenizer
 from megatron_ast.errors import UsageError
 
 
-def calibration_samples(data: list[str], tokenizer_dir: str | Path, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """(nsamples, seqlen) int64 token ids, windows drawn uniformly without replacement over all domains."""
-    streams = list(token_streams(data, Tokenizer.load(tokenizer_dir), seqlen).values())
+READ_FACTOR = 16  # documents are tokenized until each domain holds this many times the tokens drawn
+
+
+def calibration_samples(data: list[str], tokenizer_dir: str | Path, nsamples: int, seqlen: int, seed: int = 0,
+                        text_key: str = "text") -> torch.Tensor:
+    """(nsamples, seqlen) int64 token ids, windows drawn uniformly without replacement over all domains. Raw
+    documents are read only until a domain holds READ_FACTOR x nsamples x seqlen tokens (not a whole dataset)."""
+    streams = list(token_streams(data, Tokenizer.load(tokenizer_dir), seqlen, text_key,
+                                 READ_FACTOR * nsamples * seqlen).values())
     counts = np.array([s.num_windows for s in streams])
     if counts.sum() < nsamples:
         tokens = sum(s.num_tokens for s in streams)

@@ -75,7 +75,7 @@ def _check_weights_follow(model, masks: dict[str, torch.Tensor], path: Path) -> 
 def quantize_dir(model_dir: str | Path, out_dir: str | Path, spec: QuantSpec, method: str = "gptq",
                  calib: list[str] | None = None, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
                  device: str = "cpu", blocksize: int = 128, damp: float = 0.01, fmt: str = "hf",
-                 adapter: bool = True) -> dict:
+                 adapter: bool = True, text_key: str = "text") -> dict:
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.exists():
         raise UsageError(f"{out_dir} already exists: pass a new --out")
@@ -90,7 +90,7 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, spec: QuantSpec, me
     if method == "gptq":
         if not calib:
             raise UsageError("--method gptq needs calibration data: pass --calib SHARD_DIRS_OR_FILES (or --method rtn)")
-        samples = calibration_samples(calib, model_dir, nsamples, seqlen, seed)
+        samples = calibration_samples(calib, model_dir, nsamples, seqlen, seed, text_key)
     t0 = time.perf_counter()
     model = load_causal_lm(model_dir, adapter=adapter)
     if fmt == FORMAT:

@@ -59,7 +59,16 @@ def write_formats(root: Path, texts: list[str]) -> dict[str, Path]:
     (hf / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n"
                                   "  - split: train\n    path: data/train-*.parquet\n"
                                   "  - split: validation\n    path: data/validation-*.parquet\n---\n# a card\n")
-    return {"jsonl": jl, "parquet": pqf, "arrow": arrow, "ipc": stream, "ipcfile": ipc_file, "hf": hf}
+    csv = root / "hfcsv"  # a format read only through `datasets` streaming; two configs
+    csv.mkdir()
+    import pyarrow.csv as pcsv
+
+    pcsv.write_csv(pa.table({"text": pa.array([v if isinstance(v, str) else None for v in rows], pa.string())}),
+                   csv / "en.csv")
+    pcsv.write_csv(pa.table({"text": pa.array(texts[:2], pa.string())}), csv / "fr.csv")
+    (csv / "README.md").write_text("---\nconfigs:\n- config_name: en\n  data_files:\n  - split: train\n    path: en.csv\n"
+                                   "- config_name: fr\n  data_files:\n  - split: train\n    path: fr.csv\n---\n")
+    return {"jsonl": jl, "parquet": pqf, "arrow": arrow, "ipc": stream, "ipcfile": ipc_file, "hf": hf, "hfcsv": csv}
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +77,10 @@ def formats(tmp_path_factory):
     return write_formats(tmp_path_factory.mktemp("formats"), texts), texts
 
 
-def _texts(sources, unit_workers: int | None = None, split: str | None = None) -> list:
+def _texts(sources, unit_workers: int | None = None) -> list:
     out = []
     for s in sources:
-        if split and s.split != split:
+        if s.name.endswith(("__validation", "__fr__train")):  # the dataset dirs' other split and config
             continue
         if unit_workers is None:
             out += list(documents.rows(s))
@@ -81,18 +90,21 @@ def _texts(sources, unit_workers: int | None = None, split: str | None = None) -
     return out
 
 
-@pytest.mark.parametrize("kind", ["parquet", "arrow", "ipc", "ipcfile", "hf"])
+@pytest.mark.parametrize("kind", ["parquet", "arrow", "ipc", "ipcfile", "hf", "hfcsv"])
 def test_every_format_gives_the_rows_of_the_jsonl(formats, kind):
     paths, texts = formats
     ref = _texts(documents.find_sources([str(paths["jsonl"])]))
     srcs = documents.find_sources([str(paths[kind])])
-    got = _texts(srcs, split="train" if kind == "hf" else None)
-    assert [t for t, _, _ in got] == [t for t, _, _ in ref] and [t for t, _, _ in got if t] == texts
+    got = _texts(srcs)
+    assert [t for t, _, _ in got if t] == texts
+    if kind == "hfcsv":  # CSV has no null: pandas, under `datasets`, drops the empty line a null row became
+        return
+    assert [t for t, _, _ in got] == [t for t, _, _ in ref]
     kinds = [k for _, k, _ in got if k]
     assert kinds.count("empty_document") == 1 and len(kinds) == 3  # null and int both count as missing text
 
 
-@pytest.mark.parametrize("kind", ["parquet", "ipc", "ipcfile", "hf"])
+@pytest.mark.parametrize("kind", ["parquet", "ipc", "ipcfile"])
 def test_units_partition_the_rows_exactly(formats, kind, monkeypatch):
     paths, _ = formats
     monkeypatch.setattr(documents, "UNIT_BYTES", 4 << 10)
@@ -106,10 +118,21 @@ def test_sources_are_named_by_domain_and_file_or_split(formats):
     paths, _ = formats
     names = {s.name: s.kind for s in documents.find_sources([str(p) for p in paths.values()])}
     assert names["jsonl__docs"] == "jsonl" and names["parquet__docs"] == "parquet"
-    assert names["hfdir__train"] == names["hfdir__validation"] == "hf"
+    # a dataset dir's parquet files are read as parquet (row groups), one shard each; CSV through `datasets`
+    assert names["hfdir__train-00000"] == names["hfdir__train-00001"] == names["hfdir__validation"] == "parquet"
+    assert names["hfcsv__en__train"] == names["hfcsv__fr__train"] == "hf"  # two configs: both, by name
     assert names["arrow__data-00000-of-00002"] == names["arrow__data-00001-of-00002"] == "arrow"  # save_to_disk's files
-    hf = next(s for s in documents.find_sources([str(paths["hf"])]) if s.split == "train")
-    assert hf.size == sum(f.stat().st_size for f in (paths["hf"] / "data").glob("train-*"))
+    csv = next(s for s in documents.find_sources([str(paths["hfcsv"])]) if s.config == "en")
+    assert csv.size == (paths["hfcsv"] / "en.csv").stat().st_size and csv.split == "train"
+
+
+def test_same_file_names_in_other_dirs_get_their_dir_in_the_shard_name(formats, tmp_path):
+    from datasets import Dataset
+
+    for d in ("a", "b"):
+        Dataset.from_dict({"text": ["one", "two"]}).save_to_disk(str(tmp_path / d))
+    names = [s.name for s in documents.find_sources([str(tmp_path / "a"), str(tmp_path / "b")], domain="web")]
+    assert names == ["web__data-00000-of-00001", "web__b-data-00000-of-00001"]
 
 
 def test_a_missing_text_column_names_the_columns(formats, tmp_path):
@@ -123,6 +146,14 @@ def test_a_missing_text_column_names_the_columns(formats, tmp_path):
     assert [t for t, _, _ in documents.rows(s[0], None, "content")] == ["a b", "c d"]
 
 
+def test_binary_text_columns_are_decoded(tmp_path):
+    path = tmp_path / "b" / "x.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.table({"text": pa.array([b"caf\xc3\xa9 ok", b"\xff bad", None], pa.binary())}), path)
+    (s,) = documents.find_sources([str(path)])
+    assert [r[:2] for r in documents.rows(s)] == [("caf\u00e9 ok", ""), (None, "invalid_utf8"), (None, "missing_text")]
+
+
 def test_a_damaged_parquet_is_one_line(tmp_path, formats):
     paths, _ = formats
     bad = tmp_path / "x" / "cut.parquet"
@@ -130,9 +161,3 @@ def test_a_damaged_parquet_is_one_line(tmp_path, formats):
     bad.write_bytes(paths["parquet"].read_bytes()[:500])
     with pytest.raises(UsageError, match="is not a readable parquet file"):
         documents.find_sources([str(bad)])
-
-
-def test_documents_yields_domain_and_text(formats):
-    paths, texts = formats
-    assert [t for _, t in documents.documents(paths["parquet"])] == texts
-    assert {d for d, _ in documents.documents(paths["hf"])} == {"hfdir"}

@@ -14,6 +14,7 @@ from megatron_ast.data import documents
 from megatron_ast.data.indexed import IndexedShard
 from megatron_ast.data.manifest import read_manifest
 from megatron_ast.data.tokenizer import Tokenizer
+from megatron_ast.errors import UsageError
 from megatron_ast.fsutil import sha256_file
 from tests.conftest import assert_full_disk_line, stdlib_texts, write_jsonl
 
@@ -282,10 +283,19 @@ def test_max_tokens_stops_at_a_document_boundary_and_resumes(tmp_path, hf_tokeni
     cap = first + len(shard_b.document(0)) + len(shard_b.document(1)) + 5  # two documents of b__y and 5 tokens
     m = pp.preprocess([str(tmp_path / "in")], tmp_path / "cap2", hf_tokenizer_dir, max_tokens=cap, workers=2)
     b = m["shards"]["b__y"]
-    assert b["documents"] == 2 and m["tokens"] == cap - 5 and b["stopped_at"] == {"max_tokens": cap, "row": 2}
+    assert b["documents"] == 2 and m["tokens"] == cap - 5 and b["stopped_at"] == {"row": 2}
+    assert b["max_tokens_run"] == m["shards"]["a__x"]["max_tokens_run"] == {"max_tokens": cap, "ranks": 1}
     for i in range(2):
         np.testing.assert_array_equal(IndexedShard(tmp_path / "cap2" / "b__y").document(i), shard_b.document(i))
     again = pp.preprocess([str(tmp_path / "in")], tmp_path / "cap2", hf_tokenizer_dir, max_tokens=cap)
-    assert again == m and "reached by an earlier run" in capsys.readouterr().err
-    uncapped = pp.preprocess([str(tmp_path / "in")], tmp_path / "cap2", hf_tokenizer_dir)  # no cap: b__y redone whole
+    assert again == m and "reached by an earlier run" in capsys.readouterr().err  # the same cap: kept
+    bigger = pp.preprocess([str(tmp_path / "in")], tmp_path / "cap2", hf_tokenizer_dir, max_tokens=cap + 3 * 10**4)
+    assert bigger["tokens"] <= cap + 3 * 10**4 and bigger["shards"]["b__y"]["documents"] > 2  # another cap: redone
+    smaller = pp.preprocess([str(tmp_path / "in")], tmp_path / "cap2", hf_tokenizer_dir, max_tokens=first + 10)
+    assert smaller["tokens"] == first and list(smaller["shards"]) == ["a__x"]  # never more than the cap
+    with pytest.raises(UsageError, match="holds no complete token shards"):  # below the first document: none
+        pp.preprocess([str(tmp_path / "in")], tmp_path / "cap2", hf_tokenizer_dir, max_tokens=100)
+    assert not (tmp_path / "cap2" / "manifest.json").exists()
+    uncapped = pp.preprocess([str(tmp_path / "in")], tmp_path / "cap2", hf_tokenizer_dir)  # no cap: all redone whole
     assert uncapped["shards"]["b__y"]["documents"] == 15 and "stopped_at" not in uncapped["shards"]["b__y"]
+    assert uncapped["tokens"] == full["tokens"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from data_tools.preprocess import preprocess
-from data_tools.shards import inspect, merge
+from data_tools.shards import adopt, inspect, merge
 from megatron_ast.cli import main
 from megatron_ast.data.indexed import IndexedShard
 from megatron_ast.data.manifest import read_manifest
@@ -205,3 +205,37 @@ def test_adopt_names_what_does_not_fit_the_tokenizer(tmp_path, hf_tokenizer_dir,
         load_domains([cases["noeod"][0]], 64)
     assert main(["inspect", str(cases["noeod"][0]), "--adopt"]) == 2
     assert "pass --tokenizer MODEL_DIR" in capsys.readouterr().err
+
+
+def test_adopt_leaves_sidecars_alone_reports_the_right_document_and_refuses_floats(tmp_path, hf_tokenizer_dir, shards,
+                                                                                   capsys):
+    import shutil
+
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_ast.data.tokenizer import Tokenizer
+
+    eod = Tokenizer.load(hf_tokenizer_dir).identity.eod_id
+    d = tmp_path / "mixed"
+    shutil.copytree(shards, d)  # ours, with sidecars and a manifest
+    ours = {p.name: p.read_bytes() for p in d.glob("*.meta.json")}
+    ids = _ids(hf_tokenizer_dir, stdlib_texts(3))
+    megatron_shards(d, "wiki", ids, eod)
+    (d / "wiki_text_document.bin").rename(d / "wiki_text_sentence.bin")
+    (d / "wiki_text_document.idx").rename(d / "wiki_text_sentence.idx")
+    m = adopt(d, hf_tokenizer_dir)
+    assert {p.name: p.read_bytes() for p in d.glob("*.meta.json") if p.name in ours} == ours
+    assert m["shards"]["wiki_text_sentence"]["domain"] == "wiki"
+    # an empty document, then one without its EOD: the error names the second (index 1), not the first non-empty
+    b = IndexedDatasetBuilder(str(tmp_path / "e_text_document.bin"), dtype=np.uint16)
+    b.add_document(torch.tensor([], dtype=torch.int64), [0])
+    b.add_document(torch.tensor(ids[0]), [len(ids[0])])
+    b.finalize(str(tmp_path / "e_text_document.idx"))
+    with pytest.raises(UsageError, match=r"document 1 of 2 ends with id"):
+        adopt(tmp_path / "e_text_document", hf_tokenizer_dir)
+    b = IndexedDatasetBuilder(str(tmp_path / "f_text_document.bin"), dtype=np.float32)
+    b.add_document(torch.tensor([1.0, 2.0]), [2])
+    b.finalize(str(tmp_path / "f_text_document.idx"))
+    with pytest.raises(UsageError, match=r"its tokens are float32, not integers"):
+        adopt(tmp_path / "f_text_document", hf_tokenizer_dir)

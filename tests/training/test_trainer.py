@@ -1,5 +1,6 @@
 """`megatron-ast train` end to end: 2 ranks, ZeRO-3 student and teacher, CPU, gloo, real text."""
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -317,8 +318,9 @@ def test_every_input_format_trains_and_evaluates(run_dir, tmp_path, capsys):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["steps"] == 2
     verified = json.loads((tmp_path / "out" / "verified_shards.json").read_text())
-    assert sorted(Path(k).name for k in verified) == [  # save_to_disk's two files, the dataset dir's two splits
-        "arrow__data-00000-of-00002.bin", "arrow__data-00001-of-00002.bin", "hf__train.bin", "hf__validation.bin",
+    assert sorted(Path(k).name for k in verified) == [  # save_to_disk's two files, the dataset dir's three
+        "arrow__data-00000-of-00002.bin", "arrow__data-00001-of-00002.bin", "hf__train-00000.bin", "hf__train-00001.bin",
+        "hf__validation.bin",
         "megatron_text_document.bin", "parquet__docs.bin"]
     capsys.readouterr()
     scores = []
@@ -327,3 +329,32 @@ def test_every_input_format_trains_and_evaluates(run_dir, tmp_path, capsys):
                      "--max-windows", "4"]) == 0
         scores.append(json.loads(capsys.readouterr().out)["perplexity"])
     assert scores[0]["parquet"] == scores[1]["parquet"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("MEGATRON_LM"), reason="needs a NVIDIA/Megatron-LM checkout in MEGATRON_LM (CI "
+                    "has no network); tests/data_tools/test_shards.py adopts shards of megatron-core's own writer")
+def test_shards_of_megatron_lms_own_script_are_adopted_trained_on_and_evaluated(run_dir, tmp_path, capsys):
+    """tools/preprocess_data.py of a fetched Megatron-LM (through bench/preprocess.py's runner), then `inspect
+    --adopt`, 2 training steps on the adopted dir, and eval ppl: the same figure as on the jsonl it came from."""
+    from tests.bench.scripts import load
+    from tests.conftest import stdlib_texts, write_jsonl
+
+    src = write_jsonl(tmp_path / "in" / "x.jsonl", stdlib_texts(60)[:50])
+    out = tmp_path / "mega"
+    out.mkdir()
+    load("preprocess").run_megatron(Path(os.environ["MEGATRON_LM"]).resolve(), src, out, str(run_dir / "dense"), 2,
+                                    tmp_path / "megatron.log")
+    assert main(["inspect", str(out), "--adopt", "--tokenizer", str(run_dir / "dense")]) == 0
+    (tmp_path / "blend.json").write_text(json.dumps({"megatron": 1}))
+    cfg = config_file(run_dir, steps=2, output_dir=str(tmp_path / "run"), eval={"every": 0, "windows": 2},
+                      data={"train": [str(out)], "validation": [str(out)], "seq_len": 64, "blend": str(tmp_path / "blend.json")})
+    train(cfg)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
+    capsys.readouterr()
+    scores = []
+    for data in (str(out), str(src)):
+        assert main(["eval", "ppl", "--model", str(run_dir / "dense"), "--data", data, "--seq-len", "64",
+                     "--max-windows", "4"]) == 0
+        scores.append(json.loads(capsys.readouterr().out)["perplexity"]["all"])
+    assert scores[0] == scores[1]
