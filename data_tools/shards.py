@@ -14,7 +14,7 @@ from megatron_ast.data.indexed import IndexedShard, ShardWriter, bin_path, idx_p
 from megatron_ast.data.manifest import check_tokenizer, meta_path, read_meta, shard_set, write_manifest
 from megatron_ast.data.tokenizer import Tokenizer, TokenizerIdentity
 from megatron_ast.errors import UsageError
-from megatron_ast.fsutil import atomic_write_json, existing_ancestor
+from megatron_ast.fsutil import atomic_write_json, existing_ancestor, new_dirs
 
 
 def _shard_metas(inputs: list[str]) -> list[tuple[Path, dict]]:
@@ -40,19 +40,19 @@ def merge(inputs: list[str], output: str | Path, domain: str | None = None) -> d
         raise UsageError(f"{out}.bin/.idx exists: merge writes a new shard; give another --output or remove it")
     if existing_ancestor(out.parent).is_file():
         raise UsageError(f"--output {out}: a parent of it is a file; give DIR/NAME with DIR a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    check_tokenizer(out.parent, TokenizerIdentity(**tok))
-    with ShardWriter(out, np.dtype(dtype)) as w:  # an error aborts it: nothing is left
-        for p, m in tqdm(shards, desc="merge", disable=None, file=sys.stderr):  # one shard open at a time
-            s = IndexedShard(p, m)
-            s.verify()  # a damaged input would give a merged shard that looks whole, with a fresh sha256
-            w.add_shard(s)
-        info = w.commit()
-    meta = {"tokenizer": tok, "dtype": dtype, "domain": domain or domains[0],
-            "source": [str(p) for p, _ in shards], "source_bytes": sum(m["bin_bytes"] for _, m in shards),
-            "skipped": {}, "skipped_examples": [], **info}
-    atomic_write_json(meta_path(out), meta)
-    write_manifest(out.parent)
+    with new_dirs(out.parent):  # a damaged input found while merging leaves no new empty dirs
+        check_tokenizer(out.parent, TokenizerIdentity(**tok))
+        with ShardWriter(out, np.dtype(dtype)) as w:  # an error aborts it: nothing is left
+            for p, m in tqdm(shards, desc="merge", disable=None, file=sys.stderr):  # one shard open at a time
+                s = IndexedShard(p, m)
+                s.verify()  # a damaged input would give a merged shard that looks whole, with a fresh sha256
+                w.add_shard(s)
+            info = w.commit()
+        meta = {"tokenizer": tok, "dtype": dtype, "domain": domain or domains[0],
+                "source": [str(p) for p, _ in shards], "source_bytes": sum(m["bin_bytes"] for _, m in shards),
+                "skipped": {}, "skipped_examples": [], **info}
+        atomic_write_json(meta_path(out), meta)
+        write_manifest(out.parent)
     return meta
 
 

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from megatron_ast.errors import UsageError
+from megatron_ast.errors import UsageError, report
 
 
 def _cmd_assets(a: argparse.Namespace) -> None:
@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
     except UsageError as e:
-        print(f"megatron-ast: error: {e}", file=sys.stderr)
+        report(str(e))
         return 2
     except Exception as e:
         from megatron_ast.fsutil import no_space, out_of_space
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         if not out_of_space(e):
             raise
         out = next((getattr(args, k) for k in ("out", "output_dir", "output") if getattr(args, k, None)), ".")
-        print(f"megatron-ast: error: {no_space(out)}", file=sys.stderr)
+        report(no_space(out))
         return 2
     return 0
 

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-ERROR_PREFIX = "megatron-ast: error: "
+from megatron_ast.errors import report
 
 
 def local_rank() -> int:
@@ -163,7 +163,7 @@ class _ErrorChannel:
                 self.store.add(self.acks, 1)
             except Exception:  # the store's host has gone (the job is ending): nothing left to watch
                 return
-            print(f"{ERROR_PREFIX}{msg}", file=sys.stderr, flush=True)
+            report(msg)
             os._exit(2)
 
     def publish(self, msg: str, wait_s: float = 10.0) -> None:
@@ -191,7 +191,7 @@ def watch_errors() -> None:
 def fail_every_rank(msg: str, cleanup: Callable[[], None] | None = None) -> None:
     """Print `msg` as the CLI's one-line error and end this rank and every other with exit 2. `cleanup` runs once
     the others have read the message and stopped (what they were writing, e.g. a checkpoint's files, then goes)."""
-    print(f"{ERROR_PREFIX}{msg}", file=sys.stderr, flush=True)
+    report(msg)
     sys.stdout.flush()
     # a launcher that ends the job once another rank has exited (torchrun: SIGTERM) still sees exit 2 here
     signal.signal(signal.SIGTERM, lambda *_: os._exit(2))

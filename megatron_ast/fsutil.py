@@ -38,23 +38,42 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 @contextlib.contextmanager
+def new_dirs(path: str | Path) -> Iterator[Path]:
+    """`path`, created with its parents; if the block fails, those of them this call made go again once empty
+    (innermost first): an error found early leaves no empty output dirs behind. Another process may share them."""
+    path = Path(path)
+    made, p = [], path.absolute()
+    while not p.exists() and p != p.parent:
+        made.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for d in made:
+            with contextlib.suppress(OSError):  # not empty (another rank's output), or another rank's rmdir came first
+                d.rmdir()
+        raise
+
+
+@contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a scratch directory that becomes `final` only if the block completes.
 
-    `final` must not exist yet; on error the scratch directory is removed.
+    `final` must not exist yet; on error the scratch directory is removed, and the parents it had to make.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(scratch, 0o777 & ~umask)  # mkdtemp's 0700 would hide a shared cache from other users
-    try:
-        yield scratch
-        os.replace(scratch, final)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
+    with new_dirs(final.parent):
+        scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(scratch, 0o777 & ~umask)  # mkdtemp's 0700 would hide a shared cache from other users
+        try:
+            yield scratch
+            os.replace(scratch, final)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:

@@ -334,4 +334,54 @@ def load_ds_config(path: str | Path, world_size: int) -> dict:
                "train_batch_size": mb * gas * world_size, "zero_allow_untested_optimizer": True,
                # ZeRO-Offload steps AST's SR-STE AdamW on the CPU (one fused kernel: training/sr_ste.py)
                "zero_force_ds_cpu_optimizer": False})
+    deepspeed_parses(p, ds)
     return ds
+
+
+def _scalar_defaults() -> dict[str, bool | int | float]:
+    """DeepSpeed's top-level switches and numbers with their defaults, from its constants (KEY = "key",
+    KEY_DEFAULT = value): DeepSpeed reads these unchecked (a string for a bool fails deep inside the engine)."""
+    import deepspeed.runtime.constants as c
+
+    from megatron_ast.errors import DeepSpeedMismatch
+
+    found = {v: getattr(c, f"{k}_DEFAULT") for k, v in vars(c).items() if isinstance(v, str) and hasattr(c, f"{k}_DEFAULT")}
+    found = {k: v for k, v in found.items() if isinstance(v, (bool, int, float))}
+    if not {"wall_clock_breakdown", "prescale_gradients", "gradient_predivide_factor"} <= found.keys():
+        raise DeepSpeedMismatch("deepspeed.runtime.constants no longer names its defaults KEY_DEFAULT, which the "
+                                "type check of the DeepSpeed JSON reads")
+    return found
+
+
+def deepspeed_parses(p: Path, ds: dict) -> None:
+    """DeepSpeed's own parse of the JSON at load time, as one line: its pydantic sections check types, ranges and
+    misspelt keys, but the engine would report them as a traceback once the models have loaded. Top-level
+    switches and numbers, which it reads unchecked, are checked against the types of its defaults."""
+    import logging
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.utils import logger
+    from pydantic import ValidationError
+
+    for key, default in _scalar_defaults().items():
+        if key not in ds:
+            continue
+        v, want_bool = ds[key], isinstance(default, bool)
+        if isinstance(v, bool) != want_bool or not isinstance(v, (bool, int, float)):
+            what = "true or false" if want_bool else "a number"
+            raise UsageError(f"{p}: {key} must be {what}, got {v!r} ({type(v).__name__})")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # its INFO lines about the world it sees here say nothing to the user
+    try:
+        DeepSpeedConfig({k: v for k, v in ds.items() if k != "train_batch_size"})  # it derives that for its world
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [str(x) for x in err["loc"]]
+        section = next((k for k, v in ds.items() if isinstance(v, dict) and loc and loc[0] in v), None)
+        key = ".".join(([section] if section else []) + loc)
+        hint = " (misspelt?)" if err["type"] == "extra_forbidden" else ""
+        raise UsageError(f"{p}: {key}{hint}: {err['msg']} (DeepSpeed's {e.title}), got {err['input']!r}") from None
+    except (AssertionError, ValueError, TypeError, KeyError) as e:
+        raise UsageError(f"{p}: DeepSpeed cannot read it: {e}") from None
+    finally:
+        logger.setLevel(level)

@@ -107,15 +107,16 @@ def test_resume_skips_complete_shards_and_ignores_partial_ones(corpus, hf_tokeni
 
 def test_strict_bad_line_exits_2_and_writes_nothing(corpus, hf_tokenizer_dir, tmp_path, capsys):
     root, _ = corpus
-    out = tmp_path / "out"
+    out = tmp_path / "new" / "out"
     rc = main(["preprocess", "--input", str(root / "github"), "--output-dir", str(out),
                "--tokenizer", str(hf_tokenizer_dir), "--strict"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "code.jsonl:4: malformed json" in err[0] and "--strict" in err[0]
-    assert not out.exists()  # the dir this run made goes too (before: an empty output dir stayed)
+    assert not (tmp_path / "new").exists()  # the dirs this run made go too (before: an empty output dir stayed)
 
 
-@pytest.mark.parametrize("case", ["missing_input", "bad_tokenizer", "other_tokenizer", "not_jsonl", "empty_dir"])
+@pytest.mark.parametrize("case", ["missing_input", "bad_tokenizer", "other_tokenizer", "not_jsonl", "empty_dir",
+                                  "output_is_a_file"])
 def test_bad_input_is_one_line_exit_2(case, corpus, hf_tokenizer_dir, sp_model, tmp_path, capsys):
     root, _ = corpus
     out, tok, inputs = tmp_path / "out", str(hf_tokenizer_dir), [str(root)]
@@ -131,11 +132,16 @@ def test_bad_input_is_one_line_exit_2(case, corpus, hf_tokenizer_dir, sp_model, 
     elif case == "empty_dir":
         (tmp_path / "empty").mkdir()
         inputs = [str(tmp_path / "empty")]
-    before = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    elif case == "output_is_a_file":  # before: a FileExistsError traceback
+        out.write_text("x")
+    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     rc = main(["preprocess", "--input", *inputs, "--output-dir", str(out), "--tokenizer", tok])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("megatron-ast: error: ")
-    assert (sorted(p.name for p in out.iterdir()) if out.exists() else []) == before
+    if case == "output_is_a_file":
+        assert "is a file: give a directory" in err[0] and out.read_text() == "x"
+    else:
+        assert (sorted(p.name for p in out.iterdir()) if out.exists() else []) == before
 
 
 def test_ranks_take_disjoint_balanced_files():

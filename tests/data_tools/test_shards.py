@@ -84,11 +84,11 @@ def test_a_damaged_shard_is_one_line_exit_2_and_merge_writes_nothing(kind, shard
     found_on_open = kind in ("bin cut", "idx cut")
     assert main(["inspect", str(d)]) == (2 if found_on_open else 0)
     capsys.readouterr()
-    for cmd in (["inspect", str(d), "--verify"], ["merge", "--input", str(d), "--output", str(tmp_path / "m" / "all")]):
+    for cmd in (["inspect", str(d), "--verify"], ["merge", "--input", str(d), "--output", str(tmp_path / "m" / "new" / "all")]):
         assert main(cmd) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "github__part1" in err[0] and "re-run `megatron-ast preprocess`" in err[0], err
-    assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
+    assert not (tmp_path / "m").exists()  # not even the dirs merge made for its output (before: m/new stayed, empty)
     if found_on_open:  # training and eval open shards this way; their full read is the trainer's verify_shards
         with pytest.raises(CorruptShard, match="github__part1"):
             load_domains([d], 8)

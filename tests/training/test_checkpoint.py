@@ -172,7 +172,8 @@ def test_a_bad_file_only_rank_1_reads_ends_every_rank_with_its_message(run_dir, 
     elapsed = time.time() - t0
     line = f"megatron-ast: error: {victim}: sha256 differs from the manifest (corrupt): resume from another checkpoint ("
     assert proc.returncode != 0 and proc.stderr.count(line) == 2, proc.stderr[-3000:]  # rank 1's and rank 0's
-    assert proc.stderr.count("exitcode  : 2") == 2  # torchrun's report: both ranks exited 2
+    assert proc.stderr.count("exitcode  : 2") == 2  # torchrun's report: both ranks exited 2, and it names the line
+    assert proc.stderr.count(f"traceback : {line}") == 2, proc.stderr[-3000:]
     assert elapsed < 120  # the collective timeout is 600 s
 
 

@@ -129,6 +129,19 @@ def test_bad_configs_fail_at_load(run_dir, change, match, capsys):
      "bf16.enabled must be true or false"),
     ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8}},
      r"ZeRO\+\+ hpZ"),
+    # DeepSpeed's own parse, at load (before: its traceback once the models had loaded, or nothing at all)
+    ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3, "reduce_bucket_size": "big"}},
+     r"zero_optimization.reduce_bucket_size: Input should be a valid integer.*\(DeepSpeed's DeepSpeedZeroConfig\), got 'big'"),
+    ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_sizee": 5}},
+     r"zero_optimization.stage3_prefetch_bucket_sizee \(misspelt\?\): Extra inputs are not permitted"),
+    ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "gpu"}}},
+     r"zero_optimization.offload_optimizer.device: Input should be 'none', 'cpu' or 'nvme'"),
+    ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}, "bf16": {"enabled": True,
+      "immediate_grad_update": "x"}}, r"bf16.immediate_grad_update: Input should be a valid boolean"),
+    ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}, "wall_clock_breakdown": "x"},
+     r"wall_clock_breakdown must be true or false, got 'x' \(str\)"),
+    ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}, "gradient_predivide_factor": "2"},
+     r"gradient_predivide_factor must be a number, got '2'"),
 ])
 def test_inconsistent_deepspeed_configs(tmp_path, ds, match):
     from megatron_ast.errors import UsageError
