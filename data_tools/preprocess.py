@@ -25,7 +25,7 @@ from megatron_ast.data.indexed import ShardWriter, bin_path, idx_path, token_dty
 from megatron_ast.data.manifest import META_SUFFIX, check_tokenizer, meta_path, read_meta, write_manifest
 from megatron_ast.data.tokenizer import Tokenizer
 from megatron_ast.errors import UsageError
-from megatron_ast.fsutil import atomic_write_json, new_dirs, no_space, out_of_space
+from megatron_ast.fsutil import atomic_write_json, make_dirs, no_space, out_of_space, remove_empty
 
 BATCH_CHARS = 1 << 20  # texts per native encode call
 MAX_EXAMPLES = 20  # bad lines listed by location per shard
@@ -238,43 +238,44 @@ def preprocess(
     out_dir = Path(output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--output-dir {out_dir} is a file: give a directory (new, or one holding shards)")
-    with new_dirs(out_dir):  # an error leaves no empty output dir behind, nor the parents it made
-        error = ""
-        try:
-            tokenizer = Tokenizer.load(tokenizer_path, eod_token, fast_bpe)
-            sources = find_sources(inputs, domain, text_key)
-            check_tokenizer(out_dir, tokenizer.identity)
-            mine = assign_to_ranks(sources, size)[rank]
-            _remove_stale_temps(out_dir, {s.name for s in mine})
-            cap = None if max_tokens is None else {"max_tokens": max_tokens, "ranks": size}
-            done = {s.name: m for s in mine if (m := _complete(out_dir / s.name, s, cap)) is not None}
-            todo = [s for s in mine if s.name not in done]
-            for s in todo:  # a shard another run wrote (another cap, a changed source) goes before this run decides
-                for f in (meta_path(out_dir / s.name), bin_path(out_dir / s.name), idx_path(out_dir / s.name)):
-                    f.unlink(missing_ok=True)
-            if done:
-                print(f"[rank {rank}] {len(done)} shard(s) already complete, skipping", file=sys.stderr)
-            budget = None
-            if max_tokens is not None:
-                budget = max_tokens // size + (rank < max_tokens % size) - sum(m["tokens"] for m in done.values())
-                if budget <= 0 or any("stopped_at" in m for m in done.values()):
-                    print(f"[rank {rank}] --max-tokens reached by an earlier run; {len(todo)} source(s) not read",
-                          file=sys.stderr)
-                    todo = []
-            for line in _tokenize(todo, plan_units(todo, workers), tokenizer, out_dir, workers, strict, rank, text_key,
-                                  budget, cap):
-                print(f"[rank {rank}] {line}", file=sys.stderr)
-        except UsageError as e:
-            error = str(e)
-        except Exception as e:  # a full disk: every rank hears of it (the others would wait in allgather)
-            if not out_of_space(e):
-                raise
-            error = str(no_space(out_dir))
-        if comm is not None:
-            errors = comm.allgather(error)
-            error = next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), "")
-        if error:
-            raise UsageError(error)
+    error, made = "", []
+    try:
+        tokenizer = Tokenizer.load(tokenizer_path, eod_token, fast_bpe)
+        sources = find_sources(inputs, domain, text_key)
+        made = make_dirs(out_dir)
+        check_tokenizer(out_dir, tokenizer.identity)
+        mine = assign_to_ranks(sources, size)[rank]
+        _remove_stale_temps(out_dir, {s.name for s in mine})
+        cap = None if max_tokens is None else {"max_tokens": max_tokens, "ranks": size}
+        done = {s.name: m for s in mine if (m := _complete(out_dir / s.name, s, cap)) is not None}
+        todo = [s for s in mine if s.name not in done]
+        for s in todo:  # a shard another run wrote (another cap, a changed source) goes before this run decides
+            for f in (meta_path(out_dir / s.name), bin_path(out_dir / s.name), idx_path(out_dir / s.name)):
+                f.unlink(missing_ok=True)
+        if done:
+            print(f"[rank {rank}] {len(done)} shard(s) already complete, skipping", file=sys.stderr)
+        budget = None
+        if max_tokens is not None:
+            budget = max_tokens // size + (rank < max_tokens % size) - sum(m["tokens"] for m in done.values())
+            if budget <= 0 or any("stopped_at" in m for m in done.values()):
+                print(f"[rank {rank}] --max-tokens reached by an earlier run; {len(todo)} source(s) not read",
+                      file=sys.stderr)
+                todo = []
+        for line in _tokenize(todo, plan_units(todo, workers), tokenizer, out_dir, workers, strict, rank, text_key,
+                              budget, cap):
+            print(f"[rank {rank}] {line}", file=sys.stderr)
+    except UsageError as e:
+        error = str(e)
+    except Exception as e:  # a full disk: every rank hears of it (the others would wait in allgather)
+        if not out_of_space(e):
+            raise
+        error = str(no_space(out_dir))
+    if comm is not None:
+        errors = comm.allgather(error)
+        error = next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), "")
+    if error:  # every rank has stopped writing: the dirs a rank made go if nothing is in them
+        remove_empty(made)
+        raise UsageError(error)
     manifest = write_manifest(out_dir) if rank == 0 else {}
     if comm is not None:
         comm.Barrier()

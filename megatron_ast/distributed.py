@@ -163,6 +163,8 @@ class _ErrorChannel:
                 self.store.add(self.acks, 1)
             except Exception:  # the store's host has gone (the job is ending): nothing left to watch
                 return
+            if not _ending.acquire(blocking=False):
+                return  # this rank's own error is being reported: its main thread ends the rank
             report(msg)
             os._exit(2)
 
@@ -179,6 +181,8 @@ class _ErrorChannel:
 
 
 _channel: _ErrorChannel | None = None
+# one line per rank: its main thread failing and its watcher relaying another rank's error take this first
+_ending = threading.Lock()
 
 
 def watch_errors() -> None:
@@ -191,6 +195,7 @@ def watch_errors() -> None:
 def fail_every_rank(msg: str, cleanup: Callable[[], None] | None = None) -> None:
     """Print `msg` as the CLI's one-line error and end this rank and every other with exit 2. `cleanup` runs once
     the others have read the message and stopped (what they were writing, e.g. a checkpoint's files, then goes)."""
+    _ending.acquire()  # held by the watcher if it is reporting another rank's error: it ends the rank then
     report(msg)
     sys.stdout.flush()
     # a launcher that ends the job once another rank has exited (torchrun: SIGTERM) still sees exit 2 here

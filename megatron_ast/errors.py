@@ -1,4 +1,5 @@
 """The one error type the CLI turns into a one-line message and exit code 2, and how that line is reported."""
+import contextlib
 import json
 import os
 import sys
@@ -8,20 +9,23 @@ PREFIX = "megatron-ast: error: "
 
 
 def report(msg: str) -> None:
-    """Print the one-line error. Under torchrun also write it to the rank's error file: torchrun ends with its
-    own exit 1 and a failure summary whatever a rank's exit code, and the summary then names this line (the
-    first rank's to fail) instead of a link to torchrun's docs."""
+    """Print the one-line error. Under torchrun also write it to the rank's error file: torchrun ends with its own
+    exit 1 and a failure summary whatever a rank's exit code, and the summary then names this line instead of a
+    link to torchrun's docs. The file is whole or absent: torchrun fails reading a cut one."""
     line = f"{PREFIX}{msg}"
     sys.stderr.write(line + "\n")  # one write: ranks sharing the launcher's pipe don't splice their lines
     sys.stderr.flush()
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        data = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
         try:
-            with open(path, "w") as f:  # torchelastic's layout: it shows py_callstack as the rank's traceback
-                json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
-                                                                       "timestamp": str(int(time.time()))}}}, f)
+            with open(tmp, "w") as f:  # torchelastic's layout: it shows py_callstack as the rank's traceback
+                json.dump(data, f)
+            os.replace(tmp, path)
         except OSError:  # a full disk, say: the line above is the report; this copy is a courtesy to torchrun
-            pass
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 class UsageError(Exception):

@@ -37,22 +37,33 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-@contextlib.contextmanager
-def new_dirs(path: str | Path) -> Iterator[Path]:
-    """`path`, created with its parents; if the block fails, those of them this call made go again once empty
-    (innermost first): an error found early leaves no empty output dirs behind. Another process may share them."""
-    path = Path(path)
-    made, p = [], path.absolute()
+def make_dirs(path: str | Path) -> list[Path]:
+    """`mkdir -p path`; returns the dirs it made, innermost first, for `remove_empty` after a failure."""
+    made, p = [], Path(path).absolute()
     while not p.exists() and p != p.parent:
         made.append(p)
         p = p.parent
-    path.mkdir(parents=True, exist_ok=True)
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def remove_empty(made: list[Path]) -> None:
+    """Remove those of `made` that are empty, innermost first: an error leaves no empty output dirs behind. A dir
+    something else filled (another rank's output) stays."""
+    for d in made:
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+@contextlib.contextmanager
+def new_dirs(path: str | Path) -> Iterator[Path]:
+    """`path`, created with its parents; if the block fails, those this call made go again once empty. For one
+    process: ranks sharing the dir call `remove_empty` once all of them have stopped writing (preprocess)."""
+    made = make_dirs(path)
     try:
-        yield path
+        yield Path(path)
     except BaseException:
-        for d in made:
-            with contextlib.suppress(OSError):  # not empty (another rank's output), or another rank's rmdir came first
-                d.rmdir()
+        remove_empty(made)
         raise
 
 

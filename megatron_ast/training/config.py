@@ -338,19 +338,40 @@ def load_ds_config(path: str | Path, world_size: int) -> dict:
     return ds
 
 
-def _scalar_defaults() -> dict[str, bool | int | float]:
-    """DeepSpeed's top-level switches and numbers with their defaults, from its constants (KEY = "key",
-    KEY_DEFAULT = value): DeepSpeed reads these unchecked (a string for a bool fails deep inside the engine)."""
+def _top_level_scalars() -> dict[str, bool | int | float]:
+    """The top-level switches and numbers DeepSpeed reads unchecked (`get_scalar_param(param_dict, KEY, ...)` in
+    deepspeed/runtime/config.py) with their defaults (constants' KEY_DEFAULT): a string for a bool there fails
+    deep inside the engine, or silently means true."""
+    import inspect
+    import re
+
+    import deepspeed.runtime.config as dsc
     import deepspeed.runtime.constants as c
 
     from megatron_ast.errors import DeepSpeedMismatch
 
-    found = {v: getattr(c, f"{k}_DEFAULT") for k, v in vars(c).items() if isinstance(v, str) and hasattr(c, f"{k}_DEFAULT")}
+    names = set(re.findall(r"get_scalar_param\(\s*param_dict,\s*([A-Z_0-9]+)", inspect.getsource(dsc)))
+    found = {getattr(c, n): getattr(c, f"{n}_DEFAULT", None) for n in names if hasattr(c, n)}
     found = {k: v for k, v in found.items() if isinstance(v, (bool, int, float))}
     if not {"wall_clock_breakdown", "prescale_gradients", "gradient_predivide_factor"} <= found.keys():
-        raise DeepSpeedMismatch("deepspeed.runtime.constants no longer names its defaults KEY_DEFAULT, which the "
-                                "type check of the DeepSpeed JSON reads")
+        raise DeepSpeedMismatch("deepspeed/runtime/config.py no longer reads its top-level switches with "
+                                "get_scalar_param(param_dict, KEY, KEY_DEFAULT), which the type check of the JSON reads")
     return found
+
+
+def _section_of(ds: dict, loc: list[str], value: Any) -> str | None:
+    """The top-level section holding `value` at `loc` (pydantic names a key inside its model, not the section)."""
+    hits = []
+    for name, section in ds.items():
+        v = section
+        for k in loc:
+            v = v.get(k, _MISSING) if isinstance(v, dict) else _MISSING
+        if v is not _MISSING and v == value:
+            hits.append(name)
+    return hits[0] if len(hits) == 1 else None
+
+
+_MISSING = object()
 
 
 def deepspeed_parses(p: Path, ds: dict) -> None:
@@ -359,17 +380,19 @@ def deepspeed_parses(p: Path, ds: dict) -> None:
     switches and numbers, which it reads unchecked, are checked against the types of its defaults."""
     import logging
 
-    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
     from deepspeed.utils import logger
     from pydantic import ValidationError
 
-    for key, default in _scalar_defaults().items():
+    for key, default in _top_level_scalars().items():
         if key not in ds:
             continue
-        v, want_bool = ds[key], isinstance(default, bool)
-        if isinstance(v, bool) != want_bool or not isinstance(v, (bool, int, float)):
-            what = "true or false" if want_bool else "a number"
-            raise UsageError(f"{p}: {key} must be {what}, got {v!r} ({type(v).__name__})")
+        v = ds[key]
+        if isinstance(default, bool):  # DeepSpeed tests these for truth: 0, 1 and null read as meant
+            if not (v is None or isinstance(v, bool) or (isinstance(v, int) and v in (0, 1))):
+                raise UsageError(f"{p}: {key} must be true or false, got {v!r} ({type(v).__name__})")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise UsageError(f"{p}: {key} must be a number, got {v!r} ({type(v).__name__})")
     level = logger.level
     logger.setLevel(logging.WARNING)  # its INFO lines about the world it sees here say nothing to the user
     try:
@@ -377,11 +400,13 @@ def deepspeed_parses(p: Path, ds: dict) -> None:
     except ValidationError as e:
         err = e.errors()[0]
         loc = [str(x) for x in err["loc"]]
-        section = next((k for k, v in ds.items() if isinstance(v, dict) and loc and loc[0] in v), None)
-        key = ".".join(([section] if section else []) + loc)
+        if not loc:  # a check across the section's keys: pydantic's message says which
+            raise UsageError(f"{p}: {err['msg']} (DeepSpeed's {e.title})") from None
+        section = _section_of(ds, loc, err["input"])
+        key = ".".join(([section] if section else [f"(in DeepSpeed's {e.title})"]) + loc)
         hint = " (misspelt?)" if err["type"] == "extra_forbidden" else ""
         raise UsageError(f"{p}: {key}{hint}: {err['msg']} (DeepSpeed's {e.title}), got {err['input']!r}") from None
-    except (AssertionError, ValueError, TypeError, KeyError) as e:
+    except (DeepSpeedConfigError, AssertionError, ValueError, TypeError, KeyError) as e:
         raise UsageError(f"{p}: DeepSpeed cannot read it: {e}") from None
     finally:
         logger.setLevel(level)

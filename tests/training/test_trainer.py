@@ -109,6 +109,22 @@ def test_bad_configs_fail_at_load(run_dir, change, match, capsys):
     assert match in capsys.readouterr().err
 
 
+def test_deepspeed_reads_these_as_meant_and_so_do_we(tmp_path):
+    """No stricter than DeepSpeed: 0/1 for its switches, 1e9 for its ints, 'auto' where it drops it, keys at the
+    wrong level that it ignores; DeepSpeed's ZeRO-3 example from its docs as written."""
+    from megatron_ast.training.config import load_ds_config
+
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1, "wall_clock_breakdown": 0, "steps_per_print": 2000,
+          "prescale_gradients": None, "enabled": "x", "bf16": {"enabled": True},
+          "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1e9,
+                                "reduce_bucket_size": "auto", "stage3_max_live_parameters": 1e9,
+                                "stage3_max_reuse_distance": 1e9, "stage3_gather_16bit_weights_on_model_save": True},
+          "flops_profiler": {"enabled": False}, "comms_logger": {"enabled": False}}
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps(ds))
+    assert load_ds_config(p, world_size=8)["train_batch_size"] == 16
+
+
 @pytest.mark.parametrize("ds,match", [
     ({"train_batch_size": 7, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
       "zero_optimization": {"stage": 3}}, "train_batch_size 7 != micro batch 2"),
@@ -142,6 +158,10 @@ def test_bad_configs_fail_at_load(run_dir, change, match, capsys):
      r"wall_clock_breakdown must be true or false, got 'x' \(str\)"),
     ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}, "gradient_predivide_factor": "2"},
      r"gradient_predivide_factor must be a number, got '2'"),
+    ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}, "bf16": {"enabled": True},
+      "comms_logger": {"enabled": "maybe"}}, r"comms_logger.enabled: Input should be a valid boolean"),  # not bf16's
+    ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}, "amp": {"enabled": True}},
+     r"DeepSpeed cannot read it: NVIDIA Apex AMP integration has been removed"),  # its DeepSpeedConfigError
 ])
 def test_inconsistent_deepspeed_configs(tmp_path, ds, match):
     from megatron_ast.errors import UsageError
