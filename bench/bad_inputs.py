@@ -37,13 +37,20 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "megatron_ast.cli", *args]
 
 
-def deepspeed(*args: str) -> list[str]:
+def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launcher = Path(sys.executable).with_name("deepspeed")
-    return [str(launcher), "--num_gpus", "2", "--master_port", str(port), str(Path(sys.executable).with_name("megatron-ast")),
-            *args]
+        return str(s.getsockname()[1])
+
+
+def deepspeed(*args: str) -> list[str]:
+    return [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", free_port(),
+            str(Path(sys.executable).with_name("megatron-ast")), *args]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", free_port(),
+            str(Path(sys.executable).with_name("megatron-ast")), *args]
 
 
 def tmpfs(path: Path, size: str) -> bool:
@@ -59,14 +66,6 @@ def flip(path: Path, at: int) -> None:
     data = bytearray(path.read_bytes())
     data[at] ^= 0xFF
     path.write_bytes(bytes(data))
-
-
-def torchrun(*args: str) -> list[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(port),
-            str(Path(sys.executable).with_name("megatron-ast")), *args]
 
 
 def left_at(out: Path | None) -> list[str]:

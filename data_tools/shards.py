@@ -14,7 +14,7 @@ from megatron_ast.data.indexed import IndexedShard, ShardWriter, bin_path, idx_p
 from megatron_ast.data.manifest import check_tokenizer, meta_path, read_meta, shard_set, write_manifest
 from megatron_ast.data.tokenizer import Tokenizer, TokenizerIdentity
 from megatron_ast.errors import UsageError
-from megatron_ast.fsutil import atomic_write_json, existing_ancestor, new_dirs
+from megatron_ast.fsutil import atomic_write_json, new_dirs
 
 
 def _shard_metas(inputs: list[str]) -> list[tuple[Path, dict]]:
@@ -38,8 +38,6 @@ def merge(inputs: list[str], output: str | Path, domain: str | None = None) -> d
     out = Path(output)
     if any(f.exists() for f in (bin_path(out), idx_path(out), meta_path(out))):
         raise UsageError(f"{out}.bin/.idx exists: merge writes a new shard; give another --output or remove it")
-    if existing_ancestor(out.parent).is_file():
-        raise UsageError(f"--output {out}: a parent of it is a file; give DIR/NAME with DIR a directory")
     with new_dirs(out.parent):  # a damaged input found while merging leaves no new empty dirs
         check_tokenizer(out.parent, TokenizerIdentity(**tok))
         with ShardWriter(out, np.dtype(dtype)) as w:  # an error aborts it: nothing is left

@@ -165,10 +165,8 @@ class _ErrorChannel:
                 return
             if not _ending.acquire(blocking=False):
                 return  # this rank's own error is being reported: its main thread ends the rank
-            try:
-                report(msg)
-            finally:  # even if stderr is gone: the main thread may be waiting for this lock in fail_every_rank
-                os._exit(2)
+            report(msg)
+            os._exit(2)
 
     def publish(self, msg: str, wait_s: float = 10.0) -> None:
         """Tell every other rank, and give them `wait_s` to read it before this rank (maybe the store's host) exits."""

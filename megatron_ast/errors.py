@@ -13,8 +13,9 @@ def report(msg: str) -> None:
     exit 1 and a failure summary whatever a rank's exit code, and the summary then names this line instead of a
     link to torchrun's docs. The file is whole or absent: torchrun fails reading a cut one."""
     line = f"{PREFIX}{msg}"
-    sys.stderr.write(line + "\n")  # one write: ranks sharing the launcher's pipe don't splice their lines
-    sys.stderr.flush()
+    with contextlib.suppress(OSError, ValueError):  # stderr gone with the launcher: the rank must still end cleanly
+        sys.stderr.write(line + "\n")  # one write: ranks sharing the launcher's pipe don't splice their lines
+        sys.stderr.flush()
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
         tmp = f"{path}.tmp-{os.getpid()}"

@@ -38,12 +38,14 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def make_dirs(path: str | Path) -> list[Path]:
-    """`mkdir -p path`; returns the dirs it made, innermost first, for `remove_empty` after a failure."""
-    made, p = [], Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        made.append(p)
-        p = p.parent
-    Path(path).mkdir(parents=True, exist_ok=True)
+    """`mkdir -p path`; returns the dirs it made, innermost first, for `remove_empty` after a failure. Resolved
+    first: `new/../old` must not name `old` as made."""
+    p = Path(path).resolve()
+    top = existing_ancestor(p)
+    if not top.is_dir():
+        raise UsageError(f"{path}: {top} is a file, not a directory; give a path under a directory")
+    made = [p, *p.parents][: len(p.parts) - len(top.parts)]
+    p.mkdir(parents=True, exist_ok=True)
     return made
 
 

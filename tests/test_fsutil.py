@@ -26,3 +26,18 @@ def test_new_dirs_leaves_a_dir_that_something_else_filled(tmp_path):
         with new_dirs(tmp_path / "y" / "shards"):
             raise ValueError
     assert not (tmp_path / "y").exists()
+
+
+def test_make_dirs_names_only_what_it_made_and_refuses_a_file_on_the_way(tmp_path):
+    from megatron_ast.errors import UsageError
+    from megatron_ast.fsutil import make_dirs, remove_empty
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t2").mkdir()  # existing and empty: `new/../../t2` must not count it as made
+    made = make_dirs(tmp_path / "t" / "new" / ".." / ".." / "t2" / "x")
+    assert made == [tmp_path.resolve() / "t2" / "x"]
+    remove_empty(made)
+    assert (tmp_path / "t2").is_dir() and not (tmp_path / "t2" / "x").exists()
+    (tmp_path / "f").write_text("")
+    with pytest.raises(UsageError, match="is a file, not a directory"):
+        make_dirs(tmp_path / "f" / "x")

@@ -350,13 +350,21 @@ def _top_level_scalars() -> dict[str, bool | int | float]:
 
     from megatron_ast.errors import DeepSpeedMismatch
 
-    names = set(re.findall(r"get_scalar_param\(\s*param_dict,\s*([A-Z_0-9]+)", inspect.getsource(dsc)))
+    try:
+        source = inspect.getsource(dsc)
+    except OSError as e:  # an install without its .py files
+        raise DeepSpeedMismatch(f"deepspeed/runtime/config.py's source cannot be read ({e}); the type check of the "
+                                "JSON reads which top-level keys it takes") from None
+    names = set(re.findall(r"get_scalar_param\(\s*param_dict,\s*([A-Z_0-9]+)", source))
     found = {getattr(c, n): getattr(c, f"{n}_DEFAULT", None) for n in names if hasattr(c, n)}
     found = {k: v for k, v in found.items() if isinstance(v, (bool, int, float))}
     if not {"wall_clock_breakdown", "prescale_gradients", "gradient_predivide_factor"} <= found.keys():
         raise DeepSpeedMismatch("deepspeed/runtime/config.py no longer reads its top-level switches with "
                                 "get_scalar_param(param_dict, KEY, KEY_DEFAULT), which the type check of the JSON reads")
     return found
+
+
+_MISSING = object()
 
 
 def _section_of(ds: dict, loc: list[str], value: Any) -> str | None:
@@ -369,9 +377,6 @@ def _section_of(ds: dict, loc: list[str], value: Any) -> str | None:
         if v is not _MISSING and v == value:
             hits.append(name)
     return hits[0] if len(hits) == 1 else None
-
-
-_MISSING = object()
 
 
 def deepspeed_parses(p: Path, ds: dict) -> None:
@@ -388,8 +393,8 @@ def deepspeed_parses(p: Path, ds: dict) -> None:
         if key not in ds:
             continue
         v = ds[key]
-        if isinstance(default, bool):  # DeepSpeed tests these for truth: 0, 1 and null read as meant
-            if not (v is None or isinstance(v, bool) or (isinstance(v, int) and v in (0, 1))):
+        if isinstance(default, bool):  # DeepSpeed tests these for truth (0 and 1 read as meant; null breaks some)
+            if not (isinstance(v, bool) or (isinstance(v, int) and v in (0, 1))):
                 raise UsageError(f"{p}: {key} must be true or false, got {v!r} ({type(v).__name__})")
         elif isinstance(v, bool) or not isinstance(v, (int, float)):
             raise UsageError(f"{p}: {key} must be a number, got {v!r} ({type(v).__name__})")

@@ -116,7 +116,7 @@ def test_strict_bad_line_exits_2_and_writes_nothing(corpus, hf_tokenizer_dir, tm
 
 
 @pytest.mark.parametrize("case", ["missing_input", "bad_tokenizer", "other_tokenizer", "not_jsonl", "empty_dir",
-                                  "output_is_a_file"])
+                                  "output_is_a_file", "output_under_a_file"])
 def test_bad_input_is_one_line_exit_2(case, corpus, hf_tokenizer_dir, sp_model, tmp_path, capsys):
     root, _ = corpus
     out, tok, inputs = tmp_path / "out", str(hf_tokenizer_dir), [str(root)]
@@ -134,12 +134,17 @@ def test_bad_input_is_one_line_exit_2(case, corpus, hf_tokenizer_dir, sp_model, 
         inputs = [str(tmp_path / "empty")]
     elif case == "output_is_a_file":  # before: a FileExistsError traceback
         out.write_text("x")
+    elif case == "output_under_a_file":  # before: a NotADirectoryError traceback (under MPI the others waited)
+        (tmp_path / "f").write_text("x")
+        out = tmp_path / "f" / "out"
     before = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     rc = main(["preprocess", "--input", *inputs, "--output-dir", str(out), "--tokenizer", tok])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("megatron-ast: error: ")
     if case == "output_is_a_file":
         assert "is a file: give a directory" in err[0] and out.read_text() == "x"
+    elif case == "output_under_a_file":
+        assert "is a file, not a directory" in err[0] and (tmp_path / "f").read_text() == "x"
     else:
         assert (sorted(p.name for p in out.iterdir()) if out.exists() else []) == before
 

@@ -175,6 +175,7 @@ def test_a_bad_file_only_rank_1_reads_ends_every_rank_with_its_message(run_dir, 
     assert proc.returncode != 0 and len(own) == 2, proc.stderr[-3000:]  # rank 1's and rank 0's
     assert proc.stderr.count("exitcode  : 2") == 2  # torchrun's report: both ranks exited 2, and it names the line
     assert proc.stderr.count(f"traceback : {line}") == 2, proc.stderr[-3000:]
+    assert proc.stderr.count(line) == 4  # nowhere else (a traceback quoting it, say)
     assert elapsed < 120  # the collective timeout is 600 s
 
 
@@ -217,6 +218,7 @@ def test_a_checkpoint_holding_other_pickles_is_refused_unless_trusted(run_dir, r
                           timeout=300, env=TRAIN_ENV, cwd=REPO)
     own = [x for x in proc.stderr.splitlines() if x.startswith(f"megatron-ast: error: {refusal}")]
     assert proc.returncode != 0 and len(own) == 2, proc.stderr[-3000:]
+    assert proc.stderr.count(f"traceback : megatron-ast: error: {refusal}") == 2 and proc.stderr.count(refusal) == 4
     assert not marker.exists()
     # the user's call: trusted, it loads (and runs what it holds)
     assert main(["export", str(tag), "--out", str(tmp_path / "hf"), "--trust-checkpoint"]) == 0

@@ -115,7 +115,7 @@ def test_deepspeed_reads_these_as_meant_and_so_do_we(tmp_path):
     from megatron_ast.training.config import load_ds_config
 
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1, "wall_clock_breakdown": 0, "steps_per_print": 2000,
-          "prescale_gradients": None, "enabled": "x", "bf16": {"enabled": True},
+          "prescale_gradients": 1, "enabled": "x", "bf16": {"enabled": True},
           "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1e9,
                                 "reduce_bucket_size": "auto", "stage3_max_live_parameters": 1e9,
                                 "stage3_max_reuse_distance": 1e9, "stage3_gather_16bit_weights_on_model_save": True},
@@ -156,6 +156,8 @@ def test_deepspeed_reads_these_as_meant_and_so_do_we(tmp_path):
       "immediate_grad_update": "x"}}, r"bf16.immediate_grad_update: Input should be a valid boolean"),
     ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}, "wall_clock_breakdown": "x"},
      r"wall_clock_breakdown must be true or false, got 'x' \(str\)"),
+    ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}, "wall_clock_breakdown": None},
+     r"wall_clock_breakdown must be true or false, got None"),  # DeepSpeed: None | bool, a TypeError
     ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}, "gradient_predivide_factor": "2"},
      r"gradient_predivide_factor must be a number, got '2'"),
     ({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}, "bf16": {"enabled": True},
