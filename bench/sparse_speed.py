@@ -68,15 +68,14 @@ def _whole_forward(model_dir: str | None, tokens: list[int], cuda_graph: bool) -
     from torch.sparse import to_sparse_semi_structured
 
     from megatron_ast.modeling import load_causal_lm
-    from megatron_ast.pruning.architectures import architecture_of
+    from megatron_ast.sparsity.sparse_weights import sparse_weights as decoder_sparse_weights
 
     if model_dir is None:
         from megatron_ast.assets import ensure_assets
 
         model_dir = ensure_assets()["model"]
     model = load_causal_lm(model_dir).to("cuda", torch.bfloat16).eval()
-    linears = [m for layer in architecture_of(model).layers(model) for m in layer.modules()
-               if isinstance(m, torch.nn.Linear)]
+    linears = [model.get_submodule(w.module) for w in decoder_sparse_weights(model) if w.is_linear]
     with torch.no_grad():
         for m in linears:
             m.weight.mul_(nm_mask(m.weight.float().abs(), 2, 4))

@@ -82,12 +82,19 @@ def _adapter_used_by(model_dir: str, wanted: bool) -> str | None:
     return used(model_dir, wanted)
 
 
+def _ignore_flag(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--ignore", action="append", default=[], metavar="REGEX",
+                   help="leave the weights whose parameter name matches REGEX dense (repeatable; routers, "
+                        "embeddings, lm_head and norms are never pruned by default)")
+
+
 def _expect(model, pattern: str, where: str) -> None:
-    from megatron_ast.pruning.architectures import decoder_weights
     from megatron_ast.sparsity import SparsityPattern
+    from megatron_ast.sparsity.sparse_weights import sparse_weights
     from megatron_ast.sparsity.validate import require_pattern
 
-    require_pattern(decoder_weights(model), SparsityPattern.parse(pattern), where)
+    require_pattern({w.name: w.matrices(model.get_parameter(w.name)).reshape(-1, w.in_features)
+                     for w in sparse_weights(model)}, SparsityPattern.parse(pattern), where)
 
 
 def _cmd_eval_lm_eval(a: argparse.Namespace) -> None:
@@ -122,7 +129,8 @@ def _ignored_prune_flags(a: argparse.Namespace) -> list[str]:
     obs = a.method in ("sparsegpt", "sparsellm")
     used = {"calib": calibrated, "nsamples": calibrated, "seqlen": calibrated, "seed": calibrated,
             "tokenizer": calibrated, "text_key": calibrated, "blocksize": obs, "damp": obs or a.slorb_group is not None,
-            "scope": obs and a.pattern == "unstructured",
+            "scope": obs and a.pattern == "unstructured", "expert_calibration": calibrated,
+            "expert_min_tokens": calibrated,
             **{f"sparsellm_{k}": a.method == "sparsellm" for k in ("rounds", "alpha", "beta", "gamma")}}
     return [f"--{k.replace('_', '-')}" for k, on in used.items() if not on and getattr(a, k) != a.default_of(k)]
 
@@ -131,6 +139,7 @@ def _cmd_prune(a: argparse.Namespace) -> None:
     from megatron_ast.pruning.api import prune_to_dir
     from megatron_ast.pruning.pipeline import PruneConfig, SparseLLMConfig
     from megatron_ast.sparsity import SparsityPattern
+    from megatron_ast.sparsity.sparse_weights import check_ignore
 
     if ignored := _ignored_prune_flags(a):
         one = len(ignored) == 1
@@ -140,7 +149,8 @@ def _cmd_prune(a: argparse.Namespace) -> None:
     cfg = PruneConfig(a.method, SparsityPattern.parse(a.pattern, a.sparsity), a.blocksize, a.damp, _device(a),
                       SparseLLMConfig(a.sparsellm_rounds, a.sparsellm_alpha, a.sparsellm_beta, a.sparsellm_gamma),
                       prune_head=a.prune_head, prune_embeddings=a.prune_embeddings, scope=a.scope,
-                      slorb_group=a.slorb_group)
+                      slorb_group=a.slorb_group, ignore=check_ignore(a.ignore),
+                      expert_calibration=a.expert_calibration, expert_min_tokens=a.expert_min_tokens)
     r = prune_to_dir(a.model, a.out, cfg, a.calib, a.nsamples, a.seqlen, a.seed, a.tokenizer, a.text_key)
     print(json.dumps({k: v for k, v in r.items() if k != "layers"}, indent=2))
 
@@ -360,6 +370,13 @@ def parser() -> argparse.ArgumentParser:
                    help="also prune lm_head (by --method, calibrated on the final hidden states)")
     s.add_argument("--prune-embeddings", action="store_true",
                    help="also prune the input embedding (by magnitude); tied to lm_head it is the same tensor")
+    _ignore_flag(s)
+    s.add_argument("--expert-calibration", choices=["routed", "all"], default="routed",
+                   help="MoE: each expert's calibration inputs are the tokens its router sends it (routed), or every "
+                        "token (all; the layer's output is left as routed)")
+    s.add_argument("--expert-min-tokens", type=int, default=16, metavar="N",
+                   help="MoE: an expert routed fewer than N calibration tokens is pruned by magnitude (counted in "
+                        "sparsity_report.json)")
     s.add_argument("--sparsellm-rounds", type=_positive, default=4)
     s.add_argument("--sparsellm-alpha", type=float, default=5.0)
     s.add_argument("--sparsellm-beta", type=float, default=5.0)

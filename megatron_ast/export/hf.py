@@ -31,6 +31,7 @@ from megatron_ast.pruning.api import MASKS_FILE, TOKENIZER_FILES
 from megatron_ast.sparsity import SparsityPattern, nm_violations, slorb_adapter
 from megatron_ast.sparsity.slorb import group_projection
 from megatron_ast.sparsity.slorb_adapter import ADAPTER_DIR
+from megatron_ast.sparsity.sparse_weights import MASK_LAYOUT
 from megatron_ast.training import checkpoint
 from megatron_ast.training.mask_partitions import RankMasks
 
@@ -146,7 +147,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
                 shutil.copy2(Path(src) / name, tmp / name)
         shards.write_file(tmp / MASKS_FILE, [(f"{m}.weight", torch.bool, shape) for m, shape in masks.shapes.items()],
                           lambda k: masks.get(k.removesuffix(".weight")),
-                          {"pattern": str(pattern), "method": f"{run['method']} (exported from {ckpt.name})"})
+                          {"pattern": str(pattern), "method": f"{run['method']} (exported from {ckpt.name})",
+                           "mask_layout": MASK_LAYOUT})
         if adapter:
             slorb_adapter.save(tmp / ADAPTER_DIR, adapter, target, out)
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")

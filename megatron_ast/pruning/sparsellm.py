@@ -20,24 +20,70 @@ factorisation fails), that layer keeps SparseGPT's weights and the report says s
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_ast.errors import UsageError
-from megatron_ast.pruning.architectures import Ffn, set_weight_out_in, weight_out_in
 from megatron_ast.pruning.sparsegpt import sparsegpt
+from megatron_ast.sparsity.sparse_weights import is_experts
 
 ROWS = 1024  # tokens per chunk of the element-wise activation updates
+
+
+@dataclass(frozen=True)
+class Ffn:
+    """Names (inside a decoder layer) of a dense feed-forward block's Linears, for the FFN-global solve."""
+    kind: str  # "gated" (down(silu(gate x) * up x)) or "relu" (fc2(relu(fc1 x)))
+    up: str
+    down: str
+    gate: str | None = None
+
+    @property
+    def weights(self) -> list[str]:
+        return [f"{n}.weight" for n in (self.up, self.down, self.gate) if n]
+
+
+def find_ffns(layer: nn.Module, weights=None) -> tuple[list[Ffn], dict[str, str]]:
+    """The FFNs of a decoder layer the solve handles (a SiLU-gated gate/up/down, a ReLU fc1/fc2; every weight
+    among `weights` when given, i.e. none --ignore'd), and why not, by weight, for the layer's other FFN weights
+    (those are pruned by SparseGPT)."""
+    found, why = [], {}
+    for name, mod in layer.named_modules():
+        pre = f"{name}." if name else ""
+        kids = {k: m for k, m in mod.named_children() if isinstance(m, nn.Linear)}
+        if {"gate_proj", "up_proj", "down_proj"} <= set(kids):
+            act = type(getattr(mod, "act_fn", None)).__name__
+            ffn = Ffn("gated", f"{pre}up_proj", f"{pre}down_proj", f"{pre}gate_proj")
+            reason = None if act in ("SiLU", "SiLUActivation") else f"its activation is {act}, the gated solve's is SiLU"
+        elif {"fc1", "fc2"} <= set(kids):
+            act = type(getattr(mod, "activation_fn", None)).__name__
+            ffn = Ffn("relu", f"{pre}fc1", f"{pre}fc2")
+            reason = None if act == "ReLU" else f"its activation is {act}, the solve's is ReLU"
+        elif {"gate_up_proj", "down_proj"} <= set(kids):
+            ffn = Ffn("fused", f"{pre}gate_up_proj", f"{pre}down_proj")
+            reason = "gate and up are one fused Linear (gate_up_proj), the solve needs them apart"
+        elif is_experts(mod):
+            for p, _ in mod.named_parameters(recurse=False):
+                why[f"{pre}{p}"] = ("routed experts: the solve couples one FFN's weights on its dense inputs, each "
+                                    "expert sees only its routed tokens; pruned by SparseGPT per expert")
+            continue
+        else:
+            continue
+        if reason is None and weights is not None and any(w not in weights for w in ffn.weights):
+            reason = "part of it is --ignore'd"
+        if reason is None:
+            found.append(ffn)
+        else:
+            why.update({w: reason for w in ffn.weights})
+    return found, why
 
 
 class FfnRecorder:
     """Records the FFN's input X and dense output Y (tokens x features) during the dense pass."""
 
     def __init__(self, layer: nn.Module, ffn: Ffn):
-        if ffn.kind not in ("gated", "relu"):
-            raise UsageError("sparsellm supports gated (Llama-family) and ReLU (OPT) FFNs; use --method sparsegpt here")
         self.xs: list[torch.Tensor] = []
         self.ys: list[torch.Tensor] = []
         up, down = layer.get_submodule(ffn.up), layer.get_submodule(ffn.down)
@@ -146,21 +192,21 @@ def _alternate(x, y_t, z, s, w, keep, b_up, gated: bool, cfg, chunk: int = ROWS)
 def sparsellm_ffn(layer: nn.Module, ffn: Ffn, rec: FfnRecorder, hessians, cfg) -> tuple[dict, dict]:
     """Prune the FFN of one layer in place.
 
-    Returns ({name: (dense W, pruned W, keep, H)}, {FFN output errors of SparseGPT and SparseLLM, fallback}).
+    Returns ({weight name in the layer: (dense W, pruned W, keep, H)}, {FFN output errors of SparseGPT and SparseLLM, fallback}).
     """
     x, y = torch.cat(rec.xs).float(), torch.cat(rec.ys).float()
     up, down = layer.get_submodule(ffn.up), layer.get_submodule(ffn.down)
     gate = layer.get_submodule(ffn.gate) if ffn.gate else None
     b_up = up.bias.detach().float() if getattr(up, "bias", None) is not None else None
     b_down = down.bias.detach().float() if getattr(down, "bias", None) is not None else None
-    dense = {"up": weight_out_in(up).detach().float().clone(), "down": weight_out_in(down).detach().float().clone()}
+    dense = {"up": up.weight.detach().float().clone(), "down": down.weight.detach().float().clone()}
     if gate is not None:
-        dense["gate"] = weight_out_in(gate).detach().float().clone()
+        dense["gate"] = gate.weight.detach().float().clone()
 
     # start: dense activations, SparseGPT-pruned weights (the fallback)
     z = x @ dense["up"].t() + (b_up if b_up is not None else 0)
     s = x @ dense["gate"].t() if gate is not None else None
-    h_x = hessians.hessian(ffn.up)
+    h_x = hessians.hessian(f"{ffn.up}.weight")
     h_p = torch.zeros(z.shape[1], z.shape[1], device=z.device)
     for r in _rows(x.shape[0], ROWS):
         p = F.silu(s[r]) * z[r] if gate is not None else F.relu(z[r])
@@ -193,7 +239,7 @@ def sparsellm_ffn(layer: nn.Module, ffn: Ffn, rec: FfnRecorder, hessians, cfg) -
     out = {}
     for k in w:
         module = layer.get_submodule(names[k])
-        set_weight_out_in(module, w[k])
-        out[names[k]] = (dense[k], w[k], keep[k], h_p if k == "down" else h_x)
+        module.weight.data.copy_(w[k].to(module.weight.dtype))
+        out[f"{names[k]}.weight"] = (dense[k], w[k], keep[k], h_p if k == "down" else h_x)
     info = {"ffn_error_sparsegpt": err_sparsegpt, "ffn_error_sparsellm": err, "fallback_to_sparsegpt": used_fallback}
     return out, info

@@ -23,47 +23,68 @@ from pathlib import Path
 
 import torch
 
+from megatron_ast import hf_layout
 from megatron_ast.errors import UsageError
 from megatron_ast.export.compressed_tensors import FORMAT, FORMATS, require_linears, save_compressed_tensors
 from megatron_ast.fsutil import atomic_dir
 from megatron_ast.modeling import check_model_dir, check_safetensors, load_causal_lm
 from megatron_ast.pruning.api import MASKS_FILE, TOKENIZER_FILES
-from megatron_ast.pruning.architectures import architecture_of, set_weight_out_in, weight_out_in
 from megatron_ast.pruning.calibration import calibration_samples
-from megatron_ast.pruning.pipeline import walk_layers
+from megatron_ast.pruning.pipeline import get_matrices, set_matrices, walk_layers
 from megatron_ast.quantization.gptq import gptq
 from megatron_ast.quantization.groupwise import QuantSpec, dequantize, rtn
 from megatron_ast.quantization.pack24 import nbytes, pack, unpack
 from megatron_ast.sparsity import nm_violations, slorb_adapter
+from megatron_ast.sparsity.sparse_weights import MASK_LAYOUT, sparse_weights
 
 PACKED_FILE = "quantized_24.safetensors"
 REPORT_FILE = "compression_report.json"
 METHODS = ("gptq", "rtn")
 
 
-def _masks(model_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _read_masks(model_dir: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """The dir's masks by parameter name as stored, and whether they are in the weights' stored layout (older
+    dirs hold GPT-2 Conv1D masks as (out, in)). Read before the model: a bad file is one line, at once."""
+    from safetensors import safe_open
 
     path = model_dir / MASKS_FILE
     if not path.is_file():
         raise UsageError(f"{model_dir} has no {MASKS_FILE}: quantize a 2:4 model from `megatron-ast prune` or "
                          "`megatron-ast export` (quantizing is applied after the masks)")
     check_safetensors(path)
-    masks = {k: v.bool() for k, v in load_file(str(path)).items()}
-    bad = [k for k, v in masks.items() if v.dim() != 2 or nm_violations(v.float(), 2, 4)]
+    with safe_open(str(path), framework="pt") as h:
+        stored_layout = (h.metadata() or {}).get("mask_layout") == MASK_LAYOUT
+        masks = {k: h.get_tensor(k).bool() for k in h.keys()}
+    bad = [k for k, v in masks.items() if v.dim() not in (2, 3)]
     if bad:
         raise UsageError(f"{path}: {bad[0]} is not a 2:4 mask ({len(bad)} such): quantize stores 2:4 models")
-    return masks
+    return masks, stored_layout
 
 
-def _check_weights_follow(model, masks: dict[str, torch.Tensor], path: Path) -> None:
+def _masks(model_dir: Path, model, read: tuple[dict[str, torch.Tensor], bool]) -> dict[str, torch.Tensor]:
+    """The masks as (out, in) by parameter name, each checked 2:4 along its weight's inputs and against it."""
+    path = model_dir / MASKS_FILE
+    stored, stored_layout = read
+    masks = hf_layout.to_model(model, stored)  # stored names (per-expert files) -> the model's parameters
+    weights = {w.name: w for w in sparse_weights(model)}
+    if experts := [k for k in masks if k in weights and weights[k].experts]:
+        raise UsageError(f"{path}: {experts[0]} is a fused expert weight ({len(experts)} such): int4 on 2:4 experts "
+                         "is not built yet; quantize a model whose experts are dense (prune with --ignore experts)")
+    out = {k: weights[k].out_in(v) if k in weights and stored_layout else v for k, v in masks.items()}
+    bad = [k for k, v in out.items() if v.dim() != 2 or nm_violations(v.float(), 2, 4)]
+    if bad:
+        raise UsageError(f"{path}: {bad[0]} is not a 2:4 mask ({len(bad)} such): quantize stores 2:4 models")
+    _check_weights_follow(model, out, weights, path)
+    return out
+
+
+def _check_weights_follow(model, masks: dict[str, torch.Tensor], weights: dict, path: Path) -> None:
     """Every weight is zero where its mask prunes, as prune and export write them: masks.safetensors copied from
     another model would otherwise be quantized against these weights silently."""
     for key, mask in masks.items():
-        try:
-            w = weight_out_in(model.get_submodule(key.removesuffix(".weight"))).detach()
-        except AttributeError:
-            continue  # not a module here: the count check after the walk names it
+        if key not in weights:
+            continue  # not a sparse weight here: the count check after the walk names it
+        w = weights[key].matrices(model.get_parameter(key).detach())[0]
         if tuple(w.shape) != tuple(mask.shape):
             raise UsageError(f"{path}: {key} is {tuple(mask.shape)}, the model's weight {tuple(w.shape)}: these masks "
                              "are another model's; quantize the dir that prune or export wrote")
@@ -85,7 +106,7 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, spec: QuantSpec, me
         raise UsageError(f"--method {method!r}: choose {' or '.join(METHODS)}")
     check_model_dir(model_dir)
     blocksize = max(1, blocksize // spec.group) * spec.group  # GPTQ blocks hold whole scale groups (e.g. group 192)
-    masks = _masks(model_dir)
+    read = _read_masks(model_dir)
     samples = None
     if method == "gptq":
         if not calib:
@@ -93,23 +114,22 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, spec: QuantSpec, me
         samples = calibration_samples(calib, model_dir, nsamples, seqlen, seed, text_key)
     t0 = time.perf_counter()
     model = load_causal_lm(model_dir, adapter=adapter)
+    masks = _masks(model_dir, model, read)
     if fmt == FORMAT:
         require_linears(model, [k.removesuffix(".weight") for k in masks])
-    arch = architecture_of(model)
-    _check_weights_follow(model, masks, model_dir / MASKS_FILE)
     packed, rows = {}, []
 
-    def visit(i, layer, linears, hessians, ffn_io) -> None:
-        for name, mod in linears.items():
-            key = f"{arch.layers_path}.{i}.{name}"
-            if f"{key}.weight" not in masks:
+    def visit(i, layer, weights, hessians, ffns) -> None:
+        for local, sw in weights.items():
+            if sw.name not in masks:
                 continue
-            w, mask = weight_out_in(mod).detach().float(), masks[f"{key}.weight"].to(device)
+            key = sw.module
+            w, mask = get_matrices(layer, sw)[0], masks[sw.name].to(device)
             spec.check_shape(w.shape[1], key)
-            codes, scales = (gptq(w, hessians.hessian(name), mask, spec, blocksize, damp) if method == "gptq"
+            codes, scales = (gptq(w, hessians.hessian(local), mask, spec, blocksize, damp) if method == "gptq"
                              else rtn(w, mask, spec))
             q = dequantize(codes, scales, spec)
-            set_weight_out_in(mod, q)
+            set_matrices(layer, sw, q[None])
             p = pack(codes.cpu(), mask.cpu(), spec)
             packed.update({f"{key}.values": p["values"], f"{key}.positions": p["positions"],
                            f"{key}.scales": scales.cpu()})

@@ -27,4 +27,4 @@ def require_pattern(weights: dict[str, torch.Tensor], pattern, where: str) -> No
     if bad:
         name = next(iter(bad))
         raise UsageError(f"{where} is not {pattern}: {name} has {bad[name]} groups with more than {pattern.n} "
-                         f"non-zeros ({len(bad)} Linears fail); evaluate without --expect or prune it first")
+                         f"non-zeros ({len(bad)} weights fail); evaluate without --expect or prune it first")

@@ -20,6 +20,7 @@ from megatron_ast.modeling import check_model_dir
 from megatron_ast.sparsity.masks import nm_mask
 from megatron_ast.sparsity.slorb import SLoRBConfig
 from megatron_ast.sparsity.sparse_linear import sparsify_module_
+from megatron_ast.sparsity.sparse_weights import sparse_weights
 from megatron_ast.training.mask_partitions import local_mask
 
 
@@ -35,15 +36,16 @@ def load_zero3(model_dir: str | Path, ds_config: dict, dtype: torch.dtype):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
 
 
-def decoder_linears(model) -> dict:
-    from megatron_ast.pruning.architectures import architecture_of
-
-    arch = architecture_of(model)
+def decoder_linears(model, ignore: tuple[str, ...] = ()) -> dict:
+    """The modules AST masks, by name: the Linears among the model's sparse weights. Fused expert weights are
+    refused in one line (their ZeRO-3 masks are not built yet); `ignore` leaves weights dense."""
     out = {}
-    for i, layer in enumerate(arch.layers(model)):
-        for name, mod in layer.named_modules():
-            if isinstance(mod, torch.nn.Linear):
-                out[f"{arch.layers_path}.{i}.{name}"] = mod
+    for w in sparse_weights(model, ignore):
+        if w.experts or not w.is_linear:
+            what = "a fused expert weight" if w.experts else "a GPT-2 Conv1D, stored (in, out)"
+            raise UsageError(f"train: {w.name} is {what}, which AST does not mask yet: add its name to the run's "
+                             "`ignore` list to train the rest sparse, or prune it one-shot")
+        out[w.module] = model.get_submodule(w.module)
     return out
 
 

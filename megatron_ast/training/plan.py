@@ -45,17 +45,17 @@ def resolve_world(world_size: int | None = None, nodes: int | None = None) -> di
 
 
 def param_counts(config) -> tuple[int, int, int]:
-    """(total params, largest module's own params, params of the decoder Linears AST masks) of a transformers
+    """(total params, largest module's own params, params of the sparse weights AST masks) of a transformers
     config, counted on the meta device: nothing is allocated, so a 70B config costs nothing."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_ast.training.engines import decoder_linears
+    from megatron_ast.sparsity.sparse_weights import sparse_weights
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    masked = sum(m.weight.numel() for m in decoder_linears(model).values())
+    masked = sum(w.numel for w in sparse_weights(model))
     return total, largest, masked
 
 

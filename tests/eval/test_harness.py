@@ -58,12 +58,12 @@ def _direct_mc_accuracy(model_dir, rows) -> float:
 @pytest.fixture()
 def pruned_dir(model_dir, tmp_path):
     """The tiny model with magnitude 2:4 masks applied to its decoder Linears."""
-    from megatron_ast.pruning.architectures import decoder_weights
     from megatron_ast.sparsity import nm_mask
+    from megatron_ast.sparsity.sparse_weights import sparse_weights
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
-        for w in decoder_weights(model).values():
+        for w in (model.get_parameter(sw.name) for sw in sparse_weights(model)):
             w.mul_(nm_mask(w.abs(), 2, 4))
     d = tmp_path / "pruned"
     model.save_pretrained(d)

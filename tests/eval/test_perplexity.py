@@ -84,7 +84,7 @@ def test_expect_checks_the_pattern_before_evaluating(tiny_model, tmp_path, capsy
     args = ["--data", str(src), "--seq-len", "64", "--max-windows", "2", "--expect", "2:4"]
     assert main(["eval", "ppl", "--model", str(model_dir), *args]) == 2
     err = capsys.readouterr().err
-    assert "is not 2:4: model.layers.0.self_attn.q_proj has" in err and "14 Linears fail" in err
+    assert "is not 2:4: model.layers.0.self_attn.q_proj.weight has" in err and "14 weights fail" in err
     pruned = tmp_path / "pruned"
     assert main(["prune", "--model", str(model_dir), "--method", "magnitude", "--out", str(pruned)]) == 0
     capsys.readouterr()

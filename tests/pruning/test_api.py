@@ -6,7 +6,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from megatron_ast.cli import main
-from megatron_ast.pruning.architectures import weight_out_in
 from megatron_ast.sparsity import nm_violations
 
 
@@ -21,7 +20,7 @@ def test_prune_cli_writes_a_loadable_model_masks_and_report(model_dir, calib_fil
     masks = load_file(str(out / "masks.safetensors"))
     assert len(masks) == 14
     for name, mask in masks.items():
-        w = weight_out_in(model.get_submodule(name.removesuffix(".weight")))
+        w = model.get_parameter(name)
         assert nm_violations(w, 2, 4) == 0 and bool(((w != 0) <= mask).all()) and mask.dtype == torch.bool
     report = json.loads((out / "sparsity_report.json").read_text())
     assert report["method"] == method and report["pattern"] == "2:4" and report["sparsity"] == pytest.approx(0.5)
@@ -55,12 +54,20 @@ def test_model_dir_without_weights_or_unknown_architecture(tmp_path, model_dir, 
     (tmp_path / "empty" / "config.json").write_text((model_dir / "config.json").read_text())
     assert main(["prune", "--model", str(tmp_path / "empty"), "--method", "magnitude", "--out", str(tmp_path / "o")]) == 2
     assert "no weights" in capsys.readouterr().err
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                     intermediate_size=64)).save_pretrained(tmp_path / "neox")
-    assert main(["prune", "--model", str(tmp_path / "neox"), "--method", "magnitude", "--out", str(tmp_path / "o")]) == 2
-    assert "unsupported architecture 'gpt_neox'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    # JetMoE's experts are a 3-D parameter of a module that states no layout: which axis is the input's is unknown
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "jetmoe", vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        kv_channels=8, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)).save_pretrained(tmp_path / "jet")
+    assert main(["prune", "--model", str(tmp_path / "jet"), "--method", "magnitude", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "model.layers.0.mlp.input_linear.weight: a 3-axis parameter (4, 128, 32) of JetMoeParallelExperts" in err
+    assert "--ignore" in err and not (tmp_path / "o").exists()
+    assert main(["prune", "--model", str(tmp_path / "jet"), "--method", "magnitude", "--ignore", r"\.(input|output)_linear\.",
+                 "--out", str(tmp_path / "o")]) == 0  # left dense, the rest pruned
+    report = json.loads((tmp_path / "o" / "sparsity_report.json").read_text())
+    assert set(report["by_kind"]) == {"attention"} and report["all_valid"]
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "sparsellm"])
