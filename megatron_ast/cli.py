@@ -212,9 +212,11 @@ def _cmd_train(a: argparse.Namespace) -> None:
 def _cmd_quantize(a: argparse.Namespace) -> None:
     from megatron_ast.quantization.api import quantize_dir
     from megatron_ast.quantization.groupwise import QuantSpec
+    from megatron_ast.sparsity.sparse_weights import check_ignore
 
     r = quantize_dir(a.model, a.out, QuantSpec(a.bits, a.group_size), a.method, a.calib, a.nsamples, a.seqlen,
-                     a.seed, _device(a), fmt=a.format, adapter=a.adapter, text_key=a.text_key)
+                     a.seed, _device(a), fmt=a.format, adapter=a.adapter, text_key=a.text_key,
+                     ignore=check_ignore(a.ignore))
     print(json.dumps({k: v for k, v in r.items() if k != "layers"}, indent=2))
 
 
@@ -413,6 +415,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output model dir (must not exist)")
     s.add_argument("--no-adapter", dest="adapter", action="store_false",
                    help="leave a dir's SLoRB adapter (slorb_adapter/) off: quantize and write the 2:4 base alone")
+    _ignore_flag(s)
     s.set_defaults(fn=_cmd_quantize)
 
     s = sub.add_parser("export", help="a training checkpoint -> Hugging Face safetensors (W*M) + masks + SLoRB as PEFT LoRA")

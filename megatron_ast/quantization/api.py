@@ -61,11 +61,16 @@ def _read_masks(model_dir: Path) -> tuple[dict[str, torch.Tensor], bool]:
     return masks, stored_layout
 
 
-def _masks(model_dir: Path, model, read: tuple[dict[str, torch.Tensor], bool]) -> dict[str, torch.Tensor]:
-    """The masks as (out, in) by parameter name, each checked 2:4 along its weight's inputs and against it."""
+def _masks(model_dir: Path, model, read: tuple[dict[str, torch.Tensor], bool],
+           ignore: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The masks to quantize under, as (out, in) by parameter name, each checked 2:4 along its weight's inputs and
+    against it; those of weights `ignore` names are left out."""
+    import re
+
     path = model_dir / MASKS_FILE
     stored, stored_layout = read
     masks = hf_layout.to_model(model, stored)  # stored names (per-expert files) -> the model's parameters
+    masks = {k: v for k, v in masks.items() if not any(re.search(p, k) for p in ignore)}
     weights = {w.name: w for w in sparse_weights(model)}
     if experts := [k for k in masks if k in weights and weights[k].experts]:
         raise UsageError(f"{path}: {experts[0]} is a fused expert weight ({len(experts)} such): int4 on 2:4 experts "
@@ -96,7 +101,8 @@ def _check_weights_follow(model, masks: dict[str, torch.Tensor], weights: dict, 
 def quantize_dir(model_dir: str | Path, out_dir: str | Path, spec: QuantSpec, method: str = "gptq",
                  calib: list[str] | None = None, nsamples: int = 128, seqlen: int = 2048, seed: int = 0,
                  device: str = "cpu", blocksize: int = 128, damp: float = 0.01, fmt: str = "hf",
-                 adapter: bool = True, text_key: str = "text") -> dict:
+                 adapter: bool = True, text_key: str = "text", ignore: tuple[str, ...] = ()) -> dict:
+    """`ignore`: regexes of weights left as they are (float, still under their masks)."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.exists():
         raise UsageError(f"{out_dir} already exists: pass a new --out")
@@ -114,7 +120,7 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, spec: QuantSpec, me
         samples = calibration_samples(calib, model_dir, nsamples, seqlen, seed, text_key)
     t0 = time.perf_counter()
     model = load_causal_lm(model_dir, adapter=adapter)
-    masks = _masks(model_dir, model, read)
+    masks = _masks(model_dir, model, read, ignore)
     if fmt == FORMAT:
         require_linears(model, [k.removesuffix(".weight") for k in masks])
     packed, rows = {}, []

@@ -107,6 +107,7 @@ class TrainConfig:
     # reconstructing pruner's masks at once: 10.6% of entries flipped at the first recompute from SparseGPT)
     pruned_values: str = "zero"
     pattern: str = "2:4"
+    ignore: list[str] = field(default_factory=list)  # regexes of parameter names AST leaves dense (as prune's --ignore)
     steps: int = 1000
     mask_interval: int = 10
     mask_score: str = "magnitude"  # magnitude | wanda (running input norms)
@@ -127,6 +128,9 @@ class TrainConfig:
     trust_checkpoint: bool = False
 
     def validate(self) -> "TrainConfig":
+        from megatron_ast.sparsity.sparse_weights import check_ignore
+
+        check_ignore(self.ignore)
         if self.method not in METHODS:
             raise UsageError(f"method {self.method!r}: choose {', '.join(METHODS)}")
         if self.mask_score not in ("magnitude", "wanda"):

@@ -50,7 +50,7 @@ def decoder_linears(model, ignore: tuple[str, ...] = ()) -> dict:
 
 
 @torch.no_grad()
-def input_norms_zero3(engine, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def input_norms_zero3(engine, batches: list[torch.Tensor], ignore: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """||X_j||_2 of every decoder Linear's inputs over all ranks' `batches` (Wanda's input norms).
 
     Runs `engine` (a ZeRO-3 engine of the dense model, or a whole replica of it) forward on this rank's batches; every rank
@@ -66,7 +66,7 @@ def input_norms_zero3(engine, batches: list[torch.Tensor]) -> dict[str, torch.Te
         return record
 
     model = getattr(engine, "module", engine)  # DeepSpeed's engine wraps the model
-    handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in decoder_linears(model).items()]
+    handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in decoder_linears(model, ignore).items()]
     was_training = engine.training
     engine.eval()
     try:
@@ -137,14 +137,16 @@ def _whole(local: torch.Tensor, weight) -> torch.Tensor:
 def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None, slorb: SLoRBConfig | None = None,
                     input_norms: dict[str, torch.Tensor] | None = None, dense: bool = False,
                     dense_values: str | Path | None = None,
-                    fitted_s: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], int]:
+                    fitted_s: dict[str, torch.Tensor] | None = None,
+                    ignore: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], int]:
     """Make every decoder Linear sparse; returns this rank's mask slices (for PartitionedMasks) and the bytes it
     read of the masks and dense values. Masks: from `masks_file` (a one-shot pruned dir's: each rank reads only
     the rows its partition overlaps), else by Wanda when `input_norms` are given, else by magnitude; `dense`
     starts with all-ones masks (gmp). `dense_values`: the dense model dir whose values the weights under a
     stored mask's pruned positions take (kept ones stay the pruned dir's reconstruction), so the forward is the
     one-shot model's while SLoRB's init, SR-STE and regrowth see the dense weights. `fitted_s`: SLoRB's S by
-    Linear name, for `slorb.init: fitted`. SLoRB's parameters are partitioned as each is made."""
+    Linear name, for `slorb.init: fitted`. `ignore`: regexes of weights left dense. SLoRB's parameters are
+    partitioned as each is made."""
     import deepspeed
 
     from megatron_ast.modeling import WeightReader
@@ -159,7 +161,7 @@ def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None,
         stored = safe_open(str(masks_file), framework="pt")
     reader = WeightReader(dense_values) if dense_values is not None and stored is not None else None
     local, read = {}, 0
-    for name, mod in decoder_linears(model).items():
+    for name, mod in decoder_linears(model, ignore).items():
         w = mod.weight
         if w.ds_shape[1] % m:
             raise UsageError(f"{name}: in_features {w.ds_shape[1]} is not a multiple of M={m}")

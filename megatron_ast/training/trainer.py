@@ -137,7 +137,8 @@ class Trainer:
         masks_file = None if cfg.init in ("magnitude", "wanda") else Path(cfg.init) / "masks.safetensors"
         local_masks, self.startup_read_bytes = ({}, 0) if cfg.method == "dense" else sparsify_zero3_(
             student, pattern.n, pattern.m, masks_file, cfg.slorb, input_norms=norms, dense=cfg.method == "gmp",
-            dense_values=cfg.model if cfg.pruned_values == "dense" else None, fitted_s=self._fitted_s())
+            dense_values=cfg.model if cfg.pruned_values == "dense" else None, fitted_s=self._fitted_s(),
+            ignore=tuple(cfg.ignore))
         self.n_sparse = len(local_masks)
         if cfg.activation_checkpointing:
             student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -250,7 +251,8 @@ class Trainer:
         mine = torch.from_numpy(calib[self.rank * per_rank : (self.rank + 1) * per_rank])
         _rank0_print(f"[train] Wanda input norms from {per_rank * self.world} x {cfg.data.seq_len} tokens")
         engine = self.teacher if self.teacher is not None else self._dense_engine(dtype)
-        return input_norms_zero3(engine, [mine[i : i + self.micro] for i in range(0, per_rank, self.micro)])
+        return input_norms_zero3(engine, [mine[i : i + self.micro] for i in range(0, per_rank, self.micro)],
+                                 tuple(cfg.ignore))
 
     # --- one optimizer step ---------------------------------------------------------------------
     def train_step(self) -> dict:

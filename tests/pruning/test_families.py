@@ -93,6 +93,10 @@ def test_every_family_prunes_reloads_evaluates_and_quantizes(family, tmp_path, h
     if family in MOE:
         assert main(q) == 2
         assert "is a fused expert weight" in capsys.readouterr().err.strip().splitlines()[-1]
+        assert main([*q, "--ignore", r"\.experts\."]) == 0  # the rest int4, the experts left in float under masks
+        report = json.loads((tmp_path / "int4" / "compression_report.json").read_text())
+        assert report["all_zeros_kept"] and report["decoder_linears"]["count"] == KINDS[family]["attention"] + \
+            KINDS[family].get("mlp", 0) + KINDS[family].get("shared_expert", 0)
     else:
         assert main(q) == 0
         assert json.loads((tmp_path / "int4" / "compression_report.json").read_text())["all_zeros_kept"]
