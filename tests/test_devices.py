@@ -46,10 +46,18 @@ def test_sparsify_a_meta_model_with_cpu_masks_and_run_it():
 
 @pytest.mark.parametrize("source", ["dense", "magnitude", "wanda"])
 def test_starting_masks_are_made_on_the_weights_device(source):
+    from megatron_ast.sparsity.sparse_weights import SparseWeight
+
     name = "model.layers.0.mlp.up_proj"
+    w = SparseWeight(f"{name}.weight", "mlp.up_proj.weight", 0, "mlp", (64, 32), False)
     weight = torch.nn.Parameter(torch.empty(64, 32, device=META))
     norms = {name: torch.rand(32)} if source == "wanda" else None  # all-reduced norms come back on the CPU
-    mask = initial_mask(name, weight, 2, 4, source == "dense", norms)
+    mask = initial_mask(w, weight, 2, 4, source == "dense", norms)
+    assert mask.device == META and mask.dtype == torch.bool and mask.shape == weight.shape
+    experts = SparseWeight("model.layers.0.mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj", 0, "routed_expert",
+                           (4, 32, 64), True, 4)  # gpt-oss's (experts, in, out)
+    weight = torch.nn.Parameter(torch.empty(4, 32, 64, device=META))
+    mask = initial_mask(experts, weight, 2, 4, source == "dense")
     assert mask.device == META and mask.dtype == torch.bool and mask.shape == weight.shape
 
 

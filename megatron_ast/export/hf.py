@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_ast import hf_layout
 from megatron_ast.errors import UsageError
 from megatron_ast.export.compressed_tensors import FORMAT
 from megatron_ast.fsutil import atomic_dir
@@ -31,7 +32,7 @@ from megatron_ast.pruning.api import MASKS_FILE, TOKENIZER_FILES
 from megatron_ast.sparsity import SparsityPattern, nm_violations, slorb_adapter
 from megatron_ast.sparsity.slorb import group_projection
 from megatron_ast.sparsity.slorb_adapter import ADAPTER_DIR
-from megatron_ast.sparsity.sparse_weights import MASK_LAYOUT
+from megatron_ast.sparsity.sparse_weights import MASK_LAYOUT, sparse_weights
 from megatron_ast.training import checkpoint
 from megatron_ast.training.mask_partitions import RankMasks
 
@@ -65,17 +66,34 @@ class _Adapter(Mapping):
         return len(self.modules)
 
 
-def _layout(config) -> tuple[list[str], set[str]]:
-    """The tensors `save_pretrained` writes for `config`'s model, in its order (parameters once each, persistent
-    buffers), and the names it does not write because they are tied to one it does (a tied lm_head). Counted on
-    the meta device."""
+class _Stored:
+    """Stored tensors by name, each made from its parameter (`make(parameter name)`) through transformers' stored
+    layout; one parameter's are held while its tensors are written (a fused expert weight makes 2 x experts)."""
+
+    def __init__(self, model, source: dict[str, str], make):
+        self.model, self.source, self.make = model, source, make
+        self.name, self.stored = None, {}
+
+    def get(self, key: str) -> torch.Tensor:
+        name = self.source[key]
+        if name != self.name:
+            self.name, self.stored = name, hf_layout.to_stored(self.model, {name: self.make(name)})
+        return self.stored[key]
+
+
+def _layout(config):
+    """The meta-device model of `config`, the tensors `save_pretrained` writes for it in its order (parameters once
+    each, persistent buffers) by the parameter (or buffer) each comes from, and the names it does not write
+    because they are tied to one it does (a tied lm_head)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     params = dict(model.named_parameters())  # tied duplicates removed: the first name is kept
     every = set(dict(model.named_parameters(remove_duplicate=False)))
-    return [k for k in model.state_dict() if k in params or k not in every], every - set(params)
+    state = model.state_dict()
+    names = [k for k in state if k in params or k not in every]
+    return model, {k: list(hf_layout.to_stored(model, {k: state[k]}).items()) for k in names}, every - set(params)
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = None, fmt: str = "hf",
@@ -115,29 +133,43 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
     if target is None:  # a checkpoint from before the run's dtype was recorded: the source model's
         target = getattr(config, "dtype", None) or torch.float32
         target = DTYPES.get(target, torch.float32) if isinstance(target, str) else target
-    names, tied = _layout(config)
+    meta, layout, tied = _layout(config)
+    names = list(layout)
     have = {k for k in sd if ".slorb." not in k}
     missing, unexpected = set(names) - have, have - set(names) - tied
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not match {src}: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    weights = {w.name: w for w in sparse_weights(meta)}
+    mask_of = {w.name: w.module if w.module in masks.shapes else w.name for w in weights.values()}
+    mask_of = {k: v for k, v in mask_of.items() if v in masks.shapes}  # parameter -> its mask's name in the run
+    mask_layout = {name: list(hf_layout.to_stored(meta, {name: torch.empty(weights[name].shape, dtype=torch.bool,
+                                                                              device="meta")}).items())
+                   for name in mask_of}
 
-    def make(name: str) -> torch.Tensor:
-        """One tensor as exported: the fp32 master, masked and checked for Linears, cast to `target`."""
+    def masked(name: str) -> torch.Tensor:
+        """A parameter as exported: the fp32 master, masked and checked for sparse weights."""
         t = sd[name].contiguous()
-        module = name.rsplit(".", 1)[0]
-        if name.endswith(".weight") and module in masks.shapes:
-            t = t * masks.get(module)
-            bad = nm_violations(t, pattern.n, pattern.m)
+        if name in mask_of:
+            t = t * masks.get(mask_of[name])
+            w = weights[name]
+            bad = nm_violations(w.matrices(t).reshape(-1, w.in_features), pattern.n, pattern.m)
             if bad:
-                raise RuntimeError(f"{module}: {bad} groups are not {pattern} after masking")
+                raise RuntimeError(f"{name}: {bad} groups are not {pattern} after masking")
+        return t
+
+    def make(key: str) -> torch.Tensor:
+        """One stored tensor, cast to `target`, in the layout save_pretrained writes."""
+        t = tensors.get(key)
         return t.to(target) if t.is_floating_point() else t
 
+    tensors = _Stored(meta, {key: name for name in names for key, _ in layout[name]}, masked)
     adapter = _Adapter(sd, [m for m in masks.shapes if f"{m}.slorb.S" in sd])
     report = {"checkpoint": str(ckpt), "source_model": src, "pattern": str(pattern), "dtype": str(target), "format": fmt,
               "sparse_linears": len(masks.shapes), "all_valid": True, "slorb_adapter": ADAPTER_DIR if adapter else None,
               "slorb_params": sum(sd[f"{m}.slorb.S"].shape.numel() for m in adapter)}
     with atomic_dir(out) as tmp:
-        specs = [(k, target if sd[k].dtype.is_floating_point else sd[k].dtype, tuple(sd[k].shape)) for k in names]
+        specs = [(key, target if sd[k].dtype.is_floating_point else sd[k].dtype, tuple(t.shape))
+                 for k in names for key, t in layout[k]]
         files = shards.write_sharded(tmp, specs, make, shard_bytes, {"format": "pt"}, desc=f"export {ckpt.name}")
         report["files"] = [f.name for f in files]
         config.dtype = target
@@ -145,8 +177,10 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = Non
         for name in TOKENIZER_FILES:
             if (Path(src) / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(Path(src) / name, tmp / name)
-        shards.write_file(tmp / MASKS_FILE, [(f"{m}.weight", torch.bool, shape) for m, shape in masks.shapes.items()],
-                          lambda k: masks.get(k.removesuffix(".weight")),
+        stored_masks = _Stored(meta, {key: name for name, keys in mask_layout.items() for key, _ in keys},
+                               lambda name: masks.get(mask_of[name]))
+        shards.write_file(tmp / MASKS_FILE, [(key, torch.bool, tuple(t.shape)) for keys in mask_layout.values()
+                                             for key, t in keys], stored_masks.get,
                           {"pattern": str(pattern), "method": f"{run['method']} (exported from {ckpt.name})",
                            "mask_layout": MASK_LAYOUT})
         if adapter:

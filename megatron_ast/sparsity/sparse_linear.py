@@ -1,4 +1,8 @@
-"""`sparsify_(model, masks)`: turn chosen Linears into masked (2:4) Linears with an STE forward.
+"""`sparsify_(model, masks)`: make chosen weights masked (2:4) with an STE forward.
+
+A Linear becomes a SparseLinear; a fused expert parameter (`[experts, out, in]`, sparsity/sparse_weights.py)
+gets a parametrization that gives its module W*M through the same STE, so the experts module's own forward
+(any of transformers' experts implementations) computes with the masked weights.
 
 Two ways to hold the mask, one straight-through estimator:
 - in one process, the mask is a frozen parameter of the Linear and the forward
@@ -32,10 +36,33 @@ class SparseLinear(nn.Linear):
         return y
 
 
+class MaskedParameter(nn.Module):
+    """A parametrization: the parameter as its module sees it is W * M, its gradient reaches the dense W."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask.bool())
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return ste_masked(weight, self.mask.to(weight.device))
+
+
 def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor], slorb: SLoRBConfig | None = None) -> nn.Module:
-    """In place: every Linear named in `masks` (by its weight's name) becomes a SparseLinear."""
+    """In place, in one process: every weight named in `masks` (by parameter name, each mask shaped like it) is
+    masked: a Linear becomes a SparseLinear (with SLoRB when asked), any other parameter (a fused expert weight)
+    is parametrized as W * M."""
+    from torch.nn.utils import parametrize
+
     for name, mask in masks.items():
-        sparsify_module_(model.get_submodule(name.removesuffix(".weight")), mask, slorb, name)
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if attr == "weight" and type(module) is nn.Linear:
+            sparsify_module_(module, mask, slorb, name)
+        else:
+            if mask.shape != getattr(module, attr).shape:
+                raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, the weight "
+                                 f"{tuple(getattr(module, attr).shape)}")
+            parametrize.register_parametrization(module, attr, MaskedParameter(mask.to(getattr(module, attr).device)))
     return model
 
 

@@ -32,10 +32,13 @@ class DistillConfig:
     # 1, not the reference's 2: at equal tokens T=1 recovered more (bench/recovery.py run, 16k tokens: ppl 30.13
     # vs 31.87); its gradient p_s - p_t is the task loss's p_s - onehot with the teacher in place of the sample
     temperature: float = 1.0
+    w_router: float = 0.0  # MoE: the load-balancing term on the student's router logits (the family's aux_loss)
 
     def __post_init__(self) -> None:
         if min(self.w_task, self.w_kl, self.w_sq) < 0 or self.w_task + self.w_kl + self.w_sq == 0:
             raise UsageError("distillation weights must be >= 0 and not all zero")
+        if self.w_router < 0:
+            raise UsageError(f"distill.w_router must be >= 0, got {self.w_router}")
         if self.temperature <= 0:
             raise UsageError(f"distillation temperature must be > 0, got {self.temperature}")
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from megatron_ast import distributed
+from megatron_ast import distributed, hf_layout
 from megatron_ast.errors import UsageError
 from megatron_ast.modeling import check_model_dir
 from megatron_ast.sparsity.masks import nm_mask
 from megatron_ast.sparsity.slorb import SLoRBConfig
 from megatron_ast.sparsity.sparse_linear import sparsify_module_
-from megatron_ast.sparsity.sparse_weights import sparse_weights
+from megatron_ast.sparsity.sparse_weights import SparseWeight, sparse_weights
 from megatron_ast.training.mask_partitions import local_mask
 
 
@@ -36,17 +36,20 @@ def load_zero3(model_dir: str | Path, ds_config: dict, dtype: torch.dtype):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
 
 
-def decoder_linears(model, ignore: tuple[str, ...] = ()) -> dict:
-    """The modules AST masks, by name: the Linears among the model's sparse weights. Fused expert weights are
-    refused in one line (their ZeRO-3 masks are not built yet); `ignore` leaves weights dense."""
-    out = {}
+def masked_weights(model, ignore: tuple[str, ...] = ()) -> list[SparseWeight]:
+    """What AST masks: the model's sparse weights (Linears and fused experts) but those `ignore` names."""
+    out = []
     for w in sparse_weights(model, ignore):
-        if w.experts or not w.is_linear:
-            what = "a fused expert weight" if w.experts else "a GPT-2 Conv1D, stored (in, out)"
-            raise UsageError(f"train: {w.name} is {what}, which AST does not mask yet: add its name to the run's "
-                             "`ignore` list to train the rest sparse, or prune it one-shot")
-        out[w.module] = model.get_submodule(w.module)
+        if not w.is_linear and not w.experts:
+            raise UsageError(f"train: {w.name} is a GPT-2 Conv1D, stored (in, out), which AST does not mask: add it "
+                             "to the run's `ignore` list, or prune the model one-shot")
+        out.append(w)
     return out
+
+
+def decoder_linears(model, ignore: tuple[str, ...] = ()) -> dict:
+    """The Linears AST masks, by module name (the rest of its masked weights are fused experts)."""
+    return {w.module: model.get_submodule(w.module) for w in masked_weights(model, ignore) if w.is_linear}
 
 
 @torch.no_grad()
@@ -81,16 +84,18 @@ def input_norms_zero3(engine, batches: list[torch.Tensor], ignore: tuple[str, ..
     return {name: v.sqrt().cpu() for name, v in sq.items()}
 
 
-def initial_mask(name: str, weight: torch.Tensor, n: int, m: int, dense: bool = False,
+def initial_mask(w: SparseWeight, weight: torch.Tensor, n: int, m: int, dense: bool = False,
                  input_norms: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """The starting mask of one gathered decoder weight made from it, on the weight's device: all ones (`dense`),
-    Wanda's (`input_norms`) or magnitude's. (A stored mask is read slice by slice: `_stored_slice`.)"""
+    """The starting mask of one gathered sparse weight made from it, shaped like it, on its device: all ones
+    (`dense`), Wanda's (`input_norms`, by Linear) or magnitude's, N:M along each matrix's inputs. (A stored mask
+    is read slice by slice: `_stored_slice`.)"""
     if dense:
         return torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
-    score = weight.detach().float().abs()
+    score = w.matrices(weight.detach()).float().abs()
     if input_norms is not None:
-        score = score * input_norms[name].to(score.device)
-    return nm_mask(score, n, m)
+        score = score * input_norms[w.module].to(score.device)
+    keep = nm_mask(score.reshape(-1, w.in_features), n, m).view(score.shape)
+    return w.stored(keep.view(w.out_in(weight).shape)).contiguous()
 
 
 def _partition_range(weight) -> tuple[int, int]:
@@ -100,12 +105,13 @@ def _partition_range(weight) -> tuple[int, int]:
     return start, max(start, min(weight.ds_numel, start + ps))
 
 
-def _stored_slice(stored, masks_file, name: str, weight, reader, dense_values) -> tuple[torch.Tensor, int]:
-    """This rank's slice of a stored mask, read alone; with `reader`, the dense values under its pruned positions
-    go straight into the partition (no gather). Returns the slice and the bytes read."""
+def _stored_slice(stored, masks_file, key: str, weight, reader, dense_values) -> tuple[torch.Tensor, int]:
+    """This rank's slice of a stored mask (the weight `key`'s, stored as the model holds it), read alone; with
+    `reader`, the dense values under its pruned positions go straight into the partition (no gather). Returns the
+    slice and the bytes read."""
     from megatron_ast.modeling import read_flat
 
-    key = f"{name}.weight"
+    name = key.removesuffix(".weight")
     if key not in stored.keys():
         raise UsageError(f"{masks_file} has no mask for {name}: was it pruned from this model?")
     shape = tuple(weight.ds_shape)
@@ -125,6 +131,30 @@ def _stored_slice(stored, masks_file, name: str, weight, reader, dense_values) -
     return mask, n
 
 
+def _stored_converted(model, stored, masks_file, w: SparseWeight, weight, reader) -> tuple[torch.Tensor, int]:
+    """This rank's slice of a fused expert weight's mask that the dir stores per expert (transformers' stored
+    layout: `experts.{e}.gate_proj.weight` ...), converted whole, one weight at a time; with `reader`, the dense
+    values under its pruned positions go into the partition. Returns the slice and the bytes read."""
+    keys = list(hf_layout.to_stored(model, {w.name: torch.empty(w.shape, dtype=torch.bool, device="meta")}))
+    if missing := [k for k in keys if k not in stored.keys()]:
+        raise UsageError(f"{masks_file} has no mask {missing[0]} ({len(missing)} of {w.name}'s {len(keys)}): was it "
+                         "pruned from this model?")
+    full = hf_layout.to_model(model, {k: stored.get_tensor(k) for k in keys})[w.name]
+    if tuple(full.shape) != w.shape:
+        raise UsageError(f"{masks_file}: the mask of {w.name} is {tuple(full.shape)}, the weight {w.shape}: was it "
+                         "pruned from this model?")
+    start, stop = _partition_range(weight)
+    mask = full.reshape(-1)[start:stop].to(weight.ds_tensor.device, torch.bool)
+    read = full.numel()
+    if reader is not None:
+        dense = {k: reader.get(k) for k in keys}
+        values = hf_layout.to_model(model, dense)[w.name].reshape(-1)[start:stop]
+        part = weight.ds_tensor.data[: stop - start]
+        part.copy_(torch.where(mask, part, values.to(part.device, part.dtype)))
+        read += sum(t.numel() * t.element_size() for t in dense.values())
+    return mask, read
+
+
 def _whole(local: torch.Tensor, weight) -> torch.Tensor:
     """The full mask from every rank's slice (all-gathered: the network, not the file system, serves it)."""
     ps = weight.partition_numel()
@@ -139,8 +169,9 @@ def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None,
                     dense_values: str | Path | None = None,
                     fitted_s: dict[str, torch.Tensor] | None = None,
                     ignore: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], int]:
-    """Make every decoder Linear sparse; returns this rank's mask slices (for PartitionedMasks) and the bytes it
-    read of the masks and dense values. Masks: from `masks_file` (a one-shot pruned dir's: each rank reads only
+    """Make every sparse weight of the model sparse (Linears become SparseLinears; a fused expert parameter needs
+    no new module: its working partitions are kept W*M); returns this rank's mask slices (for PartitionedMasks)
+    and the bytes it read of the masks and dense values. SLoRB branches go on the Linears only. Masks: from `masks_file` (a one-shot pruned dir's: each rank reads only
     the rows its partition overlaps), else by Wanda when `input_norms` are given, else by magnitude; `dense`
     starts with all-ones masks (gmp). `dense_values`: the dense model dir whose values the weights under a
     stored mask's pruned positions take (kept ones stay the pruned dir's reconstruction), so the forward is the
@@ -161,15 +192,31 @@ def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None,
         stored = safe_open(str(masks_file), framework="pt")
     reader = WeightReader(dense_values) if dense_values is not None and stored is not None else None
     local, read = {}, 0
-    for name, mod in decoder_linears(model, ignore).items():
-        w = mod.weight
-        if w.ds_shape[1] % m:
-            raise UsageError(f"{name}: in_features {w.ds_shape[1]} is not a multiple of M={m}")
+    for sw in masked_weights(model, ignore):
+        if sw.in_features % m:
+            raise UsageError(f"{sw.name}: in_features {sw.in_features} is not a multiple of M={m}")
+        w = model.get_parameter(sw.name)
+        if sw.experts:  # the experts module computes with the working partitions, which are kept W*M
+            if input_norms is not None:
+                raise UsageError(f"init wanda: {sw.name} is a fused expert weight, whose per-expert input norms the "
+                                 "trainer does not gather: prune one-shot with --method wanda (per-expert inputs) and "
+                                 "init from that dir, or use init magnitude")
+            if stored is not None and sw.name in stored.keys():
+                local[sw.name], nbytes = _stored_slice(stored, masks_file, sw.name, w, reader, dense_values)
+                read += nbytes
+            elif stored is not None:
+                local[sw.name], nbytes = _stored_converted(model, stored, masks_file, sw, w, reader)
+                read += nbytes
+            else:
+                with deepspeed.zero.GatheredParameters([w]):
+                    local[sw.name] = local_mask(initial_mask(sw, w, n, m, dense), w)
+            continue
+        name, mod = sw.module, model.get_submodule(sw.module)
         if fitted_s is not None and name not in fitted_s:
             raise UsageError(f"slorb init fitted: the pruned dir's adapter has no branch for {name}: "
                              "prune with --slorb-group")
         if stored is not None:
-            local[name], nbytes = _stored_slice(stored, masks_file, name, w, reader, dense_values)
+            local[name], nbytes = _stored_slice(stored, masks_file, sw.name, w, reader, dense_values)
             read += nbytes
             if slorb is None:
                 sparsify_module_(mod, None, None, name, hold_mask=False)
@@ -177,7 +224,7 @@ def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None,
             mask = _whole(local[name], w)
         with deepspeed.zero.GatheredParameters([w]):
             if stored is None:
-                mask = initial_mask(name, w, n, m, dense, input_norms)
+                mask = initial_mask(sw, w, n, m, dense, input_norms)
                 local[name] = local_mask(mask, w)
             sparsify_module_(mod, mask, slorb, name, hold_mask=False,
                              fitted_s=fitted_s[name] if fitted_s is not None else None)

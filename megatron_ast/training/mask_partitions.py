@@ -15,10 +15,16 @@ concatenation of its parameters' partitions); this module builds the matching
 flat (1 - M) indicator for the SR-STE decay (training/sr_ste.py), and recomputes
 the masks from the fp32 master partitions.
 
-A partition boundary can cut an N:M group (ps need not be a multiple of M):
-every rank all-gathers the M-1 boundary elements of its neighbours, so each
-group cut by a boundary is completed on both sides and both ranks compute the
-same decision for it; nothing else crosses ranks but the flip counts.
+A masked weight is a Linear's (out, in) weight or a fused expert parameter
+(sparsity/sparse_weights.py): [experts, out, in], whose N:M groups are M consecutive
+flat elements as a Linear's are, or [experts, in, out] (gpt-oss), whose groups run down
+a column: M elements `out` apart, inside blocks of M rows. Either way a block of
+M * stride consecutive elements (stride 1, or `out`) holds whole groups.
+
+A partition boundary can cut a block (ps need not be a multiple of it): every rank
+all-gathers the M * stride - 1 boundary elements of its neighbours, so each block cut by
+a boundary is completed on both sides and both ranks compute the same decision for it;
+nothing else crosses ranks but the flip counts.
 """
 from __future__ import annotations
 
@@ -32,21 +38,33 @@ from megatron_ast import distributed
 from megatron_ast.errors import DeepSpeedMismatch, UsageError
 from megatron_ast.sparsity.masks import nm_mask
 from megatron_ast.sparsity.sparse_linear import SparseLinear
+from megatron_ast.sparsity.sparse_weights import sparse_weights
 
 
 @dataclass
 class _Masked:
-    name: str
-    module: SparseLinear
+    name: str  # a Linear's module name, or a fused expert parameter's name
+    param: torch.nn.Parameter
+    module: torch.nn.Module  # what computes with it (Wanda's input hooks)
     group: int  # sub-group index
     offset: int  # offset of this weight's partition inside the sub-group's flat fp32 partition
     start: int  # global flat index of this rank's first element
     valid: int  # elements of this rank's partition that are real (the rest is padding)
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
+    in_features: int
+    stride: int  # flat distance between the members of an N:M group: 1, or `out` for a weight stored (in, out)
 
-    @property
-    def in_features(self) -> int:
-        return self.shape[1]
+
+def masked_parameters(model) -> dict[str, tuple[str, int, int]]:
+    """{mask name: (parameter name, in_features, stride)} of what AST may mask: a Linear by its module name
+    (SparseLinear's), a fused expert parameter by its own."""
+    out = {}
+    for w in sparse_weights(model):
+        if w.is_linear:
+            out[w.module] = (w.name, w.in_features, 1)
+        elif w.experts:
+            out[w.name] = (w.name, w.in_features, w.out_features if w.transposed else 1)
+    return out
 
 
 def local_mask(mask: torch.Tensor, weight) -> torch.Tensor:
@@ -58,39 +76,54 @@ def local_mask(mask: torch.Tensor, weight) -> torch.Tensor:
 
 class PartitionedMasks:
     def __init__(self, engine, local: dict[str, torch.Tensor], n: int = 2, m: int = 4, score: str = "magnitude"):
-        """`local`: per SparseLinear name, this rank's mask slice (`local_mask`), made before deepspeed.initialize."""
+        """`local`: per masked weight (`masked_parameters`' names), this rank's mask slice (`local_mask`), made
+        before deepspeed.initialize."""
         self.engine, self.n, self.m, self.score = engine, n, m, score
         self.zero = engine.optimizer
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         _check_zero3(self.zero)
         # masks live beside the fp32 master (the CPU under ZeRO-Offload); collectives go through `distributed`
         self.device = self.zero.fp32_partitioned_groups_flat[0].device
-        owner = {id(mod.weight): (name, mod) for name, mod in engine.module.named_modules() if isinstance(mod, SparseLinear)}
+        model = engine.module
+        known = masked_parameters(model)
+        if unknown := sorted(set(local) - set(known)):
+            raise ValueError(f"masks given for {unknown[:3]}..., which are not the engine's sparse weights")
+        owner = {}
+        for name in local:
+            pname, in_features, stride = known[name]
+            module = model.get_submodule(pname.rpartition(".")[0])
+            if name != pname and not isinstance(module, SparseLinear):
+                raise ValueError(f"{name} is a {type(module).__name__}: sparsify it first (sparsify_zero3_)")
+            owner[id(model.get_parameter(pname))] = (name, module, in_features, stride)
         self.items: list[_Masked] = []
         for g, params in enumerate(self.zero.fp16_groups):
             offset = 0
             for p in params:
                 ps = p.partition_numel()
                 if id(p) in owner:
-                    name, mod = owner[id(p)]
-                    if ps < m:
-                        raise ValueError(f"{name}: ZeRO partition of {ps} elements is smaller than one group of {m}")
+                    name, mod, in_features, stride = owner[id(p)]
+                    if ps < m * stride:
+                        raise UsageError(f"{name}: a ZeRO-3 partition of {ps} elements is smaller than one block of "
+                                         f"{m} x {stride} elements its N:M groups span: train on fewer ranks")
                     start = self.rank * ps
-                    self.items.append(_Masked(name, mod, g, offset, start, max(0, min(ps, p.ds_numel - start)),
-                                              tuple(p.ds_shape)))
+                    self.items.append(_Masked(name, p, mod, g, offset, start, max(0, min(ps, p.ds_numel - start)),
+                                              tuple(p.ds_shape), in_features, stride))
                 offset += ps
         if {it.name for it in self.items} != set(local):
             raise ValueError(f"masks given for {sorted(set(local) ^ {it.name for it in self.items})[:3]}..., "
-                             "which are not the engine's SparseLinears")
+                             "which the optimizer does not step")
         self._check_items()
         self.local = {it.name: local[it.name][: it.valid].to(self.device) for it in self.items}
         self.input_sq = {}  # Wanda: running sum of x_j^2 per masked Linear, where the forward runs (no host sync)
         if score == "wanda":
+            if experts := [it.name for it in self.items if len(it.shape) == 3]:
+                raise UsageError(f"mask_score wanda: {experts[0]} is a fused expert weight, whose per-expert input "
+                                 "norms are not kept in training: use mask_score magnitude, or `ignore` the experts")
             for it in self.items:
-                self.input_sq[it.name] = torch.zeros(it.in_features, device=it.module.weight.device)
+                self.input_sq[it.name] = torch.zeros(it.in_features, device=it.param.device)
                 it.module.register_forward_pre_hook(self._record_inputs(it.name))
         self.initial = {it.name: self._local_mask(it).clone() for it in self.items}
-        self._persistent = [it.module.weight for it in self.items if getattr(it.module.weight, "ds_persist", False)]
+        self._persistent = [it.param for it in self.items if getattr(it.param, "ds_persist", False)]
         self._install()
         self._masks_changed()
 
@@ -98,7 +131,7 @@ class PartitionedMasks:
         """The masked weights' working partitions are where the flat buffers say, and apart from the master."""
         flats16 = getattr(self.zero, "fp16_partitioned_groups_flat", None)
         for it in self.items:
-            work, master = it.module.weight.ds_tensor, self.zero.fp32_partitioned_groups_flat[it.group]
+            work, master = it.param.ds_tensor, self.zero.fp32_partitioned_groups_flat[it.group]
             if work.untyped_storage().data_ptr() == master.untyped_storage().data_ptr():
                 raise DeepSpeedMismatch(f"the working partition of {it.name} shares memory with its fp32 master, so "
                                         "masking the working copy would zero the master's pruned weights")
@@ -129,7 +162,7 @@ class PartitionedMasks:
         """Working partition = fp32 master * M, for every masked weight (pruned master values are kept,
         so a weight whose mask flips back on returns with its trained value)."""
         for it in self.items:
-            work = it.module.weight.ds_tensor.data[: it.valid]
+            work = it.param.ds_tensor.data[: it.valid]
             torch.mul(self._fp32(it).to(work.device, non_blocking=True),
                       self._local_mask(it).to(work.device, non_blocking=True), out=work)
         if self._persistent:  # small ("persistent") weights stay gathered between steps: refresh the full copies
@@ -162,23 +195,25 @@ class PartitionedMasks:
 
     # --- recompute ------------------------------------------------------------------------------
     def _windows(self):
-        """(index, item, window of fp32 values completed to whole N:M groups, offset a of the partition in it)."""
-        k = self.m - 1
+        """(index, item, window of fp32 values completed to whole blocks of N:M groups, offset a of the partition in
+        it)."""
+        k = max((self.m * it.stride - 1 for it in self.items), default=self.m - 1)
         frags = []
-        for it in self.items:  # my first and last k real elements, for the neighbours' cut groups
-            w = self._fp32(it)
+        for it in self.items:  # my first and last k_i real elements (head left-, tail right-aligned), for neighbours
+            w, ki = self._fp32(it), self.m * it.stride - 1
             head, tail = torch.zeros(k, device=self.device), torch.zeros(k, device=self.device)
-            if it.valid >= k:
-                head, tail = w[:k].float(), w[it.valid - k :].float()
-            frags.append(torch.cat([head.to(self.device), tail.to(self.device)]))
+            if it.valid >= ki:
+                head[:ki], tail[k - ki :] = w[:ki].float().to(self.device), w[it.valid - ki :].float().to(self.device)
+            frags.append(torch.cat([head, tail]))
         mine = torch.stack(frags) if frags else torch.zeros(0, 2 * k, device=self.device)
         gathered = distributed.all_gather(mine)
         for i, it in enumerate(self.items):
             if it.valid == 0:
                 continue
+            block = self.m * it.stride
             s, e = it.start, it.start + it.valid
-            a, b = s % self.m, (-e) % self.m
-            if not a and not b:  # no group cut: the partition itself, no copy
+            a, b = s % block, (-e) % block
+            if not a and not b:  # no block cut: the partition itself, no copy
                 yield i, it, self._fp32(it).float(), 0
                 continue
             parts = []
@@ -189,10 +224,19 @@ class PartitionedMasks:
                 parts.append(gathered[self.rank + 1][i, :b])  # head of the next rank
             yield i, it, torch.cat(parts), a
 
+    def _nm(self, it: _Masked, score: torch.Tensor) -> torch.Tensor:
+        """The N:M mask of a window of whole blocks (flat): groups of M consecutive elements, or M elements
+        `stride` apart inside each block of M rows."""
+        if it.stride == 1:
+            return nm_mask(score.view(1, -1), self.n, self.m).view(-1)
+        rows = score.view(-1, self.m, it.stride).transpose(1, 2).reshape(-1, self.m)
+        return nm_mask(rows, self.n, self.m).view(-1, it.stride, self.m).transpose(1, 2).reshape(-1)
+
     def _score(self, it: _Masked, window: torch.Tensor, a: int) -> torch.Tensor:
         score = window.abs()
         if self.score == "wanda":
-            cols = torch.arange(it.start - a, it.start - a + window.numel(), device=score.device) % it.in_features
+            cols = (torch.arange(it.start - a, it.start - a + window.numel(), device=score.device) // it.stride) \
+                % it.in_features
             score = score * self.input_sq[it.name].to(score.device).sqrt()[cols]
         return score
 
@@ -204,7 +248,7 @@ class PartitionedMasks:
         local = torch.zeros(len(self.items), 2, dtype=torch.float64, device=self.device)
         for i, it, window, a in self._windows():
             score = self._score(it, window, a)
-            keep = nm_mask(score.view(1, -1), self.n, self.m).view(-1)
+            keep = self._nm(it, score)
             cand = score[a : a + it.valid][~keep[a : a + it.valid]]
             if cand.numel():
                 kth = cand.kthvalue(max(1, round(fraction * cand.numel()))).values
@@ -225,7 +269,7 @@ class PartitionedMasks:
         changed_prev = changed_init = total = kept = 0
         for _, it, window, a in self._windows():
             score = self._score(it, window, a)
-            new = nm_mask(score.view(1, -1), self.n, self.m).view(-1)
+            new = self._nm(it, score)
             if fraction <= 0:
                 new = torch.ones_like(new)
             elif thresholds is not None:

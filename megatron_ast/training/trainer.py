@@ -40,6 +40,7 @@ from megatron_ast.training.config import TrainConfig, load_ds_config
 from megatron_ast.training.distillation import DistillConfig, distillation_loss
 from megatron_ast.training.engines import input_norms_zero3, load_zero3, sparsify_zero3_
 from megatron_ast.training.mask_partitions import PartitionedMasks
+from megatron_ast.training.router_load import ExpertLoad, check_balance_term
 from megatron_ast.training.schedule import lr_at
 from megatron_ast.training.sr_ste import SRSTEAdamW
 
@@ -109,7 +110,8 @@ class Trainer:
                         if cfg.data.validation else {})
         pattern = cfg.pattern_obj
         baseline = cfg.method in ("naive", "gmp")
-        self.distill = DistillConfig(1.0, 0.0, 0.0, cfg.distill.temperature) if baseline else cfg.distill
+        self.distill = (DistillConfig(1.0, 0.0, 0.0, cfg.distill.temperature, cfg.distill.w_router) if baseline
+                        else cfg.distill)
 
         self.teacher = None
         self.teacher_zero3 = None
@@ -151,6 +153,11 @@ class Trainer:
         self.student, self.optimizer, _, _ = deepspeed.initialize(model=student, optimizer=opt, config=self.ds)
         checkpoint.install_checkpoint_engine(self.student, cfg.trust_checkpoint)  # hashes saves, loads weights-only
         self.masks = PartitionedMasks(self.student, local_masks, pattern.n, pattern.m, cfg.mask_score)
+        check_balance_term(self.student.module, self.distill.w_router)
+        self.expert_load = ExpertLoad(self.student.module)  # MoE: tokens per expert, logged per interval
+        if cfg.slorb is not None and any(len(it.shape) == 3 for it in self.masks.items):
+            _rank0_print("[train] slorb: branches on the Linears only; fused expert weights take none (a LoRA "
+                         "adapter targets nn.Linear)")
         self.slorb_params = sum(int(getattr(p, "ds_numel", p.numel())) for n, p in student.named_parameters()
                                 if ".slorb." in n)
         self.step = 0
@@ -268,13 +275,17 @@ class Trainer:
         for i in range(self.gas):
             x = batch[i * self.micro : (i + 1) * self.micro].to(self.student.device)
             hidden = d.w_sq > 0
-            out = self.student(input_ids=x, output_hidden_states=hidden)
+            out = self.student(input_ids=x, output_hidden_states=hidden,
+                               **({"output_router_logits": True} if d.w_router else {}))
             t_out = None
             if self.teacher is not None:
                 with torch.no_grad():
                     t_out = self.teacher(input_ids=x, output_hidden_states=hidden)
             parts = distillation_loss(out.logits, x, d, t_out.logits if t_out is not None else None,
                                       out.hidden_states[1:] if hidden else (), t_out.hidden_states[1:] if hidden else ())
+            if d.w_router:  # the family's own Switch-style load-balancing loss on the student's router logits
+                parts["router"] = out.aux_loss.float()
+                parts["loss"] = parts["loss"] + d.w_router * parts["router"]
             del out, t_out
             self.student.backward(parts["loss"])
             self.student.step()
@@ -369,7 +380,8 @@ class Trainer:
                    "cpu_threads_per_rank": torch.get_num_threads(), "dtypes": self._dtypes(),
                    "teacher": None if self.teacher is None else "zero3" if self.teacher_zero3 else "replica",
                    # bytes of masks.safetensors and dense values each rank read at start-up (its partition's rows)
-                   "startup_read_bytes_per_rank": distributed.all_gather_json(self.startup_read_bytes)}
+                   "startup_read_bytes_per_rank": distributed.all_gather_json(self.startup_read_bytes),
+                   "masked_expert_weights": sum(len(it.shape) == 3 for it in self.masks.items)}
         if self.step == 0:
             self.ppl_before = self.evaluate() if self.windows else None
         summary["ppl_before"] = self.ppl_before
@@ -388,6 +400,8 @@ class Trainer:
                 step_s = self._flush(pending, since)
                 if evaluate:
                     rec["val"] = self.evaluate()
+                if self.expert_load:
+                    rec["expert_load"] = self.expert_load.read()  # each expert's share of the interval's tokens
                 for r in pending:
                     if log is not None and r["step"] % cfg.log_every == 0:
                         log.write(json.dumps(r) + "\n")

@@ -86,13 +86,16 @@ def ckpt_masks(ckpt: str | Path) -> dict:
     return masks_from_rank_files(checkpoint.rank_files(Path(ckpt)))
 
 
-def run_zero3_worker(d: Path, config: "LlamaConfig", world: int, spec: dict) -> tuple[Path, dict, dict]:
-    """`zero3_worker.py` on `world` ranks over a random Llama of `config` and spec["steps"] fixed random
-    batches (saved beside the model for the single-process references); (dir, result tensors, result info)."""
+def run_zero3_worker(d: Path, config, world: int, spec: dict) -> tuple[Path, dict, dict]:
+    """`zero3_worker.py` on `world` ranks over a random Llama of `config` (or the model given) and spec["steps"]
+    fixed random batches (saved beside the model for the single-process references); (dir, result tensors,
+    result info)."""
     from safetensors.torch import load_file
 
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(d / "model")
+    model = config if isinstance(config, torch.nn.Module) else LlamaForCausalLM(config)
+    model.save_pretrained(d / "model")
+    config = model.config
     g = torch.Generator().manual_seed(1)
     for step in range(1, spec["steps"] + 1):
         torch.save(torch.randint(0, config.vocab_size, (world * spec["micro"], 24), generator=g),

@@ -31,7 +31,7 @@ def partition_checks(hooks) -> dict:
     pruned elements all nonzero (dense), for every masked weight."""
     ok = torch.tensor([1.0, 1.0])
     for it in hooks.items:
-        work, master, mask = it.module.weight.ds_tensor[: it.valid], hooks._fp32(it), hooks._local_mask(it)
+        work, master, mask = it.param.ds_tensor[: it.valid], hooks._fp32(it), hooks._local_mask(it)
         ok[0] *= float(torch.equal(work, master.to(work.dtype) * mask.to(work.dtype)))
         ok[1] *= float(bool((master[~mask] != 0).all()))
     torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
@@ -65,13 +65,13 @@ def main(model_dir: str, out: str, spec: str) -> None:
             flips.append(hooks.recompute())
             snapshots.update({f"step{step}/{n}": m for n, m in full_masks(hooks, f"{out}.step{step}").items()})
             for it in hooks.items:  # the master the recompute read
-                snapshots[f"step{step}/master/{it.name}"] = safe_get_full_fp32_param(it.module.weight).detach().clone()
+                snapshots[f"step{step}/master/{it.name}"] = safe_get_full_fp32_param(it.param).detach().clone()
         checks.append(partition_checks(hooks))
     stepped = list(opt.state)  # every tensor SRSTEAdamW updated: DeepSpeed hands it the flat masters at step time
     flats = engine.optimizer.fp32_partitioned_groups_flat
     info = {"optimizer_dtypes": sorted({str(p.dtype) for p in stepped}),
             "optimizer_steps_fp32_masters": bool(stepped) and all(any(p is f for f in flats) for p in stepped),
-            "working_dtype": str(hooks.items[0].module.weight.ds_tensor.dtype)}
+            "working_dtype": str(hooks.items[0].param.ds_tensor.dtype)}
     full = {**snapshots, **{f"{n}.mask": m for n, m in full_masks(hooks, f"{out}.final").items()}}
     for name, p in engine.module.named_parameters():
         full[name] = safe_get_full_fp32_param(p).detach().clone()  # the fp32 master
