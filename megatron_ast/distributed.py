@@ -102,6 +102,23 @@ def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
     return [o.to(t.device) for o in out]
 
 
+def neighbour_exchange(head: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(the previous rank's `tail`, the next rank's `head`; None at the ends), on `head`'s device: what a rank needs
+    of its neighbours' partitions, point to point (an all-gather would send it to every rank)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    h, t = _on_backend(head.contiguous()), _on_backend(tail.contiguous())
+    prev_tail = torch.empty_like(t) if rank > 0 else None
+    next_head = torch.empty_like(h) if rank < world - 1 else None
+    ops = []
+    if prev_tail is not None:
+        ops += [dist.P2POp(dist.isend, h, rank - 1), dist.P2POp(dist.irecv, prev_tail, rank - 1)]
+    if next_head is not None:
+        ops += [dist.P2POp(dist.isend, t, rank + 1), dist.P2POp(dist.irecv, next_head, rank + 1)]
+    for req in dist.batch_isend_irecv(ops) if ops else ():
+        req.wait()
+    return tuple(x.to(head.device) if x is not None else None for x in (prev_tail, next_head))
+
+
 def all_gather_json(obj) -> list:
     """Every rank's JSON-serialisable `obj` (no pickles cross ranks)."""
     data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(backend_device())

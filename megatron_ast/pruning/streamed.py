@@ -58,8 +58,9 @@ class StreamedModel:
             else:
                 self.layer_keys.setdefault(int(key[len(head):].split(".")[0]), []).append(key)
         self.param_dtypes: dict[str, torch.dtype] = {}
+        params = dict(self.model.named_parameters(remove_duplicate=False))
         for name, value in hf_layout.to_model(self.model, {k: self.reader.get(k) for k in outside}).items():
-            if name in dict(self.model.named_parameters(remove_duplicate=False)):
+            if name in params:
                 self.param_dtypes[name] = value.dtype
                 _set(self.model, name, value)
         self.model.tie_weights()

@@ -133,25 +133,38 @@ def _stored_slice(stored, masks_file, key: str, weight, reader, dense_values) ->
 
 def _stored_converted(model, stored, masks_file, w: SparseWeight, weight, reader) -> tuple[torch.Tensor, int]:
     """This rank's slice of a fused expert weight's mask that the dir stores per expert (transformers' stored
-    layout: `experts.{e}.gate_proj.weight` ...), converted whole, one weight at a time; with `reader`, the dense
-    values under its pruned positions go into the partition. Returns the slice and the bytes read."""
+    layout: `experts.{e}.gate_proj.weight` ...): only the experts its partition overlaps are read and converted,
+    one at a time; with `reader`, the dense values under its pruned positions go into the partition. Returns the
+    slice and the bytes read."""
     keys = list(hf_layout.to_stored(model, {w.name: torch.empty(w.shape, dtype=torch.bool, device="meta")}))
     if missing := [k for k in keys if k not in stored.keys()]:
         raise UsageError(f"{masks_file} has no mask {missing[0]} ({len(missing)} of {w.name}'s {len(keys)}): was it "
                          "pruned from this model?")
-    full = hf_layout.to_model(model, {k: stored.get_tensor(k) for k in keys})[w.name]
-    if tuple(full.shape) != w.shape:
-        raise UsageError(f"{masks_file}: the mask of {w.name} is {tuple(full.shape)}, the weight {w.shape}: was it "
-                         "pruned from this model?")
+    per = w.numel // w.experts
     start, stop = _partition_range(weight)
-    mask = full.reshape(-1)[start:stop].to(weight.ds_tensor.device, torch.bool)
-    read = full.numel()
-    if reader is not None:
-        dense = {k: reader.get(k) for k in keys}
-        values = hf_layout.to_model(model, dense)[w.name].reshape(-1)[start:stop]
+    mask = torch.zeros(stop - start, dtype=torch.bool)
+    values = torch.zeros(stop - start) if reader is not None else None
+    read = 0
+    for e in range(start // per, (stop - 1) // per + 1) if stop > start else ():
+        mine = [k for k in keys if f".experts.{e}." in k]  # the expert's own stored tensors
+        if not mine:
+            raise UsageError(f"{masks_file}: {w.name} is stored as {keys[:2]}..., not one set of tensors per expert: "
+                             "this layout is unknown here")
+        one = hf_layout.to_model(model, {k: stored.get_tensor(k) for k in mine})[w.name]
+        if tuple(one.shape) != (1, *w.shape[1:]):
+            raise UsageError(f"{masks_file}: expert {e} of {w.name} is {tuple(one.shape)[1:]}, the weight's "
+                             f"{w.shape[1:]}: was it pruned from this model?")
+        lo, hi = max(start, e * per), min(stop, (e + 1) * per)
+        mask[lo - start : hi - start] = one.reshape(-1)[lo - e * per : hi - e * per]
+        read += one.numel()
+        if reader is not None:
+            dense = {k: reader.get(k) for k in mine}
+            values[lo - start : hi - start] = hf_layout.to_model(model, dense)[w.name].reshape(-1)[lo - e * per : hi - e * per]
+            read += sum(t.numel() * t.element_size() for t in dense.values())
+    mask = mask.to(weight.ds_tensor.device)
+    if values is not None:
         part = weight.ds_tensor.data[: stop - start]
         part.copy_(torch.where(mask, part, values.to(part.device, part.dtype)))
-        read += sum(t.numel() * t.element_size() for t in dense.values())
     return mask, read
 
 
@@ -168,10 +181,12 @@ def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None,
                     input_norms: dict[str, torch.Tensor] | None = None, dense: bool = False,
                     dense_values: str | Path | None = None,
                     fitted_s: dict[str, torch.Tensor] | None = None,
-                    ignore: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], int]:
+                    ignore: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor | None], int]:
     """Make every sparse weight of the model sparse (Linears become SparseLinears; a fused expert parameter needs
-    no new module: its working partitions are kept W*M); returns this rank's mask slices (for PartitionedMasks)
-    and the bytes it read of the masks and dense values. SLoRB branches go on the Linears only. Masks: from `masks_file` (a one-shot pruned dir's: each rank reads only
+    no new module: its working partitions are kept W*M); returns this rank's mask slices (for PartitionedMasks;
+    None for an expert weight whose magnitude mask PartitionedMasks makes from the master partitions, with no
+    gather of the whole fused tensor) and the bytes it read of the masks and dense values. SLoRB branches go on
+    the Linears only. Masks: from `masks_file` (a one-shot pruned dir's: each rank reads only
     the rows its partition overlaps), else by Wanda when `input_norms` are given, else by magnitude; `dense`
     starts with all-ones masks (gmp). `dense_values`: the dense model dir whose values the weights under a
     stored mask's pruned positions take (kept ones stay the pruned dir's reconstruction), so the forward is the
@@ -207,9 +222,11 @@ def sparsify_zero3_(model, n: int, m: int, masks_file: str | Path | None = None,
             elif stored is not None:
                 local[sw.name], nbytes = _stored_converted(model, stored, masks_file, sw, w, reader)
                 read += nbytes
-            else:
-                with deepspeed.zero.GatheredParameters([w]):
-                    local[sw.name] = local_mask(initial_mask(sw, w, n, m, dense), w)
+            elif dense:
+                start, stop = _partition_range(w)
+                local[sw.name] = torch.ones(stop - start, dtype=torch.bool, device=w.ds_tensor.device)
+            else:  # magnitude, made by PartitionedMasks from each rank's master partition: nothing is gathered
+                local[sw.name] = None
             continue
         name, mod = sw.module, model.get_submodule(sw.module)
         if fitted_s is not None and name not in fitted_s:

@@ -77,7 +77,7 @@ def local_mask(mask: torch.Tensor, weight) -> torch.Tensor:
 class PartitionedMasks:
     def __init__(self, engine, local: dict[str, torch.Tensor], n: int = 2, m: int = 4, score: str = "magnitude"):
         """`local`: per masked weight (`masked_parameters`' names), this rank's mask slice (`local_mask`), made
-        before deepspeed.initialize."""
+        before deepspeed.initialize, or None: the magnitude mask, made here from the fp32 master partitions."""
         self.engine, self.n, self.m, self.score = engine, n, m, score
         self.zero = engine.optimizer
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -113,7 +113,12 @@ class PartitionedMasks:
             raise ValueError(f"masks given for {sorted(set(local) ^ {it.name for it in self.items})[:3]}..., "
                              "which the optimizer does not step")
         self._check_items()
-        self.local = {it.name: local[it.name][: it.valid].to(self.device) for it in self.items}
+        self.local = {it.name: local[it.name][: it.valid].to(self.device) if local[it.name] is not None
+                      else torch.ones(it.valid, dtype=torch.bool, device=self.device) for it in self.items}
+        if made_here := {it.name for it in self.items if local[it.name] is None}:  # the same on every rank
+            for _, it, window, a in self._windows():  # magnitude from the master partitions, nothing gathered
+                if it.name in made_here:
+                    self.local[it.name].copy_(self._nm(it, window.abs())[a : a + it.valid])
         self.input_sq = {}  # Wanda: running sum of x_j^2 per masked Linear, where the forward runs (no host sync)
         if score == "wanda":
             if experts := [it.name for it in self.items if len(it.shape) == 3]:
@@ -196,18 +201,24 @@ class PartitionedMasks:
     # --- recompute ------------------------------------------------------------------------------
     def _windows(self):
         """(index, item, window of fp32 values completed to whole blocks of N:M groups, offset a of the partition in
-        it)."""
-        k = max((self.m * it.stride - 1 for it in self.items), default=self.m - 1)
-        frags = []
-        for it in self.items:  # my first and last k_i real elements (head left-, tail right-aligned), for neighbours
-            w, ki = self._fp32(it), self.m * it.stride - 1
+        it). Each rank sends its neighbours, point to point, the first and last k = M * stride - 1 elements of each
+        partition: all a cut block needs, since a block spans at most two partitions (ps >= M * stride). Fragments
+        are k long on every rank (a shorter last partition pads its head after, its tail before, its real values),
+        so the ranks agree on where each item's fragment sits; what a neighbour needs of one is always real."""
+        sizes = [self.m * it.stride - 1 for it in self.items]
+        heads, tails = [], []
+        for it, k in zip(self.items, sizes):
+            w, n = self._fp32(it), min(k, it.valid)
             head, tail = torch.zeros(k, device=self.device), torch.zeros(k, device=self.device)
-            if it.valid >= ki:
-                head[:ki], tail[k - ki :] = w[:ki].float().to(self.device), w[it.valid - ki :].float().to(self.device)
-            frags.append(torch.cat([head, tail]))
-        mine = torch.stack(frags) if frags else torch.zeros(0, 2 * k, device=self.device)
-        gathered = distributed.all_gather(mine)
-        for i, it in enumerate(self.items):
+            head[:n], tail[k - n :] = w[:n].float().to(self.device), w[it.valid - n : it.valid].float().to(self.device)
+            heads.append(head)
+            tails.append(tail)
+        empty = torch.zeros(0, device=self.device)
+        prev_tail, next_head = distributed.neighbour_exchange(torch.cat(heads) if heads else empty,
+                                                              torch.cat(tails) if tails else empty)
+        at = 0
+        for i, (it, k) in enumerate(zip(self.items, sizes)):
+            lo, at = at, at + k
             if it.valid == 0:
                 continue
             block = self.m * it.stride
@@ -218,10 +229,10 @@ class PartitionedMasks:
                 continue
             parts = []
             if a:
-                parts.append(gathered[self.rank - 1][i, 2 * k - a :])  # tail of the previous rank
+                parts.append(prev_tail[lo : lo + k][k - a :])  # the end of the previous rank's partition
             parts.append(self._fp32(it).float())
             if b:
-                parts.append(gathered[self.rank + 1][i, :b])  # head of the next rank
+                parts.append(next_head[lo : lo + k][:b])  # the start of the next rank's
             yield i, it, torch.cat(parts), a
 
     def _nm(self, it: _Masked, score: torch.Tensor) -> torch.Tensor:

@@ -44,9 +44,11 @@ def resolve_world(world_size: int | None = None, nodes: int | None = None) -> di
     return found
 
 
-def param_counts(config) -> tuple[int, int, int]:
-    """(total params, largest module's own params, params of the sparse weights AST masks) of a transformers
-    config, counted on the meta device: nothing is allocated, so a 70B config costs nothing."""
+def param_counts(config, ignore: tuple[str, ...] = ()) -> tuple[int, int, int]:
+    """(total params, largest module's own params, params of the sparse weights AST masks but those `ignore`
+    names) of a transformers config, counted on the meta device: nothing is allocated, so a 70B config costs
+    nothing. An MoE's experts are counted whole; its largest module is a layer's fused experts, which ZeRO-3
+    gathers whole."""
     from transformers import AutoModelForCausalLM
 
     from megatron_ast.sparsity.sparse_weights import sparse_weights
@@ -55,7 +57,7 @@ def param_counts(config) -> tuple[int, int, int]:
         model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    masked = sum(w.numel for w in sparse_weights(model))
+    masked = sum(w.numel for w in sparse_weights(model, ignore))
     return total, largest, masked
 
 
@@ -100,7 +102,8 @@ def working_memory(config, micro: int, seq_len: int, bf16: bool = True, checkpoi
     kept):
       - activations saved for the backward, per token and layer, in the run's dtype: the two RMSNorms' inputs
         and outputs (4h), q and the attention output (2h), k and v (2 h_kv), the o_proj input (h), and the
-        MLP's gate, up, SiLU(gate) and their product (4i): 7h + 2 h_kv + 4i elements. With
+        MLP's gate, up, SiLU(gate) and their product (4i): 7h + 2 h_kv + 4i elements (an MoE layer's MLP part:
+        `mlp_elements`). With
         activation_checkpointing only each layer's input (h) is kept, and one layer is recomputed at a time;
       - the student's and the teacher's logits and the loss's gradient (3 x tokens x vocabulary in the run's
         dtype), plus the chunked loss's working set (training/distillation.py: 8 chunks of CHUNK_BYTES,
@@ -110,13 +113,34 @@ def working_memory(config, micro: int, seq_len: int, bf16: bool = True, checkpoi
 
     bw = 2 if bf16 else 4
     tokens = micro * seq_len
-    h, layers, i = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    h, layers = config.hidden_size, config.num_hidden_layers
     kv = h // config.num_attention_heads * getattr(config, "num_key_value_heads", config.num_attention_heads)
-    per_layer = (7 * h + 2 * kv + 4 * i) * tokens * bw
-    acts = layers * tokens * h * bw + per_layer if checkpointing else layers * per_layer
+    per_layer = [(7 * h + 2 * kv + mlp) * tokens * bw for mlp in mlp_elements(config)]
+    acts = layers * tokens * h * bw + max(per_layer) if checkpointing else sum(per_layer)
     return {"activations": acts,
             "logits_and_loss": 3 * tokens * config.vocab_size * bw + 8 * CHUNK_BYTES,
             "teacher_forward": 2 * tokens * h * bw if teacher else 0}
+
+
+def mlp_elements(config) -> list[int]:
+    """Per decoder layer, the MLP's activations kept per token: gate, up, SiLU(gate) and their product, 4i. An
+    MoE layer keeps them for each of its top-k experts (width moe_i) and its shared experts, plus each routed
+    copy of the token's state and each expert's output (2 k h), the sum of the experts' outputs (h) and the
+    router's logits and scores (2E). Dense first layers (DeepSeek-V3's first_k_dense_replace) and MoE layer
+    frequencies (decoder_sparse_step) are followed. A gate heavier than SwiGLU keeps more: gpt-oss's clamped
+    one 1.6x this MoE part (tests/training/test_plan.py)."""
+    layers, dense, h = config.num_hidden_layers, config.intermediate_size, config.hidden_size
+    experts = next((getattr(config, k) for k in ("num_experts", "num_local_experts", "n_routed_experts")
+                    if getattr(config, k, None)), 0)
+    if not experts:
+        return [4 * dense] * layers
+    k, moe = config.num_experts_per_tok, getattr(config, "moe_intermediate_size", None) or dense
+    shared = (getattr(config, "n_shared_experts", None) or 0) * moe + (getattr(config, "shared_expert_intermediate_size",
+                                                                                None) or 0)
+    routed = 4 * k * moe + 2 * k * h + h + 2 * experts + 4 * shared
+    first_dense = getattr(config, "first_k_dense_replace", None) or 0
+    step = getattr(config, "decoder_sparse_step", None) or 1
+    return [4 * dense if i < first_dense or (i + 1) % step else routed for i in range(layers)]
 
 
 def deepspeed_estimate(total: int, largest: int, per_node: int, nodes: int, offload_optimizer: bool,
@@ -151,7 +175,7 @@ def plan(cfg: TrainConfig, world_size: int | None = None, nodes: int | None = No
     micro, gas = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
     global_batch = micro * gas * world["world_size"]
     model_config = AutoConfig.from_pretrained(cfg.student_dir, local_files_only=True)
-    total, largest, masked = param_counts(model_config)
+    total, largest, masked = param_counts(model_config, tuple(cfg.ignore))
     zero = ds.get("zero_optimization", {})
     offload_opt = zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
     offload_param = zero.get("offload_param", {}).get("device") in ("cpu", "nvme")

@@ -39,7 +39,10 @@ class ExpertLoad:
                 return
             index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
             n = mod.num_experts
-            counts = torch.bincount(index.reshape(-1).clamp(0, n), minlength=n + 1)[:n]  # n: a skipped slot
+            idx = index.reshape(-1)
+            idx = torch.where((idx < 0) | (idx > n), n, idx)  # a sentinel (no expert) counts in slot n, dropped
+            counts = torch.zeros(n + 1, dtype=torch.long, device=idx.device).index_add_(
+                0, idx, torch.ones_like(idx))[:n]  # no bincount: on CUDA it syncs the host for its input's range
             self._counts[slot] = counts if self._counts[slot] is None else self._counts[slot] + counts
         return hook
 
@@ -52,13 +55,16 @@ class ExpertLoad:
         for i, n in zip(self.layers, self._experts):
             layer = total[at : at + n]
             at += n
-            out[str(i)] = [round(v / max(sum(layer), 1.0), 4) for v in layer]
+            routed = max(sum(layer), 1.0)
+            out[str(i)] = [round(v / routed, 4) for v in layer]
         self._counts = [None] * len(self._counts)
         return out
 
 
 def check_balance_term(model: nn.Module, weight: float) -> None:
-    """A load-balancing weight needs a model whose forward computes it (`output_router_logits`)."""
-    if weight and not hasattr(model.config, "output_router_logits"):
+    """A load-balancing weight needs a model whose forward computes the loss (`aux_loss` with
+    `output_router_logits`, weighted by its config's `router_aux_loss_coef`): DeepSeek-V3's routes without one."""
+    config = model.config
+    if weight and not (hasattr(config, "output_router_logits") and hasattr(config, "router_aux_loss_coef")):
         raise UsageError(f"distill.w_router {weight}: {type(model).__name__} computes no router load-balancing loss "
-                         "(its config has no output_router_logits); set w_router: 0")
+                         "(its config has no router_aux_loss_coef); set w_router: 0")

@@ -86,6 +86,21 @@ def ckpt_masks(ckpt: str | Path) -> dict:
     return masks_from_rank_files(checkpoint.rank_files(Path(ckpt)))
 
 
+def reference_steps(model, opt, model_dir: Path, spec: dict, recompute) -> None:
+    """The single-process side of the ZeRO-3 equivalence tests: spec["steps"] steps on the worker's saved batches,
+    the micro-batches averaged, `recompute(step)` every spec["interval"] steps (under no_grad)."""
+    for step in range(1, spec["steps"] + 1):
+        batch = torch.load(model_dir / f"batch{step}.pt", weights_only=True)
+        mb = spec["micro"]
+        loss = sum(model(input_ids=batch[i : i + mb], labels=batch[i : i + mb]).loss for i in range(0, len(batch), mb))
+        (loss / (len(batch) // mb)).backward()
+        opt.step()
+        opt.zero_grad()
+        if step % spec["interval"] == 0:
+            with torch.no_grad():
+                recompute(step)
+
+
 def run_zero3_worker(d: Path, config, world: int, spec: dict) -> tuple[Path, dict, dict]:
     """`zero3_worker.py` on `world` ranks over a random Llama of `config` (or the model given) and spec["steps"]
     fixed random batches (saved beside the model for the single-process references); (dir, result tensors,

@@ -17,6 +17,15 @@ from tests.families import tiny_model
 from tests.training.conftest import ckpt_masks, config_file, consolidated, train
 
 
+def _moe_dir(run_dir, family: str):
+    src = run_dir / family
+    if not src.is_dir():
+        tiny_model(family).save_pretrained(src)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (src / f).write_bytes((run_dir / "dense" / f).read_bytes())
+    return src
+
+
 def _log(out) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
@@ -29,10 +38,7 @@ def _keys(d) -> set[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 def test_ast_on_fused_experts_trains_resumes_exports_and_reloads(run_dir, family, tmp_path):
-    src = run_dir / family
-    tiny_model(family).save_pretrained(src)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        (src / f).write_bytes((run_dir / "dense" / f).read_bytes())
+    src = _moe_dir(run_dir, family)
     over = {"model": str(src), "steps": 4, "mask_interval": 2, "checkpoint": {"every": 2, "keep": 3},
             "eval": {"every": 0, "windows": 2}, "srste": {"lam": 2e-4, "t_inc": 4}, "slorb": None,
             "distill": {"w_router": 0.01}, "output_dir": str(run_dir / f"{family}-ref")}
@@ -76,3 +82,26 @@ def test_ast_on_fused_experts_trains_resumes_exports_and_reloads(run_dir, family
             student.get_parameter(w.name).mul_(mask)
         x = torch.randint(2, 600, (1, 24), generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(model(x).logits, student(x).logits, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_an_moe_starts_from_the_per_expert_masks_of_its_pruned_dir(run_dir, tmp_path):
+    """Qwen3-MoE's pruned dir stores its masks per expert (`experts.{e}.gate_proj.weight`): each rank reads and
+    converts only the experts its partition overlaps, and the run starts from exactly those masks."""
+    src, pruned = _moe_dir(run_dir, "qwen3_moe"), tmp_path / "pruned"
+    assert main(["prune", "--model", str(src), "--method", "wanda", "--calib", str(run_dir / "corpus"), "--nsamples", "4",
+                 "--seqlen", "32", "--expert-min-tokens", "4", "--out", str(pruned)]) == 0
+    out = run_dir / "qwen3_moe-from-pruned"
+    train(config_file(run_dir, model=str(src), init=str(pruned), pruned_values="dense", steps=2, mask_interval=2,
+                      checkpoint={"every": 2, "keep": 1}, eval={"every": 0, "windows": 2}, slorb=None,
+                      output_dir=str(out)))
+    with safe_open(str(pruned / "masks.safetensors"), framework="pt") as h:
+        stored = {k: h.get_tensor(k) for k in h.keys()}
+    assert any(".experts.3.gate_proj." in k for k in stored)  # the stored layout, one file tensor per expert
+    want = hf_layout.to_model(tiny_model("qwen3_moe"), stored)
+    from megatron_ast.training import checkpoint
+    from megatron_ast.training.mask_partitions import masks_from_rank_files
+
+    initial = masks_from_rank_files(checkpoint.rank_files(out / "checkpoints" / "step2"), "initial")
+    experts = [n for n in initial if ".experts." in n]
+    assert len(experts) == 4 and all(torch.equal(initial[n], want[n]) for n in experts)

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from megatron_ast.sparsity import nm_mask, nm_violations
 from megatron_ast.sparsity.sparse_linear import sparse_linears, sparsify_
 from megatron_ast.training.sr_ste import SRSTEAdamW
-from tests.training.conftest import run_zero3_worker
+from tests.training.conftest import reference_steps, run_zero3_worker
 
 pytestmark = pytest.mark.slow
 WORLD = 3
@@ -52,21 +52,16 @@ def _reference(model_dir: Path, zero3_masks: dict) -> dict:
     lin = sparse_linears(model)
     for mod in lin.values():
         opt.set_pruned(mod.weight, 1 - mod.mask)
-    for step in range(1, SPEC["steps"] + 1):
-        batch = torch.load(model_dir / f"batch{step}.pt", weights_only=True)
-        mb = SPEC["micro"]
-        loss = sum(model(input_ids=batch[i : i + mb], labels=batch[i : i + mb]).loss for i in range(0, len(batch), mb))
-        (loss / (len(batch) // mb)).backward()
-        opt.step()
-        opt.zero_grad()
-        if step % SPEC["interval"] == 0:
-            with torch.no_grad():
-                for name, mod in lin.items():
-                    ours = nm_mask(mod.weight.abs(), 2, 4)
-                    theirs = zero3_masks[f"step{step}/{name}"].bool()
-                    _check_same_decision(name, ours, theirs, mod.weight)
-                    mod.mask.copy_(theirs)
-                    opt.set_pruned(mod.weight, 1 - mod.mask)
+
+    def recompute(step: int) -> None:
+        for name, mod in lin.items():
+            ours = nm_mask(mod.weight.abs(), 2, 4)
+            theirs = zero3_masks[f"step{step}/{name}"].bool()
+            _check_same_decision(name, ours, theirs, mod.weight)
+            mod.mask.copy_(theirs)
+            opt.set_pruned(mod.weight, 1 - mod.mask)
+
+    reference_steps(model, opt, model_dir, SPEC, recompute)
     return {n: p.detach() for n, p in model.named_parameters()}
 
 

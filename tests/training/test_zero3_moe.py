@@ -10,7 +10,7 @@ from megatron_ast.sparsity.sparse_weights import sparse_weights
 from megatron_ast.training.engines import initial_mask
 from megatron_ast.training.sr_ste import SRSTEAdamW
 from tests.families import tiny_model
-from tests.training.conftest import run_zero3_worker
+from tests.training.conftest import reference_steps, run_zero3_worker
 
 pytestmark = pytest.mark.slow
 WORLD = 3
@@ -42,25 +42,20 @@ def _reference(family: str, model_dir, zero3_masks: dict) -> dict:
     mask_of = {w.name: _held_mask(model, w) for w in weights}
     for w in weights:
         opt.set_pruned(dense[w.name], 1 - mask_of[w.name].float())
-    for step in range(1, SPEC["steps"] + 1):
-        batch = torch.load(model_dir / f"batch{step}.pt", weights_only=True)
-        mb = SPEC["micro"]
-        loss = sum(model(input_ids=batch[i : i + mb], labels=batch[i : i + mb]).loss for i in range(0, len(batch), mb))
-        (loss / (len(batch) // mb)).backward()
-        opt.step()
-        opt.zero_grad()
-        if step % SPEC["interval"] == 0:
-            with torch.no_grad():
-                for w in weights:
-                    ours = initial_mask(w, dense[w.name], 2, 4)
-                    theirs = zero3_masks[f"step{step}/{_mask_name(w)}"].bool()
-                    differ = w.matrices(ours != theirs).reshape(-1, w.in_features // 4, 4).any(-1)
-                    if differ.any():  # only where the deciding magnitudes tie to float32 noise
-                        g = w.matrices(dense[w.name].abs()).reshape(-1, w.in_features // 4, 4)[differ]
-                        g = g.sort(-1, descending=True).values
-                        assert (g[:, 1] - g[:, 2] < 1e-6).all(), f"{w.name}: masks differ beyond ties"
-                    mask_of[w.name].copy_(theirs.to(mask_of[w.name].dtype))
-                    opt.set_pruned(dense[w.name], 1 - mask_of[w.name].float())
+
+    def recompute(step: int) -> None:
+        for w in weights:
+            ours = initial_mask(w, dense[w.name], 2, 4)
+            theirs = zero3_masks[f"step{step}/{_mask_name(w)}"].bool()
+            differ = w.matrices(ours != theirs).reshape(-1, w.in_features // 4, 4).any(-1)
+            if differ.any():  # only where the deciding magnitudes tie to float32 noise
+                g = w.matrices(dense[w.name].abs()).reshape(-1, w.in_features // 4, 4)[differ]
+                g = g.sort(-1, descending=True).values
+                assert (g[:, 1] - g[:, 2] < 1e-6).all(), f"{w.name}: masks differ beyond ties"
+            mask_of[w.name].copy_(theirs.to(mask_of[w.name].dtype))
+            opt.set_pruned(dense[w.name], 1 - mask_of[w.name].float())
+
+    reference_steps(model, opt, model_dir, SPEC, recompute)
     return {w.name: dense[w.name].detach() for w in weights}
 
 
