@@ -6,6 +6,8 @@
   3. the same run relaunched for a 3rd step with `--resume auto` (it resumes: the collectives of the resume scan)
   4. ZeRO-Offload (offload_optimizer to the CPU): 2 steps with a mask recompute
   5. export of run 3's checkpoint to a Hugging Face dir, then its perplexity
+  6. AST on fused MoE experts, 2 steps with the load-balancing term: a tiny random Qwen3-MoE ([experts, out, in])
+     and gpt-oss ([experts, in, out] with biases) on the same tokenizer, then each exported
 Each stage is the CLI a user runs, started the way the launchers start it (torchrun, `--ranks` ranks); the first
 failing stage stops the script with its log's tail. Writes bench/results/gpu_smoke-<name>.json with each stage's
 seconds.
@@ -84,6 +86,19 @@ def main() -> None:
         path.write_text(yaml.safe_dump(cfg))
         return str(path)
 
+    for family in ("qwen3_moe", "gpt_oss"):  # tiny random MoEs on the model's tokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        vocab = AutoConfig.from_pretrained(a.model).vocab_size
+        own = ({"num_experts": 4, "moe_intermediate_size": 32} if family == "qwen3_moe" else
+               {"num_local_experts": 4, "layer_types": ["sliding_attention", "full_attention"]})
+        cfg = AutoConfig.for_model(family, vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts_per_tok=2,
+                                   **own)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(work / family)
+        for f in Path(a.model).iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens")):
+                shutil.copy2(f, work / family / f.name)
     port = 29000 + os.getpid() % 1000
     stages = [
         ("preprocess", _cli("preprocess", "--input", str(work / "corpus"), "--output-dir", str(work / "shards"),
@@ -98,6 +113,12 @@ def main() -> None:
         ("export", _cli("export", str(work / "ast" / "checkpoints" / "step3"), "--out", str(work / "hf"))),
         ("eval_exported", _cli("eval", "ppl", "--model", str(work / "hf"), "--data", str(work / "shards"),
                                "--seq-len", str(a.seq_len), "--max-windows", "2", "--expect", "2:4")),
+        *[stage for i, family in enumerate(("qwen3_moe", "gpt_oss")) for stage in (
+            (f"train_moe_{family}", _ranks(a.ranks, port + 3 + i, "train", "--config", run_yaml(
+                f"{family}-run", 2, model=str(work / family), init="magnitude", slorb=None,
+                distill={"w_router": 0.01}))),
+            (f"export_moe_{family}", _cli("export", str(work / f"{family}-run" / "checkpoints" / "step2"),
+                                          "--out", str(work / f"{family}-hf"))))],
     ]
     result = {"stages": {}, "machine": machine_info(), "command": " ".join(["python", *sys.argv])}
     t_all = time.perf_counter()
