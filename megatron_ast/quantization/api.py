@@ -143,7 +143,7 @@ def quantize_dir(model_dir: str | Path, out_dir: str | Path, spec: QuantSpec, me
                          "stored_bytes": nbytes(p, scales), "zeros_kept": bool((q[~mask] == 0).all()),
                          "rel_error": float(((q - w * mask) ** 2).sum() / ((w * mask) ** 2).sum().clamp_min(1e-30))})
 
-    walk_layers(model, samples, device, f"quantize {method} int{spec.bits}", visit)
+    walk_layers(model, samples, device, f"quantize {method} int{spec.bits}", visit, ignore=ignore)  # no H for what stays
     branches = slorb_adapter.detach_(model)  # the base is saved alone; the adapter beside it
     if len(rows) != len(masks):
         raise UsageError(f"{MASKS_FILE} names {len(masks)} weights, {len(rows)} of them are decoder Linears here")

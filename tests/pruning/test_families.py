@@ -93,7 +93,8 @@ def test_every_family_prunes_reloads_evaluates_and_quantizes(family, tmp_path, h
     if family in MOE:
         assert main(q) == 2
         assert "is a fused expert weight" in capsys.readouterr().err.strip().splitlines()[-1]
-        assert main([*q, "--ignore", r"\.experts\."]) == 0  # the rest int4, the experts left in float under masks
+        gptq = [*q[:-3], "gptq", "--calib", str(calib), "--nsamples", "4", "--seqlen", "32", *q[-2:]]
+        assert main([*gptq, "--ignore", r"\.experts\."]) == 0  # the rest int4, the experts float under their masks
         report = json.loads((tmp_path / "int4" / "compression_report.json").read_text())
         assert report["all_zeros_kept"] and report["decoder_linears"]["count"] == KINDS[family]["attention"] + \
             KINDS[family].get("mlp", 0) + KINDS[family].get("shared_expert", 0)
