@@ -178,7 +178,7 @@ def _prune_weight(method: str, w: SparseWeight, dense: torch.Tensor, hessians, c
     tokens = hessians.tokens(w.local) if hessians is not None else None
     new, keep, fallback = torch.empty_like(dense), torch.empty(dense.shape, dtype=torch.bool, device=dense.device), 0
     for e in range(w.experts):
-        starved = tokens is not None and int(tokens[e]) < cfg.expert_min_tokens
+        starved = tokens is not None and int(tokens[e]) < max(1, cfg.expert_min_tokens)  # none routed: no H at all
         fallback += starved
         new[e], keep[e] = _prune_linear("magnitude" if starved or h is None else method, dense[e],
                                         None if starved or h is None else h[e], cfg)
