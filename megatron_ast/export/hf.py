@@ -93,7 +93,14 @@ def _layout(config):
     every = set(dict(model.named_parameters(remove_duplicate=False)))
     state = model.state_dict()
     names = [k for k in state if k in params or k not in every]
-    return model, {k: list(hf_layout.to_stored(model, {k: state[k]}).items()) for k in names}, every - set(params)
+    layout = {k: list(hf_layout.to_stored(model, {k: state[k]}).items()) for k in names}
+    made_by: dict[str, str] = {}
+    for k, stored in layout.items():  # each stored tensor must come from one parameter: export streams by parameter
+        for key, _ in stored:
+            if made_by.setdefault(key, k) != k:
+                raise UsageError(f"export: {type(model).__name__} stores {key} from several parameters ({made_by[key]}, "
+                                 f"{k}); exporting that layout one parameter at a time is not built")
+    return model, layout, every - set(params)
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: str | None = None, fmt: str = "hf",

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from megatron_ast.errors import UsageError
-from megatron_ast.sparsity.sparse_weights import SparseWeight
+from megatron_ast.sparsity.sparse_weights import SparseWeight, routed_to
 
 ROUTINGS = ("routed", "all")
 
@@ -87,7 +87,7 @@ class InputHessians:
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0].detach()
             x = x.reshape(-1, x.shape[-1])
-            index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+            index = routed_to(args, kwargs)
             first = "gate_up_proj" if getattr(mod, "has_gate", True) else "up_proj"
             n = getattr(mod, first).shape[0]
             for e in range(n):

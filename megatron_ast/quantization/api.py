@@ -65,16 +65,15 @@ def _masks(model_dir: Path, model, read: tuple[dict[str, torch.Tensor], bool],
            ignore: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """The masks to quantize under, as (out, in) by parameter name, each checked 2:4 along its weight's inputs and
     against it; those of weights `ignore` names are left out."""
-    import re
-
     path = model_dir / MASKS_FILE
     stored, stored_layout = read
     masks = hf_layout.to_model(model, stored)  # stored names (per-expert files) -> the model's parameters
-    masks = {k: v for k, v in masks.items() if not any(re.search(p, k) for p in ignore)}
     weights = {w.name: w for w in sparse_weights(model)}
+    kept = {w.name for w in sparse_weights(model, ignore)}  # the same --ignore rule as prune and train
+    masks = {k: v for k, v in masks.items() if k in kept or k not in weights}
     if experts := [k for k in masks if k in weights and weights[k].experts]:
         raise UsageError(f"{path}: {experts[0]} is a fused expert weight ({len(experts)} such): int4 on 2:4 experts "
-                         "is not built yet; quantize a model whose experts are dense (prune with --ignore experts)")
+                         "is not built yet: pass --ignore '\\.experts\\.' to quantize the rest and leave them float under their masks")
     out = {k: weights[k].out_in(v) if k in weights and stored_layout else v for k, v in masks.items()}
     bad = [k for k, v in out.items() if v.dim() != 2 or nm_violations(v.float(), 2, 4)]
     if bad:

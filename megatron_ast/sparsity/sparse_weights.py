@@ -107,6 +107,12 @@ def is_experts(module: nn.Module) -> bool:
                                                     for p in module.parameters(recurse=False))
 
 
+def routed_to(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The experts each token is sent to, from the arguments of a transformers 5 experts module's forward
+    `(hidden_states, top_k_index, top_k_weights)` (gpt-oss names them router_indices, routing_weights)."""
+    return args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+
+
 def _shape(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 leaves an empty tensor and the shape beside it
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from megatron_ast import distributed
 from megatron_ast.errors import UsageError
-from megatron_ast.sparsity.sparse_weights import decoder_layers, is_experts
+from megatron_ast.sparsity.sparse_weights import decoder_layers, is_experts, routed_to
 
 
 class ExpertLoad:
@@ -37,7 +37,7 @@ class ExpertLoad:
         def hook(module, args, kwargs):
             if not module.training:
                 return
-            index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+            index = routed_to(args, kwargs)
             n = mod.num_experts
             idx = index.reshape(-1)
             idx = torch.where((idx < 0) | (idx > n), n, idx)  # a sentinel (no expert) counts in slot n, dropped
@@ -48,9 +48,12 @@ class ExpertLoad:
 
     def read(self) -> dict[str, list[float]]:
         """{layer: each expert's share of the routed tokens} since the last read, over all ranks (one collective)."""
-        flat = [v for c, n in zip(self._counts, self._experts)
-                for v in (c.float().tolist() if c is not None else [0.0] * n)]
-        total = distributed.all_reduced(flat) if flat else []
+        if not self.layers:
+            return {}
+        device = next((c.device for c in self._counts if c is not None), "cpu")
+        total = distributed.all_reduced(torch.cat([  # one device-to-host read, one host collective
+            c if c is not None else torch.zeros(n, dtype=torch.long, device=device)
+            for c, n in zip(self._counts, self._experts)]).tolist())
         out, at = {}, 0
         for i, n in zip(self.layers, self._experts):
             layer = total[at : at + n]
@@ -62,8 +65,9 @@ class ExpertLoad:
 
 
 def check_balance_term(model: nn.Module, weight: float) -> None:
-    """A load-balancing weight needs a model whose forward computes the loss (`aux_loss` with
-    `output_router_logits`, weighted by its config's `router_aux_loss_coef`): DeepSeek-V3's routes without one."""
+    """A load-balancing weight needs a model whose forward computes the loss (`aux_loss` with `output_router_logits`;
+    such configs carry `router_aux_loss_coef`, which the trainer does not apply: `w_router` weights the loss):
+    DeepSeek-V3's routes without one."""
     config = model.config
     if weight and not (hasattr(config, "output_router_logits") and hasattr(config, "router_aux_loss_coef")):
         raise UsageError(f"distill.w_router {weight}: {type(model).__name__} computes no router load-balancing loss "

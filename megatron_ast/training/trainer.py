@@ -400,8 +400,8 @@ class Trainer:
                 step_s = self._flush(pending, since)
                 if evaluate:
                     rec["val"] = self.evaluate()
-                if self.expert_load:
-                    rec["expert_load"] = self.expert_load.read()  # each expert's share of the interval's tokens
+                if self.expert_load and rec["step"] % cfg.log_every == 0:  # a logged record: the shares since the last
+                    rec["expert_load"] = self.expert_load.read()
                 for r in pending:
                     if log is not None and r["step"] % cfg.log_every == 0:
                         log.write(json.dumps(r) + "\n")

@@ -178,3 +178,18 @@ def test_a_writer_failing_for_space_is_the_same_line(trained, tmp_path, monkeypa
     (tmp_path / "disk").mkdir()
     assert main(["export", str(trained), "--out", str(tmp_path / "disk" / "model")]) == 2
     assert_full_disk_line(capsys.readouterr().err, tmp_path / "disk")
+
+
+def test_a_stored_tensor_made_of_several_parameters_is_one_line():
+    """HRM stores q, k, v (and more) as one gqkv_proj tensor, which transformers splits on load: export streams one
+    parameter at a time and cannot write it, so it says so instead of writing one key several times."""
+    from transformers import AutoConfig
+
+    from megatron_ast.errors import UsageError
+    from megatron_ast.export.hf import _layout
+
+    with pytest.raises(UsageError, match=r"stores model.L_module.layers.0.attn.gqkv_proj.weight from several parameters"):
+        _layout(AutoConfig.for_model("hrm_text"))
+    _, layout, _ = _layout(AutoConfig.for_model("qwen3_moe", num_hidden_layers=1, num_experts=2))
+    assert [k for k, _ in layout["model.layers.0.mlp.experts.down_proj"]] == [
+        "model.layers.0.mlp.experts.0.down_proj.weight", "model.layers.0.mlp.experts.1.down_proj.weight"]
